@@ -1,0 +1,329 @@
+"""What travels on the topics of ``shared.topics``: typed messages and their byte layout.
+
+Two shapes of payload:
+
+- **JSON** for small, human-readable control messages (presence, the round announcement):
+  ``mosquitto_sub`` shows them as they are.
+- **Envelopes** for messages that carry tensors (tasks, updates, LLM requests and responses)::
+
+      offset  size  field
+      0       4     magic b"FNM1"
+      4       4     header length H (uint32, little-endian)
+      8       H     header: UTF-8 JSON of the message model, with ``parts`` = [[name, size], ...]
+      8+H     ...   the parts' bytes, in header order, nothing after them
+
+  Adapter tensors inside a part are ``shared.codec`` frames (their own scheme, checksum and
+  limits); activations and gradients are safetensors bytes (``pack_tensors``). Neither side
+  ever unpickles: everything is parsed and validated, and every problem raises a
+  ``MessageError`` subclass that says what was wrong.
+
+A receiver checks the payload's size before parsing (``unpack(..., max_bytes=...)``); a sender
+checks it before publishing (``check_size``), because paho does not and a broker disconnects a
+client whose packet exceeds its ``max_packet_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from shared.codec import Scheme
+from shared.protocol import DEVICE_ID_PATTERN
+
+ENVELOPE_MAGIC = b"FNM1"
+_HEAD = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 256 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # matches the broker's max_packet_size in our configs
+PROTOCOL_VERSION = 1
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class MessageError(ValueError):
+    """A payload that cannot be accepted; the message says what was wrong."""
+
+
+class MessageTooLarge(MessageError):
+    """A payload over the size limit (refused before parsing or before publishing)."""
+
+
+class MalformedMessage(MessageError):
+    """Bytes or JSON that do not form a valid message of the expected kind."""
+
+
+class Message(BaseModel):
+    """Base of every message: strict (unknown fields refused), versioned, with a kind tag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str] = "message"
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# --- JSON messages ------------------------------------------------------------------------------
+
+
+class Presence(Message):
+    """Retained on ``devices/{id}/status``; the last will publishes ``state="offline"``."""
+
+    kind: ClassVar[str] = "presence"
+    device_id: DeviceId
+    state: Literal["online", "offline"]
+    profile: str | None = None
+    bundle_version: str | None = None
+    agent_version: str | None = None
+    capabilities: dict[str, Any] = Field(default_factory=dict)  # e.g. samples, providers
+    at: float = Field(default_factory=time.time)
+
+
+class RoundAnnouncement(Message):
+    """Retained on ``rounds/current``: what round is running and which global version is live."""
+
+    kind: ClassVar[str] = "round"
+    round_id: int | None = Field(ge=1)
+    state: str
+    global_version: int | None = Field(default=None, ge=1)
+    deadline_at: float | None = None
+    at: float = Field(default_factory=time.time)
+
+
+# --- Envelope messages --------------------------------------------------------------------------
+
+
+class TaskHParams(BaseModel):
+    """Local-training hyper-parameters for one round (fields of ``edge.trainer.TrainConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steps: int = Field(8, ge=1, le=100_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    prox_mu: float = Field(0.0, ge=0)
+    fisher_samples: int = Field(32, ge=0, le=100_000)
+
+
+class UpdateCodec(BaseModel):
+    """How the device must encode its update: one scheme for Δθ, one for the Fisher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    delta: Scheme = Scheme(kind="fp32")
+    fisher: Scheme = Scheme(kind="bf16")
+
+
+class TrainTask(Message):
+    """cloud -> ``devices/{id}/tasks``: train round ``round_id`` from version ``global_version``.
+
+    Part ``global``: the global adapter state as a codec frame.
+    """
+
+    kind: ClassVar[str] = "task.train"
+    task_id: MessageId
+    round_id: int = Field(ge=1)
+    global_version: int = Field(ge=1)
+    base_version: str  # the frozen base's manifest version the adapters belong to
+    strategy: str
+    hparams: TaskHParams = TaskHParams()
+    codec: UpdateCodec = UpdateCodec()
+    deadline_at: float  # unix time; the cloud rejects (or buffers) what arrives later
+    max_update_bytes: int = Field(4 * 2**20, ge=1024)
+    seed: int = 0
+
+
+class CancelTask(Message):
+    """cloud -> ``devices/{id}/tasks``: stop working on a round (operator stop, round failed)."""
+
+    kind: ClassVar[str] = "task.cancel"
+    round_id: int = Field(ge=1)
+    reason: str
+
+
+class UpdateMessage(Message):
+    """device -> ``devices/{id}/updates``. Parts ``delta`` and optional ``fisher``: codec frames.
+
+    ``update_id`` is chosen by the device once per (task, attempt) and reused on every resend,
+    so the cloud stores the update exactly once however often QoS 1 redelivers it.
+    """
+
+    kind: ClassVar[str] = "update"
+    update_id: MessageId
+    task_id: MessageId
+    round_id: int = Field(ge=1)
+    global_version: int = Field(ge=1)
+    base_version: str
+    n_samples: int = Field(ge=1)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    sent_at: float = Field(default_factory=time.time)
+
+
+class LLMRequest(Message):
+    """device -> ``devices/{id}/llm/requests`` (v5 response topic + correlation data = request_id).
+
+    Part ``tensors``: safetensors with ``inputs_embeds`` (B, L, d) float, ``attention_mask``
+    (B, L) and, for ``op="step"``, ``labels`` (B, L) int64.
+    """
+
+    kind: ClassVar[str] = "llm.request"
+    request_id: MessageId
+    op: Literal["step", "score"]
+    base_version: str
+
+
+class LLMError(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    code: str  # "bad_request", "base_mismatch", "too_large", "internal"
+    message: str
+
+
+class LLMResponse(Message):
+    """LLM worker -> the request's response topic.
+
+    On success part ``tensors`` holds ``input_grads`` and ``sample_losses`` (``step``) or
+    ``logprobs`` (``score``); on failure ``error`` says why and there are no parts.
+    """
+
+    kind: ClassVar[str] = "llm.response"
+    request_id: MessageId
+    ok: bool
+    loss: float | None = None
+    error: LLMError | None = None
+    worker: str | None = None
+
+
+ENVELOPE_KINDS: dict[str, type[Message]] = {
+    m.kind: m for m in (TrainTask, CancelTask, UpdateMessage, LLMRequest, LLMResponse)
+}
+JSON_KINDS: dict[str, type[Message]] = {m.kind: m for m in (Presence, RoundAnnouncement)}
+M = TypeVar("M", bound=Message)
+
+
+# --- Encoding -----------------------------------------------------------------------------------
+
+
+def to_json(message: Message) -> bytes:
+    """A JSON message's payload (``kind`` included, so a reader can tell what it is)."""
+    return json.dumps({"kind": message.kind, **message.model_dump(mode="json")},
+                      separators=(",", ":")).encode()
+
+
+def from_json(payload: bytes, expected: type[M], *, max_bytes: int = 64 * 1024) -> M:
+    """Parse and validate a JSON message of type ``expected``."""
+    check_size(payload, max_bytes, what=f"{expected.kind} message")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedMessage(f"{expected.kind} message is not JSON: {err}") from None
+    return _validate(data, expected)
+
+
+def pack(message: Message, parts: Mapping[str, bytes] | None = None) -> bytes:
+    """An envelope: the message as the header, then the parts' bytes."""
+    parts = dict(parts or {})
+    header = {"kind": message.kind, **message.model_dump(mode="json"),
+              "parts": [[name, len(data)] for name, data in parts.items()]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"envelope header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    return b"".join([_HEAD.pack(ENVELOPE_MAGIC, len(raw)), raw, *parts.values()])
+
+
+def unpack(payload: bytes, expected: type[M], *,
+           max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[M, dict[str, bytes]]:
+    """Parse an envelope into its message (validated as ``expected``) and its parts."""
+    check_size(payload, max_bytes, what=f"{expected.kind} message")
+    if len(payload) < _HEAD.size:
+        raise MalformedMessage(f"{expected.kind} message of {len(payload)} bytes is truncated")
+    magic, header_len = _HEAD.unpack_from(payload)
+    if magic != ENVELOPE_MAGIC:
+        raise MalformedMessage(f"{expected.kind} message does not start with {ENVELOPE_MAGIC!r}")
+    if header_len > MAX_HEADER_BYTES or _HEAD.size + header_len > len(payload):
+        raise MalformedMessage(f"{expected.kind} message declares a {header_len}-byte header "
+                               f"but has {len(payload) - _HEAD.size} bytes after the prefix")
+    try:
+        header = json.loads(payload[_HEAD.size:_HEAD.size + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedMessage(f"{expected.kind} header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise MalformedMessage(f"{expected.kind} header must be a JSON object")
+    layout = header.pop("parts", [])
+    parts = _split_parts(payload, _HEAD.size + header_len, layout, expected.kind)
+    return _validate(header, expected), parts
+
+
+def _split_parts(payload: bytes, offset: int, layout: object, kind: str) -> dict[str, bytes]:
+    if not isinstance(layout, list) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], int) and not isinstance(p[1], bool) and p[1] >= 0
+            for p in layout):
+        raise MalformedMessage(f"{kind} header 'parts' must be a list of [name, size] pairs")
+    names = [p[0] for p in layout]
+    if len(set(names)) != len(names):
+        raise MalformedMessage(f"{kind} header names a part twice: {names}")
+    declared = sum(p[1] for p in layout)
+    if offset + declared != len(payload):
+        raise MalformedMessage(f"{kind} parts declare {declared} bytes but "
+                               f"{len(payload) - offset} follow the header")
+    parts = {}
+    for name, size in layout:
+        parts[name] = payload[offset:offset + size]
+        offset += size
+    return parts
+
+
+def _validate(data: object, expected: type[M]) -> M:
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"{expected.kind} message must be a JSON object")
+    kind = data.pop("kind", None)
+    if kind != expected.kind:
+        raise MalformedMessage(f"expected a {expected.kind!r} message, got kind {kind!r}")
+    try:
+        return expected.model_validate(data)
+    except ValidationError as err:
+        raise MalformedMessage(f"invalid {expected.kind} message: {_short(err)}") from None
+
+
+def _short(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                     for e in err.errors()[:5])
+
+
+def check_size(payload: bytes, max_bytes: int, *, what: str = "payload") -> None:
+    """Refuse a payload over ``max_bytes`` before parsing it or before publishing it."""
+    if len(payload) > max_bytes:
+        raise MessageTooLarge(f"{what} of {len(payload):,} bytes exceeds the limit of "
+                              f"{max_bytes:,} bytes")
+
+
+def require_part(parts: Mapping[str, bytes], name: str, kind: str) -> bytes:
+    if name not in parts:
+        raise MalformedMessage(f"{kind} message lacks its {name!r} part (has {sorted(parts)})")
+    return parts[name]
+
+
+# --- Tensors (activations, gradients) -----------------------------------------------------------
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of contiguous CPU tensors (no pickle, typed header)."""
+    return _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def unpack_tensors(data: bytes, required: tuple[str, ...], *,
+                   optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; exactly the ``required`` names (plus ``optional``) must be there."""
+    try:
+        tensors = _st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise MalformedMessage(f"tensor part is not valid safetensors: {err}") from None
+    missing = [n for n in required if n not in tensors]
+    extra = sorted(set(tensors) - set(required) - set(optional))
+    if missing or extra:
+        raise MalformedMessage(f"tensor part: missing {missing}, unexpected {extra}")
+    return tensors
