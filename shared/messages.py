@@ -43,7 +43,7 @@ ENVELOPE_MAGIC = b"FNM1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 256 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # matches the broker's max_packet_size in our configs
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
