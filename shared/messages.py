@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -67,6 +67,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: ClassVar[str] = "message"
     v: Literal[1] = PROTOCOL_VERSION
+    created_at: float = Field(default_factory=time.time)  # unix time, set by the sender
 
 
 # --- JSON messages ------------------------------------------------------------------------------
@@ -82,7 +83,6 @@ class Presence(Message):
     bundle_version: str | None = None
     agent_version: str | None = None
     capabilities: dict[str, Any] = Field(default_factory=dict)  # e.g. samples, providers
-    at: float = Field(default_factory=time.time)
 
 
 class RoundAnnouncement(Message):
@@ -93,7 +93,6 @@ class RoundAnnouncement(Message):
     state: str
     global_version: int | None = Field(default=None, ge=1)
     deadline_at: float | None = None
-    at: float = Field(default_factory=time.time)
 
 
 # --- Envelope messages --------------------------------------------------------------------------
@@ -160,7 +159,6 @@ class UpdateMessage(Message):
     base_version: str
     n_samples: int = Field(ge=1)
     metrics: dict[str, float] = Field(default_factory=dict)
-    sent_at: float = Field(default_factory=time.time)
 
 
 class LLMRequest(Message):
@@ -195,6 +193,12 @@ class LLMResponse(Message):
     loss: float | None = None
     error: LLMError | None = None
     worker: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_error(self) -> LLMResponse:
+        if self.ok == (self.error is not None):
+            raise ValueError("a response has either ok=true and no error, or ok=false and an error")
+        return self
 
 
 ENVELOPE_KINDS: dict[str, type[Message]] = {
