@@ -27,6 +27,7 @@ class InProcessLLM:
         self.max_tokens = max_tokens
         weight = getattr(lm_head, "weight", None)
         self.vocab_size = int(weight.shape[0]) if weight is not None else None
+        self.device = torch.device("cpu")
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module, max_tokens: int = 512) -> InProcessLLM:
@@ -36,6 +37,17 @@ class InProcessLLM:
         config: Any = model.config
         width = int(config.hidden_size)
         return cls(decoder, head, width, max_tokens)
+
+    def to(self, device: str | torch.device) -> InProcessLLM:
+        """Run the LLM on ``device`` (e.g. ``cuda``); callers keep their tensors where they are.
+
+        Inputs are moved to the LLM's device and results back to the inputs' device, so a
+        device-side trainer on the CPU can use an LLM on a GPU, as in production.
+        """
+        self.decoder.to(device)
+        self.lm_head.to(device)
+        self.device = torch.device(device)
+        return self
 
     def _hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.decoder(
@@ -49,6 +61,9 @@ class InProcessLLM:
         check_step_inputs(
             inputs_embeds, attention_mask, labels, self.width, self.max_tokens, self.vocab_size
         )
+        home = inputs_embeds.device
+        inputs_embeds, attention_mask, labels = (
+            t.to(self.device) for t in (inputs_embeds, attention_mask, labels))
         targets = labels[:, 1:]  # position t predicts token t+1
         counts = (targets != IGNORE_INDEX).sum(dim=1)  # (B,)
         if not bool((counts > 0).all()):
@@ -63,12 +78,15 @@ class InProcessLLM:
             sample_losses = totals.index_add(0, rows, token_loss) / counts
             loss = sample_losses.mean()
             (grads,) = torch.autograd.grad(loss, embeds)
-        return StepResult(float(loss.detach()), sample_losses.detach(), grads)
+        return StepResult(float(loss.detach()), sample_losses.detach().to(home), grads.to(home))
 
     @torch.no_grad()
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         check_step_inputs(inputs_embeds, attention_mask, None, self.width, self.max_tokens)
+        home = inputs_embeds.device
+        inputs_embeds, attention_mask = (inputs_embeds.to(self.device),
+                                         attention_mask.to(self.device))
         hidden = self._hidden(inputs_embeds, attention_mask)  # (B, L, d)
         last = attention_mask.sum(dim=1) - 1  # right padding: last real token per row
         logits = self.lm_head(hidden[torch.arange(hidden.shape[0]), last])  # (B, vocab)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1).to(home)

@@ -158,6 +158,9 @@ def simulate(
     max_client_samples: Annotated[int | None, typer.Option(
         help="Cap each device's training samples (quick runs).")] = None,
     seed: int = 0,
+    llm_device: Annotated[str, typer.Option(
+        help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
+    = "cpu",
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
     home: Home = DEFAULT_HOME,
@@ -180,7 +183,7 @@ def simulate(
             eval_seed=eval_seed,
             train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                               fisher_samples=fisher_samples),
-            adapter_rank=rank,
+            adapter_rank=rank, llm_device=llm_device,
         )
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err

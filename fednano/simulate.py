@@ -60,6 +60,8 @@ class SimConfig(BaseModel):
     # in training); "image": whole images held out, so no holdout image is trained on.
     holdout_by: Literal["question", "image"] = "image"
     eval_seed: int = 0  # the same held-out questions for every run, whatever its seed
+    # Where the frozen LLM runs ("cuda" on a GPU machine); the devices' adapters stay on the CPU.
+    llm_device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
     @model_validator(mode="after")
     def _known_strategy(self) -> SimConfig:
@@ -377,6 +379,7 @@ def load_and_run(config: SimConfig, home: Path, task: VQATask | None = None) -> 
         print(f"no base under {home}: building it once (a few minutes)")
         build_base(home)
         base = load_base(home, adapter_config=adapter_config)
+    base.backend.to(config.llm_device)
     task = task or load_task(config.task)
     check_alignment_data(task, base.manifest)
     return Simulation(base, task, config).run()

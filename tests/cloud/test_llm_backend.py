@@ -38,7 +38,8 @@ def test_loss_matches_hf_per_sample_and_grads_are_exact(
         / 2
     )
     total.backward()
-    assert torch.allclose(result.input_grads, x.grad, atol=1e-6)
+    # float32 round-off between two summation orders (grads here reach ~4; seen 4e-6 apart)
+    torch.testing.assert_close(result.input_grads, x.grad, rtol=1e-5, atol=1e-5)
     assert result.loss == pytest.approx(total.item(), rel=1e-5)
     assert all(p.grad is None for p in model.parameters())  # the LLM stays frozen
 
