@@ -37,12 +37,12 @@ def _mean_spread(values: list[float]) -> str:
 def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, str]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in reports:
-        groups[tuple(r["config"].get(k) for k in SETTING)].append(r)
+        groups[(*(r["config"].get(k) for k in SETTING), _steps(r["config"]))].append(r)
     rows = []
     for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         last = [r["rounds"][-1] for r in runs if r["rounds"]]
         rows.append({
-            **{k: str(v) for k, v in zip(SETTING, key, strict=True)
+            **{k: str(v) for k, v in zip((*SETTING, "steps"), key, strict=True)
                if k not in ("strategy", "fisher_normalize")},
             "seeds": ",".join(str(r["config"]["seed"]) for r in runs),
             "method": method_label(runs[0]["config"]),
@@ -75,17 +75,22 @@ def pivot_markdown(reports: list[dict[str, Any]]) -> str:
     """Accuracy as mean ± spread (seeds): one row per (clients, alpha), one column per method."""
     if not reports:
         raise ValueError("no reports to compare")
-    cells: dict[tuple[Any, Any], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cells: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in reports:
         c = r["config"]
-        cells[(c["clients"], c["alpha"])][method_label(c)].append(r["final"]["accuracy"])
+        key = (c["clients"], c["alpha"], c["rounds"], _steps(c))
+        cells[key][method_label(c)].append(r["final"]["accuracy"])
     methods = sorted({m for row in cells.values() for m in row}, key=_method_order)
-    lines = ["| devices | alpha | " + " | ".join(methods) + " |"]
-    lines.append("|---|---|" + "---|" * len(methods))
-    for (clients, alpha), row in sorted(cells.items()):
+    lines = ["| devices | alpha | rounds × local steps | " + " | ".join(methods) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(methods))
+    for (clients, alpha, rounds, steps), row in sorted(cells.items()):
         values = [f"{_mean_spread(row[m])} (n={len(row[m])})" if m in row else "—" for m in methods]
-        lines.append(f"| {clients} | {alpha} | " + " | ".join(values) + " |")
+        lines.append(f"| {clients} | {alpha} | {rounds} × {steps} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _steps(config: dict[str, Any]) -> Any:
+    return config.get("train", {}).get("steps")
 
 
 def _method_order(label: str) -> tuple[int, str]:
