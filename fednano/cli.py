@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from fednano.cloud_cli import cloud_app, devices_app
+
 app = typer.Typer(
     help="FedNano: federated tuning of multimodal LLMs. The LLM stays frozen in the cloud; "
     "devices hold NanoEdge (encoder, connector, embedder) and train low-rank NanoAdapters.",
@@ -27,6 +29,8 @@ bundle_app = typer.Typer(help="Export the NanoEdge bundle devices run: int8 enco
                          no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 console = Console()
+app.add_typer(cloud_app, name="cloud")
+app.add_typer(devices_app, name="devices")
 
 Home = Annotated[
     Path,
@@ -158,6 +162,11 @@ def simulate(
     max_client_samples: Annotated[int | None, typer.Option(
         help="Cap each device's training samples (quick runs).")] = None,
     seed: int = 0,
+    delta_codec: Annotated[str | None, typer.Option(
+        help="Compress uploads like a device: a codec scheme such as 'int8/b64+zstd' or "
+             "'topk/k0.1+zstd' (top-k with error feedback). Default: exact fp32.")] = None,
+    fisher_codec: Annotated[str, typer.Option(
+        help="Scheme for the Fisher when --delta-codec is set.")] = "bf16+zstd",
     llm_device: Annotated[str, typer.Option(
         help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
     = "cpu",
@@ -183,7 +192,8 @@ def simulate(
             eval_seed=eval_seed,
             train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                               fisher_samples=fisher_samples),
-            adapter_rank=rank, llm_device=llm_device,
+            adapter_rank=rank, llm_device=llm_device, delta_codec=delta_codec,
+            fisher_codec=fisher_codec,
         )
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err

@@ -37,7 +37,8 @@ def _mean_spread(values: list[float]) -> str:
 def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, str]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in reports:
-        groups[(*(r["config"].get(k) for k in SETTING), _steps(r["config"]))].append(r)
+        key = (*(r["config"].get(k) for k in SETTING), _steps(r["config"]))
+        groups[key].append(r)
     rows = []
     for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         last = [r["rounds"][-1] for r in runs if r["rounds"]]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from cloud.base.build import LoadedBase
@@ -28,11 +28,16 @@ from edge.trainer import RoundResult, TrainConfig, run_round
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, Traffic
 from shared.batches import VisualLookup, VQABatcher
+from shared.codec import ErrorFeedback, Scheme, compression_report, encode, roundtrip
 from shared.data.base import VQASample, VQATask
 from shared.data.partition import partition_samples, split_holdout
 from shared.evaluation import EvalResult, evaluate
 
 BASELINES = ("local", "centralized")
+# Schemes measured on real deltas for the report when a run compresses its uploads.
+CODEC_SCHEMES = [Scheme.parse(s) for s in (
+    "fp32", "fp16", "bf16", "int8/b64", "int8/b64+zstd", "int8/brow+zstd",
+    "topk/k0.1+zstd", "topk/k0.01+zstd")]
 
 
 class SimConfig(BaseModel):
@@ -62,6 +67,16 @@ class SimConfig(BaseModel):
     eval_seed: int = 0  # the same held-out questions for every run, whatever its seed
     # Where the frozen LLM runs ("cuda" on a GPU machine); the devices' adapters stay on the CPU.
     llm_device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    # Compress what devices upload, as the edge agent does (``shared.codec`` scheme labels such
+    # as "int8/b64+zstd" or "topk/k0.1+zstd"; top-k keeps an error-feedback residual per device).
+    # None: the server gets the exact fp32 deltas.
+    delta_codec: str | None = None
+    fisher_codec: str = "bf16+zstd"  # used only with delta_codec
+
+    @field_validator("delta_codec", "fisher_codec")
+    @classmethod
+    def _scheme(cls, spec: str | None) -> str | None:
+        return None if spec is None else Scheme.parse(spec).label()
 
     @model_validator(mode="after")
     def _known_strategy(self) -> SimConfig:
@@ -104,6 +119,8 @@ class SimReport:
     storage: dict[str, float] = field(default_factory=dict)
     adapter_parameters: int = 0
     seconds: float = 0.0
+    # Bytes and relative error of each codec scheme on real deltas (round 1, first device).
+    codec_report: list[dict[str, object]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, default=lambda o: o.__dict__, indent=2)
@@ -161,6 +178,7 @@ class Simulation:
         self.batcher = VQABatcher(
             base.tokenizer, base.template, self._visual_lookup(), base.connector.num_tokens
         )
+        self._feedback: dict[str, ErrorFeedback] = {}  # per device, for top-k uploads
 
     def _visual_lookup(self) -> VisualLookup:
         """Connector outputs of every image the run touches, computed once (frozen base)."""
@@ -264,6 +282,7 @@ class Simulation:
                           base_version=r - 1)
                 for k, c in enumerate(tqdm(clients, desc=f"round {r}/{cfg.rounds}", leave=False))
             ]
+            upload = self._upload(results, report) if cfg.delta_codec else None
             merged = strategy.aggregate(state, [res.update for res in results])
             if merged is None:
                 raise RuntimeError(f"round {r}: strategy {strategy.name} could not aggregate")
@@ -271,6 +290,8 @@ class Simulation:
             acc = self.evaluate(state, self.round_eval).accuracy if self.round_eval else None
             losses = [x for res in results for x in res.losses]
             record = self._round_record(r, acc, losses, results, before, t0, len(clients))
+            if upload is not None:
+                record.param_bytes_up = upload
             report.rounds.append(record)
         report.final = self.evaluate(state, self.eval_set).as_dict()
         report.final["kind"] = "centralized model" if centralized else "global model"
@@ -279,6 +300,33 @@ class Simulation:
             for c in self.clients if c.holdout
         }
         report.final |= _holdout_summary(report.per_client)
+
+    def _upload(self, results: list[RoundResult], report: SimReport) -> int:
+        """Replace each update by what the server decodes from the device's frames.
+
+        Returns the mean bytes uploaded per device (delta frame + Fisher frame).
+        """
+        assert self.config.delta_codec is not None
+        scheme = Scheme.parse(self.config.delta_codec)
+        fisher_scheme = Scheme.parse(self.config.fisher_codec)
+        if not report.codec_report:
+            report.codec_report = compression_report(results[0].update.delta, CODEC_SCHEMES)
+        sizes = []
+        for res in results:
+            update = res.update
+            feedback = self._feedback.setdefault(update.client_id, ErrorFeedback(scheme))
+            if scheme.kind == "topk":  # compress() returns exactly what the server decodes
+                sent = feedback.compress(update.delta)
+                size = len(encode(sent, scheme))
+            else:
+                size = len(encode(update.delta, scheme))
+                sent = roundtrip(update.delta, scheme)
+            update.delta = sent
+            if update.fisher is not None:
+                size += len(encode(update.fisher, fisher_scheme))
+                update.fisher = roundtrip(update.fisher, fisher_scheme)
+            sizes.append(size)
+        return sum(sizes) // len(sizes)
 
     def _strategy_options(self) -> dict[str, object]:
         if self.config.strategy == "fedprox":
@@ -417,6 +465,8 @@ def report_markdown(report: SimReport) -> str:
         f"- final accuracy {report.final['accuracy']:.3f} on {report.final['n']} questions",
         f"- adapter parameters {report.adapter_parameters:,}; wall time {report.seconds:.0f} s",
         _storage_line(report.storage),
+        f"- uploads compressed: delta {cfg.get('delta_codec')}, Fisher {cfg.get('fisher_codec')}"
+        if cfg.get("delta_codec") else "- uploads uncompressed (fp32)",
         "",
         "| round | accuracy | loss | params up/dev | params down/dev | activations up/dev "
         "| activations down/dev | s |",
@@ -429,6 +479,11 @@ def report_markdown(report: SimReport) -> str:
             f"{_kb(r.param_bytes_down)} | {_kb(r.activation_bytes_up)} | "
             f"{_kb(r.activation_bytes_down)} | {r.seconds:.0f} |"
         )
+    if report.codec_report:
+        lines += ["", "| codec on a real delta | bytes | vs fp32 | relative error |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['scheme']} | {c['bytes']:,} | {c['ratio_vs_fp32']:.1f}x | "
+                  f"{c['rel_error']:.2e} |" for c in report.codec_report]
     columns = list(next(iter(report.per_client.values()), {}))
     lines += ["", "| client | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for cid, vals in report.per_client.items():

@@ -109,6 +109,40 @@ class Scheme(BaseModel):
         detail = {"int8": f"/b{self.block}", "topk": f"/k{self.k_fraction:g}"}.get(self.kind, "")
         return self.kind + detail + (f"+zstd{self.zstd_level}" if self.zstd else "")
 
+    @classmethod
+    def parse(cls, spec: str) -> Scheme:
+        """The inverse of ``label``: ``int8``, ``int8/b128``, ``int8/brow``, ``topk/k0.05+zstd``,
+        ``fp16+zstd9``... ``ValueError`` names what is wrong."""
+        body, plus, zstd = spec.strip().partition("+")
+        kind, _, detail = body.partition("/")
+        fields: dict[str, object] = {"kind": kind}
+        if plus:
+            if not zstd.startswith("zstd"):
+                raise ValueError(f"scheme {spec!r}: only '+zstd[LEVEL]' may follow, got {zstd!r}")
+            fields["zstd"] = True
+            if zstd[4:]:
+                fields["zstd_level"] = _int(zstd[4:], spec)
+        if detail.startswith("b") and kind == "int8":
+            fields["block"] = "row" if detail == "brow" else _int(detail[1:], spec)
+        elif detail.startswith("k") and kind == "topk":
+            try:
+                fields["k_fraction"] = float(detail[1:])
+            except ValueError:
+                raise ValueError(f"scheme {spec!r}: bad top-k fraction {detail[1:]!r}") from None
+        elif detail:
+            raise ValueError(f"scheme {spec!r}: {detail!r} does not apply to {kind!r} "
+                             "(int8 takes /bN or /brow, topk takes /kFRACTION)")
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            raise ValueError(f"scheme {spec!r}: {_short(err)}") from None
+
+
+def _int(text: str, spec: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"scheme {spec!r}: expected a whole number, got {text!r}")
+    return int(text)
+
 
 class TensorEntry(BaseModel):
     """One tensor in a frame: name, original dtype, shape, encoding params, payload parts."""

@@ -15,7 +15,7 @@ from torch import nn
 from cloud.base.features import FeatureStore
 from edge.trainer import TrainConfig
 from fednano.compare import comparison_markdown, load_reports
-from fednano.simulate import SimConfig, Simulation, save_report
+from fednano.simulate import SimConfig, Simulation, report_markdown, save_report
 from shared.adapters import AdapterConfig
 from shared.connector import PoolingConnector
 from shared.data.base import VQASample, VQATask
@@ -139,3 +139,27 @@ def test_alignment_images_must_match_the_base() -> None:
         check_alignment_data(task, {"alignment": {"settings": {"pairs_sha256": "0" * 64}}})
     with pytest.raises(ValueError, match="aligned on 400 images"):
         check_alignment_data(task, {"alignment": {"settings": {"n_pairs": 400}}})
+
+
+def test_compressed_uploads_shrink_bytes_and_fp32_changes_nothing(tiny_base) -> None:  # type: ignore[no-untyped-def]
+    plain = Simulation(tiny_base, colour_task(), config("fednano")).run()
+    exact = Simulation(tiny_base, colour_task(), config("fednano", delta_codec="fp32",
+                                                        fisher_codec="fp32")).run()
+    assert exact.final["accuracy"] == plain.final["accuracy"]
+    sparse = Simulation(tiny_base, colour_task(), config(
+        "fednano", delta_codec="topk/k0.1+zstd", fisher_codec="bf16+zstd"))
+    report = sparse.run()
+    # measured frames: fp32 ones carry a header on top of 2 x 4 bytes per parameter
+    params = tiny_base.edge.adapters.num_parameters() * 4
+    assert exact.rounds[0].param_bytes_up > 2 * params
+    assert report.rounds[0].param_bytes_up < exact.rounds[0].param_bytes_up / 2
+    assert set(sparse._feedback) == {"client-00", "client-01", "client-02"}  # residual per device
+    schemes = {row["scheme"]: row for row in report.codec_report}
+    assert schemes["fp32"]["rel_error"] == 0.0 and 0 < schemes["int8/b64"]["rel_error"] < 0.05
+    assert schemes["topk/k0.01+zstd3"]["bytes"] < schemes["fp16"]["bytes"]
+    assert "topk/k0.1+zstd3" in report_markdown(report)
+
+
+def test_bad_codec_names_the_problem() -> None:
+    with pytest.raises(ValueError, match="does not apply to 'fp16'"):
+        config("fednano", delta_codec="fp16/b64")

@@ -530,3 +530,19 @@ def test_forged_payloads_with_valid_checksums_only_raise_codec_errors(
     except CodecError:
         return
     assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16+zstd9", "bf16", "int8/b128+zstd3", "int8/brow",
+                                  "topk/k0.05+zstd3"])
+def test_scheme_parse_is_the_inverse_of_label(spec: str) -> None:
+    scheme = Scheme.parse(spec)
+    assert scheme.label() == spec and Scheme.parse(scheme.label()) == scheme
+
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    ("int9", "kind"), ("topk/b3", "does not apply"), ("int8/bx", "whole number"),
+    ("fp16+lz4", "only '\\+zstd"), ("topk/k2", "k_fraction"), ("topk/kx", "top-k fraction"),
+])
+def test_scheme_parse_names_the_problem(spec: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Scheme.parse(spec)
