@@ -67,9 +67,10 @@ def comparison_markdown(reports: list[dict[str, Any]]) -> str:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """The strategy, with the FedNano Fisher normalisation when one was used."""
-    norm = config.get("fisher_normalize")
-    return f"{config['strategy']} (Fisher/{norm})" if norm else str(config["strategy"])
+    """The strategy, with the FedNano Fisher normalisation and the upload codec when used."""
+    norm, codec = config.get("fisher_normalize"), config.get("delta_codec")
+    label = f"{config['strategy']} (Fisher/{norm})" if norm else str(config["strategy"])
+    return f"{label} [{codec}]" if codec else label
 
 
 def pivot_markdown(reports: list[dict[str, Any]]) -> str:
