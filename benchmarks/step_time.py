@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--home", type=Path,
-                        default=Path(os.environ.get("FEDNANO_HOME", "~/.cache/fednano")).expanduser())
+                        default=Path(os.environ.get("FEDNANO_HOME", "~/.cache/fednano"))
+                        .expanduser())
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,8 +42,8 @@ def main() -> None:
     with torch.no_grad():
         table = base.connector.project(base.features.get(keys))
     lookup = {k: table[i] for i, k in enumerate(keys)}
-    batcher = VQABatcher(base.tokenizer, base.template, lambda ks: torch.stack([lookup[k] for k in ks]),
-                         base.connector.num_tokens)
+    batcher = VQABatcher(base.tokenizer, base.template,
+                         lambda ks: torch.stack([lookup[k] for k in ks]), base.connector.num_tokens)
     visual, batch = batcher.batch(samples)
     edge, backend = base.edge, base.backend
     optimizer = torch.optim.AdamW(edge.adapters.trainable_parameters(), lr=1e-3)

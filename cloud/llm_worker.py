@@ -1,0 +1,442 @@
+"""The LLM worker: the frozen LLM serving devices' split-training requests over MQTT v5.
+
+Workers subscribe ``topics.SHARED_LLM_REQUESTS`` (a shared subscription: the broker hands each
+request to one worker, so more workers scale out). A request is an ``LLMRequest`` envelope on
+``devices/{id}/llm/requests`` with the v5 ResponseTopic ``devices/{id}/llm/responses`` and
+CorrelationData; the answer goes to the device's own response topic with the same
+CorrelationData, carrying ``input_grads`` + ``sample_losses`` (op ``step``) or ``logprobs``
+(op ``score``). A bad request gets ``LLMResponse(ok=False, error=...)`` and the worker goes on.
+
+**Dynamic batching.** Requests from different devices are collected for up to ``max_wait_ms``
+(from the first one's arrival) or ``max_batch_rows`` rows, right-padded to a common length
+(attention mask 0, labels ``IGNORE_INDEX``) and run as one forward/backward. Rows do not
+interact inside the LLM and right padding leaves the real tokens' causal context unchanged, so
+each request's rows come out as they would alone, except for the gradient's ``1/B`` factor:
+the batch scales each row by ``1/B_total``, a request alone by ``1/B_request``, hence the
+``B_total / B_request`` rescale in ``split_step``.
+
+paho's thread only enqueues (``shared.mqtt.Inbox``); parsing, compute and replies run in the
+worker's own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cloud.llm_backend import InProcessLLM
+from shared import topics
+from shared.backend import StepResult, check_step_inputs
+from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    MessageError,
+    MessageTooLarge,
+    pack,
+    pack_tensors,
+    require_part,
+    unpack,
+    unpack_tensors,
+)
+from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received, reply_properties
+from shared.prompts import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_REQUEST_ID = "unparsed"  # the request_id of a reply to a request that could not be read
+_POLL_S = 0.1  # how often an idle worker checks for stop()
+
+
+class RequestError(Exception):
+    """A request the worker refuses; ``code`` and the message go back in an ``LLMError``."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker serves: which base it is, and how it batches."""
+
+    base_version: str  # requests for another base are refused ("base_mismatch")
+    worker_id: str = "llm-worker"
+    max_batch_rows: int = 32
+    max_wait_ms: float = 5.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    publish_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.base_version:
+            raise ValueError(f"base_version must not be empty, got {self.base_version!r}")
+        if self.max_batch_rows < 1 or self.max_wait_ms < 0:
+            raise ValueError(f"need max_batch_rows >= 1 and max_wait_ms >= 0, got "
+                             f"{self.max_batch_rows!r} and {self.max_wait_ms!r}")
+
+
+def worker_client_options(worker_id: str, username: str, password: str) -> ClientOptions:
+    """A worker's MQTT options: a clean, non-persistent session.
+
+    A dead worker's persistent session would hold on to its share of the requests until it
+    came back; without one, the broker gives them to the live workers of the group.
+    """
+    return ClientOptions(client_id=worker_id, username=username, password=password,
+                         clean_start=True, session_expiry_s=0)
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker (updated by its thread only)."""
+
+    requests: int = 0  # messages received
+    rows: int = 0  # sample rows computed
+    batches: int = 0  # LLM calls (one per op per collected batch)
+    errors: int = 0  # requests refused or failed (by code in error_codes)
+    error_codes: Counter[str] = field(default_factory=Counter)
+    unanswered: int = 0  # replies the broker did not acknowledge (the device will retry)
+    max_batch_requests: int = 0  # most requests seen in one LLM call
+
+    def snapshot(self) -> WorkerStats:
+        return WorkerStats(self.requests, self.rows, self.batches, self.errors,
+                           Counter(self.error_codes), self.unanswered, self.max_batch_requests)
+
+
+# --- Parsing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One validated request, ready to batch."""
+
+    request_id: str
+    op: str  # "step" | "score"
+    reply_to: str
+    correlation: bytes | None
+    embeds: torch.Tensor  # (B, L, d) in the LLM's dtype
+    mask: torch.Tensor  # (B, L) int64, right-padded
+    labels: torch.Tensor | None  # (B, L) int64 for "step"
+    received_at: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.embeds.shape[1])
+
+
+def parse_request(received: Received, llm: InProcessLLM, config: WorkerConfig) -> Job:
+    """Validate a received request into a ``Job``; ``RequestError`` says what is wrong."""
+    device_id = topics.device_of(received.topic)  # the caller made sure it is a device topic
+    reply_to = topics.llm_responses(device_id)
+    if received.response_topic not in (None, reply_to):
+        raise RequestError("bad_request", f"response topic must be {reply_to!r} (the "
+                           f"device's own), got {received.response_topic!r}")
+    try:
+        request, parts = unpack(received.payload, LLMRequest, max_bytes=config.max_message_bytes)
+    except MessageTooLarge as err:
+        raise RequestError("too_large", str(err)) from None
+    except MessageError as err:
+        raise RequestError("bad_request", str(err)) from None
+    if request.base_version != config.base_version:
+        raise RequestError("base_mismatch", f"this worker serves base {config.base_version!r}, "
+                           f"the request is for {request.base_version!r}", request.request_id)
+    embeds, mask, labels = _request_tensors(request, parts, llm)
+    return Job(request.request_id, request.op, reply_to, received.correlation_data,
+               embeds, mask, labels, received.received_at)
+
+
+def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    names = ("inputs_embeds", "attention_mask") + (("labels",) if request.op == "step" else ())
+    try:
+        tensors = unpack_tensors(require_part(parts, "tensors", request.kind), names)
+        embeds, mask = tensors["inputs_embeds"], tensors["attention_mask"]
+        labels = tensors.get("labels")
+        check_step_inputs(embeds, mask, labels, llm.width, llm.max_tokens, llm.vocab_size)
+        if labels is not None:
+            _check_answer_tokens(labels)
+    except (MessageError, ValueError) as err:
+        raise RequestError("bad_request", str(err), request.request_id) from None
+    dtype = _llm_dtype(llm)
+    return (embeds.to(dtype), mask.to(torch.int64),
+            None if labels is None else labels.to(torch.int64))
+
+
+def _check_answer_tokens(labels: torch.Tensor) -> None:
+    # Checked per request so that one bad request cannot fail the others in its batch.
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # position t predicts token t+1
+    if not bool((counts > 0).all()):
+        raise ValueError("every row needs at least one answer token in labels "
+                         "(after the first position)")
+
+
+def _llm_dtype(llm: InProcessLLM) -> torch.dtype:
+    param = next(iter(llm.decoder.parameters()), None)
+    return torch.float32 if param is None else param.dtype
+
+
+# --- Batching maths (pure) ----------------------------------------------------------------------
+
+
+def pad_batch(jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Concatenate the jobs' rows, right-padded to the longest: (B, L, d), (B, L), (B, L)."""
+    length = max(job.length for job in jobs)
+    embeds = torch.cat([_pad(job.embeds, length, 0.0) for job in jobs])  # (B, L, d)
+    mask = torch.cat([_pad(job.mask, length, 0) for job in jobs])  # (B, L)
+    if any(job.labels is None for job in jobs):
+        return embeds, mask, None
+    labels = torch.cat([_pad(job.labels, length, IGNORE_INDEX) for job in jobs  # type: ignore[arg-type]
+                        ])  # (B, L)
+    return embeds, mask, labels
+
+
+def _pad(tensor: torch.Tensor, length: int, value: float) -> torch.Tensor:
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    shape = (tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_full(shape, value)], dim=1)
+
+
+def split_step(result: StepResult, jobs: list[Job]) -> list[StepResult]:
+    """Each job's share of a batched step, as if it had been run alone."""
+    total = sum(job.rows for job in jobs)
+    out, start = [], 0
+    for job in jobs:
+        losses = result.sample_losses[start:start + job.rows]  # (B_r,)
+        grads = result.input_grads[start:start + job.rows, :job.length]  # (B_r, L_r, d)
+        if job.rows != total:
+            grads = grads * (total / job.rows)  # the batch's 1/B_total -> this request's 1/B_r
+        out.append(StepResult(float(losses.mean()), losses.clone(), grads.contiguous()))
+        start += job.rows
+    return out
+
+
+def split_score(logprobs: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
+    """Each job's rows of a batched score (B, vocab)."""
+    bounds = torch.tensor([0] + [job.rows for job in jobs]).cumsum(0).tolist()
+    return [logprobs[a:b].contiguous() for a, b in itertools.pairwise(bounds)]
+
+
+def run_step(llm: InProcessLLM, jobs: list[Job]) -> list[StepResult]:
+    embeds, mask, labels = pad_batch(jobs)
+    assert labels is not None, "step jobs carry labels"
+    return split_step(llm.loss_and_input_grads(embeds, mask, labels), jobs)
+
+
+def run_score(llm: InProcessLLM, jobs: list[Job]) -> list[torch.Tensor]:
+    embeds, mask, _ = pad_batch(jobs)
+    return split_score(llm.score(embeds, mask), jobs)
+
+
+def step_parts(result: StepResult) -> dict[str, bytes]:
+    return {"tensors": pack_tensors({"input_grads": result.input_grads,
+                                     "sample_losses": result.sample_losses})}
+
+
+def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
+    return {"tensors": pack_tensors({"logprobs": logprobs})}
+
+
+# --- The worker ---------------------------------------------------------------------------------
+
+
+class LLMWorker:
+    """Serves ``topics.SHARED_LLM_REQUESTS`` with ``llm`` through ``client``.
+
+    ``client`` may be connected already or not (``start`` registers the subscription, which
+    then happens at connect). ``start()`` runs ``serve_forever`` in a thread; ``stop()`` ends it.
+    """
+
+    def __init__(self, llm: InProcessLLM, client: MqttClient, config: WorkerConfig) -> None:
+        self.llm = llm
+        self.client = client
+        self.config = config
+        self.inbox = Inbox()
+        self._stats = WorkerStats()
+        self._stop = threading.Event()
+        self._pending: deque[Job] = deque()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stats(self) -> WorkerStats:
+        """A copy of the counters."""
+        return self._stats.snapshot()
+
+    def subscribe(self) -> None:
+        """Join the workers' shared subscription."""
+        self.client.subscribe(topics.SHARED_LLM_REQUESTS, inbox=self.inbox)
+
+    def start(self) -> LLMWorker:
+        """Subscribe and serve in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError(f"worker {self.config.worker_id!r} already started")
+        self.subscribe()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True,
+                                        name=f"llm-worker-{self.config.worker_id}")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to end after the current batch and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def serve_forever(self) -> None:
+        """Collect, compute, answer; until ``stop()``. (Subscribe first, or use ``start``.)"""
+        while not self._stop.is_set():
+            jobs = self._collect()
+            if jobs:
+                self._process(jobs)
+
+    # --- collecting -----------------------------------------------------------------------------
+
+    def _collect(self) -> list[Job]:
+        """A batch: the first job, then whatever arrives within max_wait_ms up to max rows."""
+        first = self._pending.popleft() if self._pending else self._next_job(_POLL_S)
+        if first is None:
+            return []
+        jobs, rows = [first], first.rows
+        deadline = first.received_at + self.config.max_wait_ms / 1000
+        while rows < self.config.max_batch_rows:
+            job = self._next_job(max(0.0, deadline - time.monotonic()))
+            if job is None:
+                break
+            if rows + job.rows > self.config.max_batch_rows:
+                self._pending.append(job)  # first in the next batch
+                break
+            jobs.append(job)
+            rows += job.rows
+        return jobs
+
+    def _next_job(self, timeout: float) -> Job | None:
+        """The next valid request within ``timeout`` s; invalid ones are answered on the way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            if received is None:
+                return None
+            self._stats.requests += 1
+            job = self._parse(received)
+            if job is not None:
+                return job
+
+    def _parse(self, received: Received) -> Job | None:
+        try:
+            topics.device_of(received.topic)
+        except ValueError:
+            self._count_error("unanswerable")
+            log.warning("ignoring a request on %r: not a device topic", received.topic)
+            return None
+        try:
+            return parse_request(received, self.llm, self.config)
+        except RequestError as err:
+            self._reply_error(received, err, err.request_id or _request_id_of(received))
+            return None
+
+    # --- computing and answering ----------------------------------------------------------------
+
+    def _process(self, jobs: list[Job]) -> None:
+        for op in ("step", "score"):
+            batch = [job for job in jobs if job.op == op]
+            if batch:
+                self._run_batch(op, batch)
+
+    def _run_batch(self, op: str, jobs: list[Job]) -> None:
+        results, error = self._guarded_compute(op, jobs)
+        if results is not None:
+            for job, result in zip(jobs, results, strict=True):
+                self._reply_ok(job, result)
+        elif len(jobs) > 1:  # isolate the culprit: the others still get their answers
+            log.warning("batched %s of %d requests failed; retrying one by one", op, len(jobs))
+            for job in jobs:
+                self._run_batch(op, [job])
+        else:
+            self._send_error(jobs[0].reply_to, jobs[0].correlation, jobs[0].request_id,
+                             "internal", error)
+
+    def _guarded_compute(self, op: str, jobs: list[Job],
+                         ) -> tuple[Sequence[StepResult | torch.Tensor] | None, str]:
+        # The worker's one catch-all: requests were validated before batching, so whatever
+        # still fails here is unexpected; it becomes an "internal" error reply to the request
+        # that caused it (counted in the stats) instead of killing the loop serving everyone.
+        try:
+            return self._compute(op, jobs), ""
+        except Exception as err:
+            log.exception("%s of %d request(s) failed", op, len(jobs))
+            return None, f"{type(err).__name__}: {err}"
+
+    def _compute(self, op: str, jobs: list[Job]) -> Sequence[StepResult | torch.Tensor]:
+        results = run_step(self.llm, jobs) if op == "step" else run_score(self.llm, jobs)
+        self._stats.batches += 1
+        self._stats.rows += sum(job.rows for job in jobs)
+        self._stats.max_batch_requests = max(self._stats.max_batch_requests, len(jobs))
+        return results
+
+    def _reply_ok(self, job: Job, result: StepResult | torch.Tensor) -> None:
+        if isinstance(result, StepResult):
+            response = self._response(job.request_id, loss=result.loss)
+            parts = step_parts(result)
+        else:
+            response, parts = self._response(job.request_id), score_parts(result)
+        try:
+            self._publish(job.reply_to, job.correlation, pack(response, parts))
+        except MessageTooLarge as err:
+            self._send_error(job.reply_to, job.correlation, job.request_id, "too_large",
+                             f"the response is too large: {err}")
+
+    def _response(self, request_id: str, *, loss: float | None = None) -> LLMResponse:
+        return LLMResponse(request_id=request_id, ok=True, loss=loss,
+                           worker=self.config.worker_id)
+
+    def _reply_error(self, received: Received, err: RequestError, request_id: str) -> None:
+        reply_to = topics.llm_responses(topics.device_of(received.topic))
+        log.info("refusing request %s on %s: %s: %s", request_id, received.topic, err.code, err)
+        self._send_error(reply_to, received.correlation_data, request_id, err.code, str(err))
+
+    def _send_error(self, reply_to: str, correlation: bytes | None, request_id: str,
+                    code: str, message: str) -> None:
+        self._count_error(code)
+        response = LLMResponse(request_id=request_id, ok=False, worker=self.config.worker_id,
+                               error=LLMError(code=code, message=message[:2000]))
+        self._publish(reply_to, correlation, pack(response))
+
+    def _publish(self, topic: str, correlation: bytes | None, payload: bytes) -> None:
+        try:
+            self.client.publish(topic, payload, max_bytes=self.config.max_message_bytes,
+                                properties=reply_properties(correlation),
+                                timeout=self.config.publish_timeout_s)
+        except MqttError as err:  # the device retries with the same request id
+            self._stats.unanswered += 1
+            log.warning("could not answer on %s: %s", topic, err)
+
+    def _count_error(self, code: str) -> None:
+        self._stats.errors += 1
+        self._stats.error_codes[code] += 1
+
+
+def _request_id_of(received: Received) -> str:
+    """The request id to answer with when the envelope itself could not be read."""
+    if received.correlation_data is not None:
+        try:
+            candidate = received.correlation_data.decode("ascii")
+        except UnicodeDecodeError:
+            return UNKNOWN_REQUEST_ID
+        if 8 <= len(candidate) <= 64 and all(c.isalnum() or c in "_.:-" for c in candidate):
+            return candidate
+    return UNKNOWN_REQUEST_ID

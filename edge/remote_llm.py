@@ -1,0 +1,179 @@
+"""The frozen LLM in the cloud, reached over MQTT v5: ``shared.backend.LLMBackend`` for a device.
+
+Each call publishes an ``LLMRequest`` envelope on ``devices/{id}/llm/requests`` with the v5
+ResponseTopic ``devices/{id}/llm/responses`` and CorrelationData = the request id, then waits
+for the ``LLMResponse`` with that id. On a timeout it publishes the very same request again
+(same request id, so a late answer to an earlier attempt is just as good); responses to other
+ids (stale attempts of earlier calls) are dropped. A worker's error reply raises
+``RemoteLLMError`` with the worker's code and message.
+
+The constructor takes the device's connected (or about to connect) ``shared.mqtt.MqttClient``
+and subscribes the device's response topic on it, into its own inbox: the agent keeps one
+broker connection for tasks, updates, presence and the LLM. Calls are serialised (one request
+in flight per ``RemoteLLM``), which is what a training loop does anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from shared import topics
+from shared.backend import StepResult
+from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LLMRequest,
+    LLMResponse,
+    MessageError,
+    pack,
+    pack_tensors,
+    require_part,
+    unpack,
+    unpack_tensors,
+)
+from shared.mqtt import AckTimeout, Inbox, MqttClient, NotConnectedError, request_properties
+
+log = logging.getLogger(__name__)
+
+
+class RemoteLLMError(RuntimeError):
+    """The LLM worker refused or failed a request (``code`` as the worker sent it)."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"LLM worker error {code!r}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RemoteLLMTimeout(RemoteLLMError, TimeoutError):
+    """No answer after every attempt."""
+
+
+@dataclass
+class RemoteStats:
+    """What this device exchanged with the LLM workers (bytes as published / received)."""
+
+    requests: int = 0
+    attempts: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    ignored: int = 0  # responses for other request ids, or unreadable
+
+
+class RemoteLLM:
+    """``LLMBackend`` over MQTT for device ``device_id`` (see the module docstring)."""
+
+    def __init__(self, client: MqttClient, *, device_id: str, base_version: str,
+                 timeout_s: float = 60.0, retries: int = 2,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 publish_timeout_s: float = 10.0) -> None:
+        if timeout_s <= 0 or retries < 0:
+            raise ValueError(f"need timeout_s > 0 and retries >= 0, got {timeout_s!r}, "
+                             f"{retries!r}")
+        self.client = client
+        self.device_id = device_id
+        self.base_version = base_version
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.max_message_bytes = max_message_bytes
+        self.publish_timeout_s = publish_timeout_s
+        self.stats = RemoteStats()
+        self._lock = threading.Lock()
+        self._requests_topic = topics.llm_requests(device_id)
+        self._responses_topic = topics.llm_responses(device_id)
+        self._inbox: Inbox = client.subscribe(self._responses_topic, qos=1)
+
+    # --- LLMBackend ---------------------------------------------------------------------------
+
+    def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                             labels: torch.Tensor) -> StepResult:
+        """Remote frozen forward + backward; shapes (B, L, d), (B, L), (B, L)."""
+        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                   "labels": labels}
+        response, out = self._call("step", tensors, ("input_grads", "sample_losses"))
+        grads, losses = out["input_grads"], out["sample_losses"]
+        batch = inputs_embeds.shape[0]
+        if tuple(grads.shape) != tuple(inputs_embeds.shape) or tuple(losses.shape) != (batch,):
+            raise RemoteLLMError("bad_response", f"expected input_grads "
+                                 f"{tuple(inputs_embeds.shape)} and sample_losses ({batch},), "
+                                 f"got {tuple(grads.shape)} and {tuple(losses.shape)}")
+        if response.loss is None:
+            raise RemoteLLMError("bad_response", "a step response without a loss")
+        grads = grads.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return StepResult(response.loss, losses, grads)
+
+    def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Remote next-token log-probabilities (B, vocab) after each row's last real token."""
+        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        _, out = self._call("score", tensors, ("logprobs",))
+        logprobs = out["logprobs"]
+        if logprobs.dim() != 2 or logprobs.shape[0] != inputs_embeds.shape[0]:
+            raise RemoteLLMError("bad_response", f"expected logprobs ({inputs_embeds.shape[0]}, "
+                                 f"vocab), got {tuple(logprobs.shape)}")
+        return logprobs
+
+    # --- request / response -------------------------------------------------------------------
+
+    def _call(self, op: Literal["step", "score"], tensors: dict[str, torch.Tensor],
+              names: tuple[str, ...]) -> tuple[LLMResponse, dict[str, torch.Tensor]]:
+        request_id = uuid.uuid4().hex
+        request = LLMRequest(request_id=request_id, op=op, base_version=self.base_version)
+        payload = pack(request, {"tensors": pack_tensors(tensors)})
+        with self._lock:
+            self.stats.requests += 1
+            response, parts = self._exchange(request_id, payload)
+        if not response.ok:
+            assert response.error is not None  # LLMResponse guarantees it
+            raise RemoteLLMError(response.error.code, response.error.message, request_id)
+        try:
+            return response, unpack_tensors(require_part(parts, "tensors", response.kind), names)
+        except MessageError as err:
+            raise RemoteLLMError("bad_response", str(err), request_id) from None
+
+    def _exchange(self, request_id: str, payload: bytes,
+                  ) -> tuple[LLMResponse, dict[str, bytes]]:
+        """Publish (size-checked) and wait; again with the same id after each timeout."""
+        properties = request_properties(self._responses_topic, request_id.encode())
+        for attempt in range(1 + self.retries):
+            self.stats.attempts += 1
+            try:
+                self.client.publish(self._requests_topic, payload,
+                                    max_bytes=self.max_message_bytes, properties=properties,
+                                    timeout=self.publish_timeout_s)
+                self.stats.bytes_up += len(payload)
+            except (AckTimeout, NotConnectedError) as err:  # the link is down: wait, then retry
+                log.warning("request %s attempt %d not acknowledged: %s", request_id,
+                            attempt + 1, err)
+            answer = self._await(request_id, time.monotonic() + self.timeout_s)
+            if answer is not None:
+                return answer
+            log.warning("no answer to LLM request %s (attempt %d of %d)", request_id,
+                        attempt + 1, 1 + self.retries)
+        raise RemoteLLMTimeout("timeout", f"no answer after {1 + self.retries} attempt(s) of "
+                               f"{self.timeout_s:g} s", request_id)
+
+    def _await(self, request_id: str, deadline: float,
+               ) -> tuple[LLMResponse, dict[str, bytes]] | None:
+        while (left := deadline - time.monotonic()) > 0:
+            received = self._inbox.get(timeout=left)
+            if received is None:
+                return None
+            try:
+                response, parts = unpack(received.payload, LLMResponse,
+                                         max_bytes=self.max_message_bytes)
+            except MessageError as err:
+                self.stats.ignored += 1
+                log.warning("ignoring an unreadable LLM response: %s", err)
+                continue
+            if response.request_id == request_id:
+                self.stats.bytes_down += len(received.payload)
+                return response, parts
+            self.stats.ignored += 1  # a late answer to an earlier call
+        return None
