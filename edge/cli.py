@@ -3,12 +3,17 @@
 ``validate`` checks a firmware profile or a device config before it is flashed (or at boot),
 ``profiles`` lists the shipped profiles, ``schema`` exports their JSON schemas for editors,
 ``self-check`` verifies a NanoEdge bundle and runs its start-up inference with a profile's
-providers. Only ``self-check`` imports torch and onnxruntime (inside the command), so the other
-commands run on a provisioning laptop.
+providers, ``fetch-bundle`` downloads a bundle with checksum verification, and ``run`` starts
+the device agent. Only ``self-check`` and ``run`` import torch and onnxruntime (inside the
+command), so the other commands run on a provisioning laptop.
+
+Exit codes of ``run``: 0 after a clean shutdown (SIGTERM / SIGINT), 1 invalid config, bundle
+or data, 2 bad usage, 3 unusable local state (the message names the file and the recovery).
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +40,16 @@ from edge.profiles import (
     profile_path,
     read_yaml_mapping,
 )
+from shared.bundle import BundleError
 
 if TYPE_CHECKING:
+    from edge.local_data import DataSpec
     from edge.runtime import NanoEdgeRuntime, SelfTestReport
 
 app = typer.Typer(
     name="fednano-edge",
     help="FedNano edge device: validate firmware profiles and device configs, list profiles, "
-    "self-check a NanoEdge bundle.",
+    "fetch and self-check a NanoEdge bundle, run the device agent.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -284,3 +291,120 @@ def _fail_bundle(message: str) -> NoReturn:
 
 def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr)
+
+
+# ------------------------------------------------------------------------------ fetch-bundle
+
+
+@app.command("fetch-bundle")
+def fetch_bundle(
+    url: Annotated[str, typer.Argument(
+        help="The bundle archive (<bundle_version>.tar): https://, http:// or file://.",
+        show_default=False)],
+    sha256: Annotated[str, typer.Option(
+        "--sha256", help="Expected sha256 of the archive (64 hex digits), from the cloud's "
+        "bundle listing; a mismatch installs nothing.", show_default=False)],
+    dest: Annotated[Path, typer.Option(
+        "--dest", help="Bundle folder to create or replace (the agent reads "
+        "<state_dir>/bundle unless run --bundle says otherwise).", show_default=False)],
+    max_mib: Annotated[int, typer.Option(help="Refuse archives larger than this.", min=1)] = 1024,
+    timeout: Annotated[float, typer.Option(help="Network timeout in seconds.", min=1)] = 60.0,
+) -> None:
+    """Download a NanoEdge bundle, verify its sha256 and every file, unpack it into DEST."""
+    from edge.fetch import fetch_bundle as fetch
+
+    try:
+        manifest = fetch(url, sha256, dest, max_bytes=max_mib * 2**20, timeout_s=timeout)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    except BundleError as err:
+        _fail_with("fetch-bundle failed", str(err))
+    _console().print(Text(f"bundle {manifest.bundle_version} (base {manifest.base_version}) "
+                          f"installed in {dest}", style="green"))
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option(
+        "--config", help="The device config YAML (profile + identity + broker + credentials "
+        "+ state_dir).", show_default=False)],
+    data: Annotated[str | None, typer.Option(
+        envvar="FEDNANO_DATA", show_default=False,
+        help="Local data of a simulated device: 'easyvqa:index=I,of=N[,alpha=A][,by=question|"
+        "image-class][,seed=S][,min_samples=M][,max_samples=K]' (env FEDNANO_DATA). Without "
+        "it the device joins with no samples and refuses tasks.")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        help="NanoEdge bundle folder (default: <state_dir>/bundle, where fetch-bundle puts "
+        "it).", show_default=False)] = None,
+    profiles_dir: ProfilesDir = None,
+    allow_inline_password: Annotated[bool, typer.Option(
+        "--allow-inline-password",
+        help="Accept credentials.password written in the YAML (local demos only).")] = False,
+    llm_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the cloud LLM per attempt (3 retries).", min=1)] = 30.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the device agent until SIGTERM or SIGINT: presence, tasks, training, updates.
+
+    Exit 0: clean shutdown; 1: invalid config, bundle or data; 3: unusable local state.
+    """
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise typer.BadParameter(f"expected debug, info, warning or error, got {log_level!r}",
+                                 param_hint="--log-level")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
+                        "%(name)s: %(message)s")
+    try:
+        device = load_device_config(config, allow_inline_password=allow_inline_password,
+                                    profiles_dir=profiles_dir)
+    except ConfigError as err:
+        _fail(err)
+    _run_agent(device, _data_spec(data), bundle, llm_timeout)
+
+
+def _data_spec(text: str | None) -> DataSpec | None:
+    from edge.local_data import DataSpec
+
+    try:
+        return None if text is None else DataSpec.parse(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from err
+
+
+def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
+               llm_timeout: float) -> None:
+    """Load the bundle and data, build the agent, serve until a signal; exit codes above."""
+    import torch
+
+    from edge.agent import EdgeAgent, stop_on_signals
+    from edge.boot import LLMSettings, RemoteLLMFactory, default_bundle_dir, load_device
+    from edge.state import StateError
+
+    threads = device.profile.runtime.intra_op_threads
+    if threads:
+        torch.set_num_threads(threads)
+    folder = bundle or default_bundle_dir(device)
+    try:
+        model, samples = load_device(device, folder, data)
+    except BundleError as err:
+        _fail_with("cannot start", f"{err} (install a bundle with: fednano-edge fetch-bundle "
+                   f"URL --sha256 HEX --dest {folder})")
+    try:
+        llm = RemoteLLMFactory(device.device_id, model.base_version,
+                               LLMSettings(timeout_s=llm_timeout))
+        agent = EdgeAgent(device, model, samples, llm)
+        stop_on_signals(agent)
+        agent.run()
+    except StateError as err:
+        _fail_with("local state unusable", str(err), code=3)
+
+
+def _fail_with(title: str, message: str, code: int = 1) -> NoReturn:
+    _console(stderr=True).print(Text(f"{title}: {message}", style="red"), soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+if __name__ == "__main__":
+    app()

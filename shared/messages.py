@@ -73,6 +73,17 @@ class Message(BaseModel):
 # --- JSON messages ------------------------------------------------------------------------------
 
 
+class DeviceError(BaseModel):
+    """A task the device refused or could not finish, reported in its retained presence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    code: str  # "too_large", "rejected", "expired", "failed"
+    message: str
+    task_id: str | None = None
+    round_id: int | None = None
+    at: float = Field(default_factory=time.time)
+
+
 class Presence(Message):
     """Retained on ``devices/{id}/status``; the last will publishes ``state="offline"``."""
 
@@ -83,6 +94,7 @@ class Presence(Message):
     bundle_version: str | None = None
     agent_version: str | None = None
     capabilities: dict[str, Any] = Field(default_factory=dict)  # e.g. samples, providers
+    last_error: DeviceError | None = None  # the latest refused or failed task, if any
 
 
 class RoundAnnouncement(Message):
@@ -241,24 +253,40 @@ def pack(message: Message, parts: Mapping[str, bytes] | None = None) -> bytes:
 def unpack(payload: bytes, expected: type[M], *,
            max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[M, dict[str, bytes]]:
     """Parse an envelope into its message (validated as ``expected``) and its parts."""
-    check_size(payload, max_bytes, what=f"{expected.kind} message")
+    header, header_len = _read_header(payload, expected.kind, max_bytes)
+    layout = header.pop("parts", [])
+    parts = _split_parts(payload, _HEAD.size + header_len, layout, expected.kind)
+    return _validate(header, expected), parts
+
+
+def envelope_kind(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> str:
+    """The ``kind`` an envelope declares (e.g. ``"task.cancel"``), before it is validated:
+    on a topic that carries several kinds it says which model to ``unpack`` it with."""
+    header, _ = _read_header(payload, "envelope", max_bytes)
+    kind = header.get("kind")
+    if not isinstance(kind, str):
+        raise MalformedMessage(f"envelope header has no string 'kind', got {kind!r}")
+    return kind
+
+
+def _read_header(payload: bytes, label: str, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The envelope's JSON header and its length, after the size and prefix checks."""
+    check_size(payload, max_bytes, what=f"{label} message")
     if len(payload) < _HEAD.size:
-        raise MalformedMessage(f"{expected.kind} message of {len(payload)} bytes is truncated")
+        raise MalformedMessage(f"{label} message of {len(payload)} bytes is truncated")
     magic, header_len = _HEAD.unpack_from(payload)
     if magic != ENVELOPE_MAGIC:
-        raise MalformedMessage(f"{expected.kind} message does not start with {ENVELOPE_MAGIC!r}")
+        raise MalformedMessage(f"{label} message does not start with {ENVELOPE_MAGIC!r}")
     if header_len > MAX_HEADER_BYTES or _HEAD.size + header_len > len(payload):
-        raise MalformedMessage(f"{expected.kind} message declares a {header_len}-byte header "
+        raise MalformedMessage(f"{label} message declares a {header_len}-byte header "
                                f"but has {len(payload) - _HEAD.size} bytes after the prefix")
     try:
         header = json.loads(payload[_HEAD.size:_HEAD.size + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedMessage(f"{expected.kind} header is not JSON: {err}") from None
+        raise MalformedMessage(f"{label} header is not JSON: {err}") from None
     if not isinstance(header, dict):
-        raise MalformedMessage(f"{expected.kind} header must be a JSON object")
-    layout = header.pop("parts", [])
-    parts = _split_parts(payload, _HEAD.size + header_len, layout, expected.kind)
-    return _validate(header, expected), parts
+        raise MalformedMessage(f"{label} header must be a JSON object")
+    return header, header_len
 
 
 def _split_parts(payload: bytes, offset: int, layout: object, kind: str) -> dict[str, bytes]:
