@@ -53,8 +53,13 @@ class CloudSettings(BaseSettings):
         description="PBKDF2-SHA512 rounds of stored device secrets (paid at every MQTT connect)")
     public_url: str = Field("http://127.0.0.1:8000",
                             description="the API's base URL as devices reach it")
+    bundle_dir: Path | None = Field(
+        None, description="folder of exported NanoEdge bundles (fednano bundle export --out) "
+                          "served by the API; none: bundle downloads are off")
+    tick_interval_s: float = Field(1.0, gt=0, le=60,
+                                   description="how often the coordinator checks its rounds")
 
-    @field_validator("home", "broker_dir")
+    @field_validator("home", "broker_dir", "bundle_dir")
     @classmethod
     def _expand_user(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser()
@@ -103,6 +108,11 @@ class CloudSettings(BaseSettings):
     def resolved_broker_dir(self) -> Path:
         """``broker_dir``, or ``home/broker``."""
         return self.broker_dir or self.home / "broker"
+
+    @property
+    def blob_dir(self) -> Path:
+        """Where received updates and adapter versions are stored (content-addressed)."""
+        return self.home / "blobs"
 
     @property
     def bundle_url(self) -> str:

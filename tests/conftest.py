@@ -61,3 +61,37 @@ def tiny_edge(tiny_llm):  # type: ignore[no-untyped-def]
     torch.manual_seed(1)
     embedder = torch.nn.Embedding.from_pretrained(model.get_input_embeddings().weight.clone())
     return NanoEdge(PoolingConnector(12, 32, grid=2), embedder, AdapterConfig(rank=4, alpha=8))
+
+
+def _private_broker(devices: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from tests.brokers import BrokerUnavailable, MosquittoBroker
+
+    try:
+        instance = MosquittoBroker(devices=devices, services=("cloud",))
+    except BrokerUnavailable as err:  # no mosquitto binary
+        pytest.fail(str(err))
+    try:
+        instance.start()
+    except BrokerUnavailable as err:  # it did not start: the message carries its log
+        instance.close()
+        pytest.fail(str(err))
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+@pytest.fixture
+def broker():  # type: ignore[no-untyped-def]
+    """A private Mosquitto (tests/brokers.py): devices dev-a, dev-b; service user cloud.
+
+    Fails (not skips) when the mosquitto binary is missing: the broker is the point of the
+    tests that use it (CI installs it; see scripts/services.sh).
+    """
+    yield from _private_broker(("dev-a", "dev-b"))
+
+
+@pytest.fixture
+def llm_broker():  # type: ignore[no-untyped-def]
+    """Like ``broker``, with four devices: dev-a, dev-b, dev-c, dev-d."""
+    yield from _private_broker(("dev-a", "dev-b", "dev-c", "dev-d"))

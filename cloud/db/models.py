@@ -9,7 +9,9 @@ coordinator resumes mid-round from the database alone:
 - ``updates`` (one row per received update, ``update_id`` unique for exactly-once ingestion,
   rejected ones kept with their reason), ``adapter_versions`` and the ``version_updates``
   lineage (which updates went into a version);
-- ``metrics`` and ``audit_events``.
+- ``metrics`` and ``audit_events``;
+- ``api_tokens`` (operators' bearer tokens, stored as SHA-256 digests) and ``settings``
+  (small JSON documents the API and the coordinator share, e.g. the round defaults).
 
 Enums are stored as strings with a CHECK constraint (``native_enum=False``): PostgreSQL would
 otherwise keep enum types behind after a downgrade, and SQLite has none. Times are timezone-aware
@@ -358,3 +360,32 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))      # "device.add", "round.transition", ...
     subject: Mapped[str] = mapped_column(String(128), index=True)  # "device:orin-0042", ...
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApiToken(Base):
+    """An operator's API bearer token, stored as the SHA-256 of the token (never the token).
+
+    Tokens are 256 random bits, so a plain digest suffices (no stretching): lookup is by digest
+    and the comparison is constant-time. ``name`` is who holds it (audit actor
+    ``operator:<name>``); ``prefix`` is the token's first characters, to tell tokens apart.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Setting(Base):
+    """A named JSON document shared by the cloud's processes (round defaults, schedule)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,7 +4,8 @@ One module per resource; everything is re-exported here, so callers write
 ``from cloud.db import crud`` and ``crud.create_round(session, ...)``.
 """
 
-from cloud.db.crud.audit import list_audit_events, record_audit
+from cloud.db.crud.audit import count_audit_events, list_audit_events, record_audit
+from cloud.db.crud.config import get_setting, put_setting
 from cloud.db.crud.devices import (
     active_credential,
     active_device_hashes,
@@ -28,6 +29,7 @@ from cloud.db.crud.errors import (
 from cloud.db.crud.pages import MAX_PAGE_SIZE, Page, check_page
 from cloud.db.crud.rounds import (
     add_participation,
+    count_rounds,
     create_round,
     list_participations,
     list_rounds,
@@ -36,14 +38,24 @@ from cloud.db.crud.rounds import (
     transition_round,
     unfinished_rounds,
 )
+from cloud.db.crud.tokens import (
+    count_tokens,
+    create_token,
+    find_token,
+    list_tokens,
+    revoke_token,
+    token_digest,
+)
 from cloud.db.crud.updates import (
     UpdateRecord,
     check_sha256,
+    count_adapter_versions,
     count_updates,
     create_adapter_version,
     get_adapter_version,
     get_update,
     latest_adapter_version,
+    list_adapter_versions,
     list_metrics,
     list_updates,
     record_metric,
@@ -66,30 +78,42 @@ __all__ = [
     "add_participation",
     "check_page",
     "check_sha256",
+    "count_adapter_versions",
+    "count_audit_events",
     "count_devices",
+    "count_rounds",
+    "count_tokens",
     "count_updates",
     "create_adapter_version",
     "create_device",
     "create_round",
+    "create_token",
+    "find_token",
     "get_adapter_version",
     "get_device",
+    "get_setting",
     "get_update",
     "latest_adapter_version",
+    "list_adapter_versions",
     "list_audit_events",
     "list_devices",
     "list_metrics",
     "list_participations",
     "list_rounds",
+    "list_tokens",
     "list_updates",
     "mark_revoked",
+    "put_setting",
     "record_audit",
     "record_metric",
     "record_update",
     "require_device",
     "require_round",
     "revoke_credentials",
+    "revoke_token",
     "set_participation_status",
     "set_presence",
+    "token_digest",
     "transition_round",
     "unfinished_rounds",
     "version_lineage",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.pages import check_page
@@ -29,9 +29,20 @@ def list_audit_events(session: Session, *, subject: str | None = None, action: s
                       offset: int = 0, limit: int = 100) -> list[AuditEvent]:
     """Audit events, oldest first, optionally for one subject and/or action."""
     check_page(offset, limit)
-    query = select(AuditEvent).order_by(AuditEvent.id).offset(offset).limit(limit)
+    query = _filtered(select(AuditEvent), subject, action)
+    return list(session.scalars(query.order_by(AuditEvent.id).offset(offset).limit(limit)))
+
+
+def count_audit_events(session: Session, *, subject: str | None = None,
+                       action: str | None = None) -> int:
+    """How many audit events match the filters."""
+    query = _filtered(select(func.count()).select_from(AuditEvent), subject, action)
+    return session.scalar(query) or 0
+
+
+def _filtered(query: Select, subject: str | None, action: str | None) -> Select:
     if subject is not None:
         query = query.where(AuditEvent.subject == subject)
     if action is not None:
         query = query.where(AuditEvent.action == action)
-    return list(session.scalars(query))
+    return query

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.errors import InvalidTransitionError, RecordNotFoundError
@@ -62,6 +62,14 @@ def list_rounds(session: Session, *, offset: int = 0, limit: int = 100,
     if state is not None:
         query = query.where(Round.state == state)
     return list(session.scalars(query))
+
+
+def count_rounds(session: Session, *, state: RoundState | None = None) -> int:
+    """How many rounds there are (in ``state``, if given)."""
+    query = select(func.count()).select_from(Round)
+    if state is not None:
+        query = query.where(Round.state == state)
+    return session.scalar(query) or 0
 
 
 def unfinished_rounds(session: Session) -> list[Round]:

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.errors import RecordNotFoundError, UpdateConflictError
+from cloud.db.crud.pages import check_page
 from cloud.db.models import (
     SHA256_HEX_LENGTH,
     UPDATE_ID_MAX_LENGTH,
@@ -161,6 +162,20 @@ def _check_mergeable(session: Session, lineage: Mapping[int, float | None]) -> N
 def get_adapter_version(session: Session, *, version_id: int) -> AdapterVersion | None:
     """The adapter version with this id, or None."""
     return session.get(AdapterVersion, version_id)
+
+
+def list_adapter_versions(session: Session, *, offset: int = 0,
+                          limit: int = 100) -> list[AdapterVersion]:
+    """Adapter versions, newest first."""
+    check_page(offset, limit)
+    query = (select(AdapterVersion).order_by(AdapterVersion.id.desc()).offset(offset)
+             .limit(limit))
+    return list(session.scalars(query))
+
+
+def count_adapter_versions(session: Session) -> int:
+    """How many adapter versions exist."""
+    return session.scalar(select(func.count()).select_from(AdapterVersion)) or 0
 
 
 def latest_adapter_version(session: Session) -> AdapterVersion | None:

@@ -19,7 +19,7 @@ from cloud.db.session import make_engine
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = {"devices", "credentials", "rounds", "participations", "updates", "adapter_versions",
-          "version_updates", "metrics", "audit_events"}
+          "version_updates", "metrics", "audit_events", "api_tokens", "settings"}
 
 
 def _tables(url: str) -> set[str]:

@@ -1,0 +1,185 @@
+"""The aggregation service: a round's accepted updates -> the next global adapter version.
+
+Loads the round's accepted updates from their blobs, runs the round's strategy (FedNano's
+Fisher merge by default), stores the merged adapter as a new version (a ``shared.codec`` fp32
+frame, content-addressed by SHA-256) with its lineage (each update's weight ``λ_k = n_k / N``),
+evaluates it on a held-out set through a pluggable ``Evaluator`` and records the round's metrics.
+Functions take the caller's session and flush; the caller commits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from cloud.blobs import Blob, BlobStore
+from cloud.db import crud
+from cloud.db.models import AdapterVersion, Round, Update, UpdateStatus
+from cloud.rounds import RoundConfig
+from cloud.validation import DELTA_PART, FISHER_PART
+from shared import codec
+from shared.adapters import AdapterState
+from shared.merge import sample_weights
+from shared.messages import UpdateMessage, unpack
+from shared.update import AdapterUpdate
+
+VERSION_SCHEME = codec.Scheme(kind="fp32")
+MAX_BLOB_BYTES = 64 * 2**20
+
+
+class AggregationError(RuntimeError):
+    """A round's updates could not be merged (the round fails with this reason)."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a global adapter did on the held-out set."""
+
+    accuracy: float
+    n: int
+    loss: float | None = None
+    per_type: dict[str, float] = field(default_factory=dict)
+
+
+Evaluator = Callable[[AdapterState], Evaluation]
+
+
+# ------------------------------------------------------------------------------ adapter versions
+
+
+def store_state(blobs: BlobStore, state: AdapterState) -> Blob:
+    """Write an adapter state as an fp32 codec frame blob."""
+    return blobs.put(codec.encode(state, VERSION_SCHEME))
+
+
+def load_state(blobs: BlobStore, version: AdapterVersion) -> AdapterState:
+    """The adapter state of a stored version (checksums checked)."""
+    return codec.decode(blobs.get(version.blob_sha256), max_bytes=MAX_BLOB_BYTES)
+
+
+def ensure_initial_version(session: Session, blobs: BlobStore,
+                           state: AdapterState) -> AdapterVersion:
+    """The newest version, or ``state`` stored as the first one if there is none yet."""
+    latest = crud.latest_adapter_version(session)
+    if latest is not None:
+        return latest
+    blob = store_state(blobs, state)
+    version = crud.create_adapter_version(session, blob_sha256=blob.sha256, blob_size=blob.size,
+                                          blob_path=str(blob.path))
+    crud.record_audit(session, actor="system", action="version.initial",
+                      subject=f"version:{version.id}", details={"sha256": blob.sha256})
+    return version
+
+
+def load_update(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterUpdate:
+    """Decode a stored (already validated) update envelope into an ``AdapterUpdate``."""
+    if row.blob_sha256 is None:
+        raise AggregationError(f"update {row.update_id!r} has no stored blob")
+    message, parts = unpack(blobs.get(row.blob_sha256), UpdateMessage, max_bytes=MAX_BLOB_BYTES)
+    expected = {key: tuple(value.shape) for key, value in global_state.items()}
+    delta = codec.decode(parts[DELTA_PART], max_bytes=MAX_BLOB_BYTES, expected=expected)
+    fisher = None
+    if FISHER_PART in parts:
+        fisher = codec.decode(parts[FISHER_PART], max_bytes=MAX_BLOB_BYTES, expected=expected)
+    return AdapterUpdate(client_id=row.device_id, delta=delta, n_samples=row.n_samples,
+                         fisher=fisher, base_version=message.global_version,
+                         metrics=dict(message.metrics))
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+class Aggregator:
+    """Merges a round's accepted updates, stores the version, evaluates it, records metrics."""
+
+    def __init__(self, blobs: BlobStore, *, evaluator: Evaluator | None = None) -> None:
+        self.blobs = blobs
+        self.evaluator = evaluator
+
+    def aggregate(self, session: Session, round_: Round) -> AdapterVersion:
+        """Merge ``round_``'s accepted updates into a new version with lineage (λ_k = n_k/N).
+
+        ``AggregationError`` if there is no base version, no accepted update, or the strategy
+        refuses them.
+        """
+        started = time.perf_counter()
+        if round_.base_version is None:
+            raise AggregationError(f"round {round_.id} has no base version to merge into")
+        rows = crud.list_updates(session, round_id=round_.id, status=UpdateStatus.ACCEPTED)
+        global_state = load_state(self.blobs, round_.base_version)
+        merged = self._merge(round_, global_state, [load_update(self.blobs, r, global_state)
+                                                    for r in rows])
+        blob = store_state(self.blobs, merged)
+        weights = sample_weights([r.n_samples for r in rows])
+        version = crud.create_adapter_version(
+            session, blob_sha256=blob.sha256, blob_size=blob.size, blob_path=str(blob.path),
+            parent_id=round_.base_version_id, round_id=round_.id, strategy=round_.strategy,
+            lineage={r.id: w for r, w in zip(rows, weights, strict=True)})
+        crud.record_metric(session, name="aggregation_seconds", round_id=round_.id,
+                           version_id=version.id, value=time.perf_counter() - started)
+        return version
+
+    def _merge(self, round_: Round, global_state: AdapterState,
+               updates: Sequence[AdapterUpdate]) -> AdapterState:
+        if not updates:
+            raise AggregationError(f"round {round_.id} has no accepted updates")
+        strategy = RoundConfig.model_validate(round_config(round_)).make_strategy()
+        try:
+            merged = strategy.aggregate(global_state, updates)
+        except ValueError as err:
+            raise AggregationError(f"strategy {strategy.name} refused the updates: {err}") from err
+        if merged is None:
+            raise AggregationError(f"strategy {strategy.name} needs at least "
+                                   f"{strategy.min_updates} updates, got {len(updates)}")
+        return merged
+
+    def evaluate(self, version: AdapterVersion) -> Evaluation | None:
+        """The held-out evaluation of a stored version (None without an evaluator)."""
+        if self.evaluator is None:
+            return None
+        return self.evaluator(load_state(self.blobs, version))
+
+
+def round_config(round_: Round) -> dict[str, object]:
+    """The round's stored ``RoundConfig`` fields."""
+    return dict(round_.config)
+
+
+def record_round_metrics(session: Session, round_: Round, version: AdapterVersion | None,
+                         evaluation: Evaluation | None) -> None:
+    """Per-round metrics: accuracy and eval loss, training loss, participants, rejected and
+    buffered updates, bytes up (updates received) and down (tasks sent)."""
+    updates = crud.list_updates(session, round_id=round_.id)
+    accepted = [u for u in updates if u.status is UpdateStatus.ACCEPTED]
+    values: dict[str, float | None] = {
+        "participants": len(accepted),
+        "selected": len(round_.participations),
+        "updates_rejected": sum(u.status is UpdateStatus.REJECTED for u in updates),
+        "updates_buffered": sum(u.status is UpdateStatus.BUFFERED for u in updates),
+        "bytes_up": sum(u.blob_size or 0 for u in updates),
+        "bytes_down": sum(m.value for m in crud.list_metrics(session, round_id=round_.id,
+                                                             name="task_bytes")),
+        "loss": _training_loss(accepted),
+    }
+    if evaluation is not None:
+        values |= {"accuracy": evaluation.accuracy, "eval_loss": evaluation.loss,
+                   "eval_samples": evaluation.n}
+    version_id = None if version is None else version.id
+    for name, value in values.items():
+        if value is not None:
+            crud.record_metric(session, name=name, value=value, round_id=round_.id,
+                               version_id=version_id)
+
+
+def _training_loss(accepted: Sequence[Update]) -> float | None:
+    """The n-weighted mean of the devices' last local loss (``loss_last``, else ``loss``)."""
+    pairs: list[tuple[int, float]] = []
+    for update in accepted:
+        value = update.metrics.get("loss_last", update.metrics.get("loss"))
+        if isinstance(value, (int, float)):
+            pairs.append((update.n_samples, float(value)))
+    total = sum(n for n, _ in pairs)
+    return sum(n * v for n, v in pairs) / total if total else None

@@ -1,0 +1,1 @@
+"""The operators' REST API (FastAPI): ``create_app(settings)`` in ``cloud.api.main``."""

@@ -1,0 +1,67 @@
+"""The API's app factory: ``create_app(settings)`` (OpenAPI at ``/api/v1/openapi.json``).
+
+Domain errors become HTTP statuses here, once: ``RecordNotFoundError`` and a missing bundle ->
+404, ``ConflictError`` (duplicate, invalid transition, revoked device, too few devices) -> 409.
+Request validation errors are FastAPI's 422 whose ``loc`` names the field.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+
+from cloud.api.routes import api_router
+from cloud.api.state import AppState, BrokerProbe
+from cloud.blobs import BlobStore
+from cloud.bundle_catalog import BundleNotFoundError
+from cloud.db.crud import ConflictError, RecordNotFoundError
+from cloud.db.session import make_engine, make_session_factory
+from cloud.settings import DEFAULT_SECRET, CloudSettings
+
+API_PREFIX = "/api/v1"
+
+
+class InsecureSettingsError(RuntimeError):
+    """Production mode with a default or empty secret: the server refuses to start."""
+
+
+def check_production_secrets(settings: CloudSettings) -> None:
+    """``InsecureSettingsError`` in production while a secret has its placeholder value.
+
+    ``CloudSettings`` already refuses this when it is built from the environment; this also
+    catches settings assembled without validation (``model_construct``).
+    """
+    if settings.environment != "production":
+        return
+    for name in ("secret_key", "broker_password"):
+        if getattr(settings, name).get_secret_value() in (DEFAULT_SECRET, ""):
+            raise InsecureSettingsError(f"refusing to start in production: {name} is the "
+                                        f"default; set FEDNANO_{name.upper()}")
+
+
+def create_app(settings: CloudSettings, *, engine: Engine | None = None,
+               broker_connected: BrokerProbe | None = None) -> FastAPI:
+    """The FastAPI app over ``settings``' database (or ``engine``) and blob folder."""
+    check_production_secrets(settings)
+    engine = engine or make_engine(settings.resolved_database_url)
+    app = FastAPI(title="FedNano cloud", version="1", openapi_url=f"{API_PREFIX}/openapi.json",
+                  docs_url=f"{API_PREFIX}/docs", redoc_url=None,
+                  description="Operators' API: devices, rounds, models, metrics, audit.")
+    app.state.fednano = AppState(settings=settings, engine=engine,
+                                 sessions=make_session_factory(engine),
+                                 blobs=BlobStore(settings.blob_dir),
+                                 broker_connected=broker_connected)
+    app.include_router(api_router, prefix=API_PREFIX)
+    app.add_exception_handler(RecordNotFoundError, _not_found)
+    app.add_exception_handler(BundleNotFoundError, _not_found)
+    app.add_exception_handler(ConflictError, _conflict)
+    return app
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+
+async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)

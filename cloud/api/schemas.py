@@ -1,0 +1,199 @@
+"""Request and response bodies: the template's Base / Create / Public ladder per resource."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud.db.models import DeviceStatus, ParticipationStatus, RoundState, UpdateStatus
+from shared.protocol import DEVICE_ID_PATTERN, PROFILE_NAME_PATTERN
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list: ``items`` from ``offset`` (at most ``limit``) of ``total``."""
+
+    items: list[T]
+    total: int
+    offset: int
+    limit: int
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+class DeviceBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str = Field(pattern=PROFILE_NAME_PATTERN, description="firmware profile name")
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceCreate(DeviceBase):
+    id: str = Field(pattern=DEVICE_ID_PATTERN, description="also its MQTT username")
+
+
+class DevicePublic(_Public):
+    id: str
+    profile: str
+    status: DeviceStatus
+    online: bool
+    capabilities: dict[str, Any]
+    created_at: datetime
+    last_seen_at: datetime | None
+    revoked_at: datetime | None
+
+
+class DeviceSecret(BaseModel):
+    """A device's MQTT secret: returned once, never stored in clear."""
+
+    device_id: str
+    secret: str
+
+
+class DeviceCreated(DeviceSecret):
+    device: DevicePublic
+    config: dict[str, Any] = Field(description="the device.yaml content (no secret in it)")
+
+
+class DeviceRevoke(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=500)
+
+
+# ------------------------------------------------------------------------------ rounds
+
+
+class RoundCreate(BaseModel):
+    """Start a round now: the stored defaults, with these fields of ``RoundConfig`` replaced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoundStop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("operator stop", min_length=1, max_length=500)
+    halt_schedule: bool = Field(True, description="also stop opening rounds automatically")
+
+
+class ParticipationPublic(_Public):
+    device_id: str
+    status: ParticipationStatus
+    selected_at: datetime
+    notified_at: datetime | None
+    finished_at: datetime | None
+
+
+class RoundPublic(_Public):
+    id: int
+    state: RoundState
+    strategy: str
+    quorum: int
+    min_updates: int
+    base_version_id: int | None
+    deadline_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    closed_at: datetime | None
+    failure_reason: str | None
+
+
+class UpdatePublic(_Public):
+    update_id: str
+    device_id: str
+    status: UpdateStatus
+    base_version: int
+    n_samples: int
+    rejection_code: str | None
+    rejection_reason: str | None
+    blob_sha256: str | None
+    blob_size: int | None
+    received_at: datetime
+
+
+class RoundDetail(RoundPublic):
+    config: dict[str, Any]
+    participations: list[ParticipationPublic]
+    updates: list[UpdatePublic]
+
+
+class ScheduleUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool
+    target_rounds: int | None = Field(None, ge=1)
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    max_consecutive_failures: int = Field(3, ge=1)
+
+
+# ------------------------------------------------------------------------------ models, metrics
+
+
+class VersionPublic(_Public):
+    id: int
+    parent_id: int | None
+    round_id: int | None
+    strategy: str | None
+    blob_sha256: str
+    blob_size: int
+    created_at: datetime
+
+
+class LineageEntry(BaseModel):
+    update_id: str
+    device_id: str
+    n_samples: int
+    weight: float | None
+
+
+class MetricPublic(_Public):
+    name: str
+    value: float
+    device_id: str | None
+    version_id: int | None
+    recorded_at: datetime
+
+
+class RoundMetrics(BaseModel):
+    round_id: int
+    summary: dict[str, float] = Field(description="round-level metrics by name")
+    per_device: list[MetricPublic]
+
+
+class AuditEventPublic(_Public):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    details: dict[str, Any]
+
+
+class BundlePublic(BaseModel):
+    bundle_version: str
+    base_version: str
+    precision: str
+    created_at: str
+    files: dict[str, dict[str, Any]]
+    archive: bool
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    database: str
+    broker: str

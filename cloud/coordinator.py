@@ -1,0 +1,563 @@
+"""The round coordinator: a transport-agnostic core whose every decision lives in the database.
+
+A round moves OPEN -> COLLECTING -> AGGREGATING -> EVALUATING -> CLOSED (or FAILED):
+
+- ``open_round`` samples participants (active, online, capable; seeded) and persists the round;
+  the API calls it too, and the coordinator's schedule calls it until a target is reached.
+- ``tick`` advances every unfinished round: it publishes ``TrainTask`` envelopes to new
+  participants, moves to AGGREGATING at k-of-n quorum (or at the deadline with at least the
+  minimum, else FAILED), merges through the ``Aggregator``, evaluates, records metrics, closes,
+  cancels outstanding tasks and refreshes the retained ``RoundAnnouncement``.
+- ``handle_update`` ingests an update exactly once by ``update_id`` (a redelivery is
+  acknowledged and ignored), runs the validation gate and stores the blob and the verdict.
+- ``handle_presence`` keeps ``devices.online`` / ``last_seen_at`` current.
+
+Nothing lives only in memory: a new ``Coordinator`` on the same database resumes mid-round
+(``resume`` re-sends tasks to participants that have not submitted). Time comes from an injected
+clock, so tests move time instead of sleeping. Publishing goes through a ``Publisher`` (the MQTT
+binding in ``cloud.coordinator_mqtt``, a recorder in tests) outside database transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud import aggregation
+from cloud.aggregation import AggregationError, Aggregator, Evaluation
+from cloud.blobs import BlobStore
+from cloud.db import crud
+from cloud.db.crud import ConflictError
+from cloud.db.models import (
+    TERMINAL_ROUND_STATES,
+    AdapterVersion,
+    Device,
+    DeviceStatus,
+    Participation,
+    ParticipationStatus,
+    Round,
+    RoundState,
+    UpdateStatus,
+    utcnow,
+)
+from cloud.db.session import session_scope
+from cloud.rounds import (
+    RoundConfig,
+    Schedule,
+    eligible_devices,
+    load_defaults,
+    load_schedule,
+    round_seed,
+    sample_participants,
+    save_schedule,
+)
+from cloud.validation import (
+    Accepted,
+    Rejection,
+    RejectionCode,
+    RoundContext,
+    task_id_for,
+    validate_update,
+)
+from shared import topics
+from shared.adapters import AdapterState
+from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CancelTask,
+    MessageError,
+    Presence,
+    RoundAnnouncement,
+    TrainTask,
+    UpdateMessage,
+    from_json,
+    pack,
+    to_json,
+    unpack,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+COORDINATOR_ACTOR = "system:coordinator"
+OUTSTANDING = (ParticipationStatus.SELECTED, ParticipationStatus.NOTIFIED)
+# Rejections that say nothing about the participant's own task (it may still submit).
+_KEEPS_PARTICIPATION = frozenset({RejectionCode.DUPLICATE, RejectionCode.LATE,
+                                  RejectionCode.NOT_PARTICIPANT, RejectionCode.NOT_COLLECTING})
+
+
+class NoGlobalVersionError(ConflictError):
+    """No adapter version exists yet: the coordinator stores the initial one at start-up."""
+
+
+class Publisher(Protocol):
+    """Where the coordinator's messages go (MQTT QoS 1 in production)."""
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish ``payload`` on ``topic``; raise if the broker did not take it."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one received update."""
+
+    outcome: Literal["accepted", "buffered", "rejected", "duplicate"]
+    update_id: str | None = None
+    code: str | None = None
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------------------ opening / stopping
+
+
+def open_round(session: Session, *, config: RoundConfig, actor: str) -> Round:
+    """Persist a new OPEN round on the newest global version with sampled participants.
+
+    ``NotEnoughDevicesError`` if too few devices qualify, ``NoGlobalVersionError`` before the
+    first version exists. The coordinator publishes the tasks at its next tick.
+    """
+    version = crud.latest_adapter_version(session)
+    if version is None:
+        raise NoGlobalVersionError("no global adapter version yet: start the coordinator first")
+    devices = session.scalars(select(Device).where(Device.status == DeviceStatus.ACTIVE,
+                                                   Device.online.is_(True))).all()
+    eligible = eligible_devices(devices, config)
+    sample_participants(eligible, config, 0)  # raises early if too few qualify
+    round_ = crud.create_round(session, strategy=config.strategy, quorum=1, min_updates=1,
+                               config=config.model_dump(mode="json"), base_version_id=version.id)
+    chosen = sample_participants(eligible, config, round_seed(config, round_.id))
+    round_.quorum, round_.min_updates = config.quorum_for(len(chosen))
+    for device_id in chosen:
+        crud.add_participation(session, round_id=round_.id, device_id=device_id)
+    crud.record_audit(session, actor=actor, action="round.open", subject=f"round:{round_.id}",
+                      details={"participants": chosen, "quorum": round_.quorum,
+                               "min_updates": round_.min_updates, "version": version.id})
+    return round_
+
+
+def stop_round(session: Session, *, round_id: int, actor: str,
+               reason: str = "operator stop") -> Round:
+    """Close an OPEN or COLLECTING round without a new version (``InvalidTransitionError``
+    once it is aggregating or finished); the coordinator cancels the outstanding tasks."""
+    round_ = crud.transition_round(session, round_id=round_id, to=RoundState.CLOSED)
+    crud.record_audit(session, actor=actor, action="round.stop", subject=f"round:{round_id}",
+                      details={"reason": reason})
+    return round_
+
+
+# ------------------------------------------------------------------------------ the coordinator
+
+
+class Coordinator:
+    """Drives rounds from the database; see the module docstring."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, blobs: BlobStore,
+                 publisher: Publisher, aggregator: Aggregator, base_version: str,
+                 clock: Clock = utcnow, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 actor: str = COORDINATOR_ACTOR) -> None:
+        self.sessions = sessions
+        self.blobs = blobs
+        self.publisher = publisher
+        self.aggregator = aggregator
+        self.base_version = base_version
+        self.clock = clock
+        self.max_message_bytes = max_message_bytes
+        self.actor = actor
+        self._states: dict[int, AdapterState] = {}
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def ensure_initial_version(self, state: AdapterState) -> int:
+        """Store ``state`` as version 1 unless a version exists; returns the newest id."""
+        with session_scope(self.sessions) as session:
+            return aggregation.ensure_initial_version(session, self.blobs, state).id
+
+    def resume(self) -> None:
+        """After a (re)start: re-send tasks to every participant of a collecting round that has
+        not submitted, then bring every round up to date."""
+        with session_scope(self.sessions) as session:
+            collecting = [r.id for r in crud.unfinished_rounds(session)
+                          if r.state is RoundState.COLLECTING]
+        for round_id in collecting:
+            self._notify(round_id, OUTSTANDING)
+        self.tick()
+        self.announce()
+
+    def open_round(self, config: RoundConfig | None = None, *, actor: str | None = None) -> int:
+        """Open a round with ``config`` (default: the stored defaults); returns its id."""
+        with session_scope(self.sessions) as session:
+            config = config or load_defaults(session)
+            return open_round(session, config=config, actor=actor or self.actor).id
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advance every unfinished round, cancel leftovers, follow the schedule."""
+        with session_scope(self.sessions) as session:
+            round_ids = [r.id for r in crud.unfinished_rounds(session)]
+        for round_id in round_ids:
+            self._advance(round_id)
+        self._cancel_leftovers()
+        if self._run_schedule():
+            self.tick()
+
+    def _advance(self, round_id: int) -> None:
+        state = self._state_of(round_id)
+        if state is RoundState.OPEN:
+            state = self._begin_collecting(round_id)
+        if state is RoundState.COLLECTING:
+            self._notify(round_id, (ParticipationStatus.SELECTED,))
+            state = self._check_collection(round_id)
+        if state is RoundState.AGGREGATING:
+            state = self._aggregate(round_id)
+        if state is RoundState.EVALUATING:
+            self._evaluate(round_id)
+
+    def _state_of(self, round_id: int) -> RoundState:
+        with session_scope(self.sessions) as session:
+            return crud.require_round(session, round_id=round_id).state
+
+    def _begin_collecting(self, round_id: int) -> RoundState:
+        now = self.clock()
+        with session_scope(self.sessions) as session:
+            round_ = crud.require_round(session, round_id=round_id, for_update=True)
+            config = _config(round_).model_copy(update={"base_version": self.base_version})
+            round_.config = config.model_dump(mode="json")
+            round_.deadline_at = now + timedelta(seconds=config.deadline_s)
+            crud.transition_round(session, round_id=round_id, to=RoundState.COLLECTING, at=now)
+            self._audit_transition(session, round_id, RoundState.COLLECTING)
+        self.announce()
+        return RoundState.COLLECTING
+
+    def _notify(self, round_id: int, statuses: Sequence[ParticipationStatus]) -> None:
+        """Publish the round's task to its participants in ``statuses``; mark them notified."""
+        with session_scope(self.sessions) as session:
+            round_ = crud.require_round(session, round_id=round_id)
+            targets = [p.device_id for p in round_.participations if p.status in statuses]
+            if not targets:
+                return
+            global_frame = self.blobs.get(_base(round_).blob_sha256)
+            tasks = {d: self._task(round_, d, global_frame) for d in targets}
+        for device_id, payload in tasks.items():
+            self.publisher.publish(topics.tasks(device_id), payload)
+        with session_scope(self.sessions) as session:
+            for device_id, payload in tasks.items():
+                crud.set_participation_status(session, round_id=round_id, device_id=device_id,
+                                              status=ParticipationStatus.NOTIFIED,
+                                              at=self.clock())
+                crud.record_metric(session, name="task_bytes", value=len(payload),
+                                   round_id=round_id, device_id=device_id)
+
+    def _task(self, round_: Round, device_id: str, global_frame: bytes) -> bytes:
+        config = _config(round_)
+        if round_.deadline_at is None or round_.base_version_id is None:
+            raise RuntimeError(f"round {round_.id} is collecting without a deadline or version")
+        task = TrainTask(task_id=task_id_for(round_.id, device_id), round_id=round_.id,
+                         global_version=round_.base_version_id,
+                         base_version=config.base_version or self.base_version,
+                         strategy=round_.strategy, hparams=config.task_hparams(),
+                         codec=config.codec, deadline_at=round_.deadline_at.timestamp(),
+                         max_update_bytes=config.max_update_bytes,
+                         seed=round_seed(config, round_.id), created_at=self.clock().timestamp())
+        return pack(task, {"global": global_frame})
+
+    def _check_collection(self, round_id: int) -> RoundState:
+        """COLLECTING -> AGGREGATING at quorum, or at the deadline (or once nobody is left to
+        answer) with the minimum; FAILED below it. Outstanding tasks are dropped."""
+        now = self.clock()
+        with session_scope(self.sessions) as session:
+            round_ = crud.require_round(session, round_id=round_id, for_update=True)
+            accepted = crud.count_updates(session, round_id=round_id,
+                                          status=UpdateStatus.ACCEPTED)
+            waiting = any(p.status in OUTSTANDING for p in round_.participations)
+            expired = round_.deadline_at is not None and now >= round_.deadline_at
+            if accepted < round_.quorum and waiting and not expired:
+                return RoundState.COLLECTING
+            if accepted >= round_.min_updates:
+                state, reason = RoundState.AGGREGATING, None
+            else:
+                state, reason = RoundState.FAILED, (
+                    f"{accepted} accepted updates by the deadline, the round needs "
+                    f"{round_.min_updates}")
+            crud.transition_round(session, round_id=round_id, to=state, reason=reason, at=now)
+            self._audit_transition(session, round_id, state, accepted=accepted)
+        self._drop_outstanding(round_id, "the round stopped collecting")
+        self.announce()
+        return state
+
+    def _aggregate(self, round_id: int) -> RoundState:
+        with session_scope(self.sessions) as session:
+            round_ = crud.require_round(session, round_id=round_id, for_update=True)
+            try:
+                with session.begin_nested():
+                    version = self.aggregator.aggregate(session, round_)
+            except AggregationError as err:
+                crud.transition_round(session, round_id=round_id, to=RoundState.FAILED,
+                                      reason=str(err), at=self.clock())
+                self._audit_transition(session, round_id, RoundState.FAILED, reason=str(err))
+                state = RoundState.FAILED
+            else:
+                crud.transition_round(session, round_id=round_id, to=RoundState.EVALUATING)
+                self._audit_transition(session, round_id, RoundState.EVALUATING,
+                                       version=version.id)
+                state = RoundState.EVALUATING
+        self.announce()
+        return state
+
+    def _evaluate(self, round_id: int) -> None:
+        """Evaluate the round's version outside any transaction, then record and close."""
+        with session_scope(self.sessions) as session:
+            version = _round_version(session, round_id)
+        evaluation: Evaluation | None = self.aggregator.evaluate(version)
+        with session_scope(self.sessions) as session:
+            round_ = crud.require_round(session, round_id=round_id, for_update=True)
+            if round_.state is not RoundState.EVALUATING:
+                return
+            aggregation.record_round_metrics(session, round_, version, evaluation)
+            crud.transition_round(session, round_id=round_id, to=RoundState.CLOSED,
+                                  at=self.clock())
+            details = {} if evaluation is None else {"accuracy": evaluation.accuracy}
+            self._audit_transition(session, round_id, RoundState.CLOSED, version=version.id,
+                                   **details)
+        self.announce()
+
+    # --- cancelling and announcing --------------------------------------------------------------
+
+    def _drop_outstanding(self, round_id: int, reason: str) -> None:
+        """Mark a finished round's outstanding participants dropped and cancel their tasks."""
+        with session_scope(self.sessions) as session:
+            dropped = [p.device_id for p in crud.list_participations(session, round_id=round_id)
+                       if p.status in OUTSTANDING]
+            for device_id in dropped:
+                crud.set_participation_status(session, round_id=round_id, device_id=device_id,
+                                              status=ParticipationStatus.DROPPED,
+                                              at=self.clock())
+        cancel = pack(CancelTask(round_id=round_id, reason=reason,
+                                 created_at=self.clock().timestamp()))
+        for device_id in dropped:
+            self.publisher.publish(topics.tasks(device_id), cancel)
+
+    def _cancel_leftovers(self) -> None:
+        """Rounds an operator stopped (or that failed elsewhere) with tasks still out."""
+        with session_scope(self.sessions) as session:
+            query = (select(Participation.round_id).join(Round)
+                     .where(Round.state.in_(TERMINAL_ROUND_STATES),
+                            Participation.status.in_(OUTSTANDING)).distinct())
+            round_ids = list(session.scalars(query))
+        for round_id in round_ids:
+            self._drop_outstanding(round_id, "the round was stopped")
+
+    def announce(self) -> None:
+        """Publish the retained announcement of the newest round and the current version."""
+        with session_scope(self.sessions) as session:
+            rounds = crud.list_rounds(session, limit=1)
+            version = crud.latest_adapter_version(session)
+            latest = rounds[0] if rounds else None
+            message = RoundAnnouncement(
+                round_id=None if latest is None else latest.id,
+                state="idle" if latest is None else latest.state.value,
+                global_version=None if version is None else version.id,
+                deadline_at=(None if latest is None or latest.deadline_at is None
+                             else latest.deadline_at.timestamp()),
+                created_at=self.clock().timestamp())
+        self.publisher.publish(topics.ROUND_ANNOUNCEMENT, to_json(message), retain=True)
+
+    def _audit_transition(self, session: Session, round_id: int, state: RoundState,
+                          **details: object) -> None:
+        crud.record_audit(session, actor=self.actor, action="round.transition",
+                          subject=f"round:{round_id}", details={"to": state.value, **details})
+
+    # --- the schedule ---------------------------------------------------------------------------
+
+    def _run_schedule(self) -> bool:
+        """Open the next round if the schedule is on and no round is running; True if opened."""
+        with session_scope(self.sessions) as session:
+            schedule = load_schedule(session)
+            if not schedule.enabled or crud.unfinished_rounds(session):
+                return False
+            done = _schedule_done(session, schedule)
+            if done is not None:
+                save_schedule(session, schedule.model_copy(
+                    update={"enabled": False, "stopped_reason": done}))
+                crud.record_audit(session, actor=self.actor, action="schedule.done",
+                                  subject="schedule", details={"reason": done})
+                return False
+            try:
+                with session.begin_nested():
+                    open_round(session, config=load_defaults(session), actor=self.actor)
+            except ConflictError as err:  # too few devices online: try again next tick
+                log.info("schedule: not opening a round yet: %s", err)
+                return False
+        return True
+
+    # --- ingestion ------------------------------------------------------------------------------
+
+    def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
+        """Ingest an update received on ``devices/{device_id}/updates`` exactly once."""
+        try:
+            message, parts = unpack(payload, UpdateMessage, max_bytes=self.max_message_bytes)
+        except MessageError as err:
+            return self._refuse(device_id, None, RejectionCode.MALFORMED, str(err))
+        with session_scope(self.sessions) as session:
+            existing = crud.get_update(session, update_id=message.update_id)
+            if existing is not None:
+                return self._redelivered(session, existing.device_id, device_id, message)
+            if crud.get_device(session, device_id=device_id) is None:
+                return self._refuse(device_id, message.update_id, RejectionCode.NOT_PARTICIPANT,
+                                    f"unknown device {device_id!r}", session)
+            round_ = session.get(Round, message.round_id, with_for_update=True,
+                                 populate_existing=True)
+            if round_ is None:
+                return self._refuse(device_id, message.update_id, RejectionCode.UNKNOWN_ROUND,
+                                    f"there is no round {message.round_id}", session)
+            verdict = validate_update(
+                message, parts, device_id=device_id, context=self._context(session, round_),
+                global_state=self._global_state(_base(round_)), payload_bytes=len(payload),
+                now=self.clock())
+            return self._record(session, device_id, message, payload, verdict)
+
+    def _redelivered(self, session: Session, stored_device: str, device_id: str,
+                     message: UpdateMessage) -> IngestResult:
+        if stored_device == device_id:
+            return IngestResult("duplicate", message.update_id)
+        return self._refuse(device_id, message.update_id, RejectionCode.DUPLICATE,
+                            f"update id {message.update_id!r} belongs to another device", session)
+
+    def _refuse(self, device_id: str, update_id: str | None, code: RejectionCode, reason: str,
+                session: Session | None = None) -> IngestResult:
+        """A refusal that cannot be an ``updates`` row (no round, device or id): audited."""
+        details = {"update_id": update_id, "code": code.value, "reason": reason[:500]}
+        if session is None:
+            with session_scope(self.sessions) as own:
+                crud.record_audit(own, actor=f"device:{device_id}", action="update.refused",
+                                  subject=f"device:{device_id}", details=details)
+        else:
+            crud.record_audit(session, actor=f"device:{device_id}", action="update.refused",
+                              subject=f"device:{device_id}", details=details)
+        log.warning("update from %s refused (%s): %s", device_id, code.value, reason)
+        return IngestResult("rejected", update_id, code.value, reason)
+
+    def _context(self, session: Session, round_: Round) -> RoundContext:
+        config = _config(round_)
+        kept = [u.device_id for u in crud.list_updates(session, round_id=round_.id)
+                if u.status is not UpdateStatus.REJECTED]
+        return RoundContext(
+            round_id=round_.id, state=round_.state,
+            participants=frozenset(p.device_id for p in round_.participations),
+            submitted=frozenset(kept), global_version=_base(round_).id,
+            base_version=config.base_version or self.base_version,
+            deadline_at=round_.deadline_at, late_policy=config.late_policy,
+            requires_fisher=config.make_strategy().requires_fisher,
+            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm)
+
+    def _global_state(self, version: AdapterVersion) -> AdapterState:
+        if version.id not in self._states:
+            self._states[version.id] = aggregation.load_state(self.blobs, version)
+        return self._states[version.id]
+
+    def _record(self, session: Session, device_id: str, message: UpdateMessage, payload: bytes,
+                verdict: Accepted | Rejection) -> IngestResult:
+        if isinstance(verdict, Rejection):
+            crud.record_update(session, record=_update_record(
+                message, device_id, UpdateStatus.REJECTED, blob_size=len(payload),
+                rejection_code=verdict.code.value, rejection_reason=verdict.reason))
+            self._participant_finished(session, message.round_id, device_id, verdict.code)
+            log.info("update %s from %s rejected (%s): %s", message.update_id, device_id,
+                     verdict.code.value, verdict.reason)
+            return IngestResult("rejected", message.update_id, verdict.code.value, verdict.reason)
+        blob = self.blobs.put(payload)
+        crud.record_update(session, record=_update_record(
+            message, device_id, verdict.status, blob_sha256=blob.sha256, blob_size=blob.size,
+            blob_path=str(blob.path)))
+        if verdict.status is UpdateStatus.ACCEPTED:
+            crud.set_participation_status(session, round_id=message.round_id,
+                                          device_id=device_id,
+                                          status=ParticipationStatus.SUBMITTED, at=self.clock())
+            return IngestResult("accepted", message.update_id)
+        return IngestResult("buffered", message.update_id)
+
+    def _participant_finished(self, session: Session, round_id: int, device_id: str,
+                              code: RejectionCode) -> None:
+        if code in _KEEPS_PARTICIPATION:
+            return
+        participation = session.scalar(select(Participation).where(
+            Participation.round_id == round_id, Participation.device_id == device_id))
+        if participation is not None and participation.status in OUTSTANDING:
+            crud.set_participation_status(session, round_id=round_id, device_id=device_id,
+                                          status=ParticipationStatus.REJECTED, at=self.clock())
+
+    # --- presence -------------------------------------------------------------------------------
+
+    def handle_presence(self, device_id: str, payload: bytes) -> bool:
+        """Record a presence message from ``devices/{device_id}/status``; False if ignored."""
+        if not payload:
+            return False  # a cleared retained message
+        try:
+            presence = from_json(payload, Presence)
+        except MessageError as err:
+            log.warning("presence from %s refused: %s", device_id, err)
+            return False
+        if presence.device_id != device_id:
+            log.warning("presence on %s's topic names %r: ignored", device_id,
+                        presence.device_id)
+            return False
+        with session_scope(self.sessions) as session:
+            device = crud.get_device(session, device_id=device_id)
+            if device is None or device.status is not DeviceStatus.ACTIVE:
+                return False
+            crud.set_presence(session, device_id=device_id, online=presence.state == "online",
+                              at=self.clock())
+            if presence.capabilities:
+                device.capabilities = {**device.capabilities, **presence.capabilities}
+        return True
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _update_record(message: UpdateMessage, device_id: str, status: UpdateStatus,
+                   **blob: Any) -> crud.UpdateRecord:
+    return crud.UpdateRecord(update_id=message.update_id, round_id=message.round_id,
+                             device_id=device_id, base_version=message.global_version,
+                             n_samples=message.n_samples, status=status,
+                             metrics=dict(message.metrics), **blob)
+
+
+def _config(round_: Round) -> RoundConfig:
+    return RoundConfig.model_validate(round_.config)
+
+
+def _base(round_: Round) -> AdapterVersion:
+    if round_.base_version is None:
+        raise RuntimeError(f"round {round_.id} has no base version")
+    return round_.base_version
+
+
+def _round_version(session: Session, round_id: int) -> AdapterVersion:
+    version = session.scalar(select(AdapterVersion).where(AdapterVersion.round_id == round_id))
+    if version is None:
+        raise RuntimeError(f"round {round_id} is evaluating but has no version")
+    return version
+
+
+def _schedule_done(session: Session, schedule: Schedule) -> str | None:
+    """Why the schedule is finished, or None if it should open another round."""
+    rounds = [r for r in crud.list_rounds(session, limit=1000)
+              if r.id > schedule.after_round_id]  # newest first
+    closed = [r for r in rounds if r.state is RoundState.CLOSED]
+    if schedule.target_rounds is not None and len(closed) >= schedule.target_rounds:
+        return f"reached the target of {schedule.target_rounds} rounds"
+    recent = rounds[:schedule.max_consecutive_failures]
+    if len(recent) == schedule.max_consecutive_failures and all(
+            r.state is RoundState.FAILED for r in recent):
+        return f"{len(recent)} rounds failed in a row"
+    if schedule.target_accuracy is not None and closed:
+        accuracy = crud.list_metrics(session, round_id=closed[0].id, name="accuracy")
+        if accuracy and accuracy[-1].value >= schedule.target_accuracy:
+            return f"reached the target accuracy {schedule.target_accuracy:g}"
+    return None

@@ -1,0 +1,124 @@
+"""The coordinator on MQTT: subscriptions, the loop, and publishing through ``shared.mqtt``.
+
+The coordinator keeps a persistent session (fixed client id, ``clean_start=False``), so updates
+and presence messages published while it is down wait in the broker and arrive when it is back.
+paho's thread only enqueues (``shared.mqtt.Inbox``); ``CoordinatorService.step`` handles the
+queued messages in order and then ticks the coordinator, all on the service's own thread.
+A message on a topic outside the device tree is logged and dropped; everything else is
+handled (and, for updates, recorded) by the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cloud.coordinator import Coordinator
+from shared import topics
+from shared.messages import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge
+from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received
+
+log = logging.getLogger(__name__)
+
+COORDINATOR_CLIENT_ID = "fednano-coordinator"
+
+
+def coordinator_client_options(username: str, password: str, *,
+                               client_id: str = COORDINATOR_CLIENT_ID) -> ClientOptions:
+    """A persistent session: what devices send while the coordinator restarts is kept."""
+    return ClientOptions(client_id=client_id, username=username, password=password,
+                         clean_start=False)
+
+
+class MqttPublisher:
+    """``Publisher`` over an ``MqttClient``: size-checked QoS 1 publishes that wait for PUBACK."""
+
+    def __init__(self, client: MqttClient, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 timeout_s: float = 10.0) -> None:
+        self.client = client
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, max_bytes=self.max_bytes, retain=retain,
+                            timeout=self.timeout_s)
+
+
+class CoordinatorService:
+    """Feeds a ``Coordinator`` from the broker and ticks it every ``tick_interval_s``."""
+
+    def __init__(self, coordinator: Coordinator, client: MqttClient, *,
+                 tick_interval_s: float = 1.0) -> None:
+        if tick_interval_s <= 0:
+            raise ValueError(f"tick_interval_s must be > 0, got {tick_interval_s!r}")
+        self.coordinator = coordinator
+        self.client = client
+        self.tick_interval_s = tick_interval_s
+        # The client's own inbox: a persistent session's queued messages may arrive between
+        # CONNACK and SUBSCRIBE, before any route exists; they land here too.
+        self.inbox: Inbox = client.inbox
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def subscribe(self) -> None:
+        """Updates and presence of every device, into one inbox (arrival order kept)."""
+        self.client.subscribe(topics.ALL_STATUS, inbox=self.inbox)
+        self.client.subscribe(topics.ALL_UPDATES, inbox=self.inbox)
+
+    def dispatch(self, received: Received) -> None:
+        """Hand one message to the coordinator by its topic."""
+        try:
+            device_id = topics.device_of(received.topic)
+        except ValueError:
+            log.warning("ignoring a message on %r: not a device topic", received.topic)
+            return
+        if received.topic == topics.updates(device_id):
+            result = self.coordinator.handle_update(device_id, received.payload)
+            log.info("update from %s: %s %s", device_id, result.outcome, result.code or "")
+        elif received.topic == topics.status(device_id):
+            self.coordinator.handle_presence(device_id, received.payload)
+        else:
+            log.warning("ignoring a message on %r", received.topic)
+
+    def step(self, timeout: float) -> int:
+        """Handle what arrives within ``timeout`` s (at least one wait), then tick once."""
+        handled = 0
+        deadline = time.monotonic() + timeout
+        received = self.inbox.get(timeout=timeout)
+        while received is not None:
+            self.dispatch(received)
+            handled += 1
+            received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        self._tick()
+        return handled
+
+    def _tick(self) -> None:
+        try:
+            self.coordinator.tick()
+        except (MqttError, MessageTooLarge) as err:
+            # Tasks not yet published stay "selected" and go out at the next tick.
+            log.warning("coordinator tick could not publish (will retry): %s", err)
+
+    def run(self) -> None:
+        """Subscribe, resume from the database, then loop until ``stop``."""
+        self.subscribe()
+        self.coordinator.resume()
+        while not self._stop.is_set():
+            self.step(self.tick_interval_s)
+
+    def start(self) -> CoordinatorService:
+        """``run`` in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("coordinator service already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, daemon=True, name="coordinator")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop after the current step and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

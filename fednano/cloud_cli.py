@@ -1,0 +1,382 @@
+"""``fednano cloud ...`` and ``fednano devices ...``: the cloud's entry points.
+
+Settings come from ``FEDNANO_*`` environment variables (``cloud.settings.CloudSettings``: the
+database URL, broker URL and account, home, secrets); options only choose what to run.
+Heavy imports happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from cloud.aggregation import Evaluator
+    from cloud.base.build import LoadedBase
+    from cloud.coordinator_mqtt import CoordinatorService
+    from cloud.llm_worker import LLMWorker
+    from cloud.settings import CloudSettings
+    from shared.adapters import AdapterState
+    from shared.mqtt import MqttClient
+
+cloud_app = typer.Typer(help="Run the cloud: REST API, round coordinator, LLM worker (alone or "
+                        "all in one). Configured by FEDNANO_* environment variables.",
+                        no_args_is_help=True)
+token_app = typer.Typer(help="Operator API tokens (Bearer) for the REST API.",
+                        no_args_is_help=True)
+cloud_app.add_typer(token_app, name="token")
+devices_app = typer.Typer(help="Provision devices: add (prints the secret once), list, revoke, "
+                          "write the broker's password and ACL files.", no_args_is_help=True)
+console = Console()
+
+Host = Annotated[str, typer.Option(help="Interface the API listens on.")]
+Port = Annotated[int, typer.Option(help="TCP port of the API.", min=1, max=65535)]
+AdapterRank = Annotated[int, typer.Option(help="NanoAdapter rank of the initial global adapter "
+                                          "(used only when the database has no version yet).",
+                                          min=1)]
+EvalQuestions = Annotated[int, typer.Option(
+    help="Held-out easy-VQA questions each new version is evaluated on (0: no evaluation).",
+    min=0)]
+
+
+def load_settings() -> CloudSettings:
+    """``CloudSettings`` from the environment; a readable error instead of a traceback."""
+    from pydantic import ValidationError
+
+    from cloud.settings import CloudSettings
+
+    try:
+        return CloudSettings()
+    except ValidationError as err:
+        console.print(f"invalid cloud settings: {err}", style="red", markup=False)
+        raise typer.Exit(code=2) from err
+
+
+def _sessions(settings: CloudSettings) -> sessionmaker[Session]:
+    from cloud.db import migrate
+    from cloud.db.session import make_engine, make_session_factory
+
+    migrate.upgrade(settings.resolved_database_url)
+    return make_session_factory(make_engine(settings.resolved_database_url))
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+
+
+# ------------------------------------------------------------------------------ services
+
+
+@cloud_app.command("api")
+def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """The operators' REST API alone (OpenAPI at /api/v1/docs)."""
+    import uvicorn
+
+    from cloud.api.main import create_app
+
+    settings = load_settings()
+    _sessions(settings)  # migrate before serving
+    uvicorn.run(create_app(settings), host=host, port=port)
+
+
+@cloud_app.command("coordinator")
+def coordinator(
+    rounds: Annotated[int | None, typer.Option(help="Run this many rounds, then stop opening "
+                                               "new ones (the schedule).", min=1)] = None,
+    target_accuracy: Annotated[float | None, typer.Option(
+        help="Stop opening rounds once a version reaches this accuracy.", min=0, max=1)] = None,
+    rank: AdapterRank = 8,
+    eval_questions: EvalQuestions = 0,
+) -> None:
+    """The round coordinator alone (persistent MQTT session; resumes rounds from the database)."""
+    _logging()
+    settings = load_settings()
+    base = _load_base(settings, rank) if eval_questions else None
+    service, client = _coordinator_service(settings, rank, base, eval_questions)
+    _schedule(settings, rounds, target_accuracy)
+    try:
+        service.run()
+    finally:
+        client.close()
+
+
+@cloud_app.command("llm-worker")
+def llm_worker(
+    worker_id: Annotated[str, typer.Option(help="This worker's MQTT client id.")] = "llm-worker",
+    device: Annotated[str, typer.Option(help="Where the LLM runs: cpu, cuda, cuda:N.")] = "cpu",
+) -> None:
+    """A frozen-LLM worker serving split-training requests (shared subscription: run several)."""
+    _logging()
+    settings = load_settings()
+    base = _load_base(settings, 8)
+    base.backend.to(device)
+    worker, client = _llm_worker(settings, base, worker_id)
+    worker.subscribe()
+    try:
+        worker.serve_forever()
+    finally:
+        client.close()
+
+
+@cloud_app.command("serve")
+def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
+          eval_questions: EvalQuestions = 200,
+          rounds: Annotated[int | None, typer.Option(help="Schedule this many rounds.",
+                                                     min=1)] = None) -> None:
+    """All in one process: REST API + coordinator + LLM worker (the demo)."""
+    import uvicorn
+
+    from cloud.api.main import create_app
+
+    _logging()
+    settings = load_settings()
+    base = _load_base(settings, rank)
+    worker, worker_client = _llm_worker(settings, base, "llm-worker-serve")
+    service, client = _coordinator_service(settings, rank, base, eval_questions)
+    _schedule(settings, rounds, None)
+    worker.start()
+    service.start()
+    try:
+        uvicorn.run(create_app(settings, broker_connected=lambda: client.connected),
+                    host=host, port=port)
+    finally:
+        service.stop()
+        worker.stop()
+        client.close()
+        worker_client.close()
+
+
+# ------------------------------------------------------------------------------ assembly
+
+
+def _load_base(settings: CloudSettings, rank: int) -> LoadedBase:
+    from cloud.base.build import load_base
+    from cloud.base.manifest import BaseNotBuiltError
+    from shared.adapters import AdapterConfig
+
+    try:
+        return load_base(settings.home, adapter_config=AdapterConfig(rank=rank, alpha=2.0 * rank))
+    except BaseNotBuiltError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(code=1) from err
+
+
+def _connect(settings: CloudSettings, client_id: str, *, persistent: bool) -> MqttClient:
+    from shared.mqtt import BrokerAddress, ClientOptions, MqttClient
+
+    options = ClientOptions(client_id=client_id, username=settings.broker_username,
+                            password=settings.broker_password.get_secret_value(),
+                            clean_start=not persistent,
+                            session_expiry_s=86400 if persistent else 0)
+    client = MqttClient(BrokerAddress.parse(settings.broker_url), options)
+    client.connect()
+    return client
+
+
+def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | None,
+                         eval_questions: int) -> tuple[CoordinatorService, MqttClient]:
+    from cloud.aggregation import Aggregator
+    from cloud.blobs import BlobStore
+    from cloud.coordinator import Coordinator
+    from cloud.coordinator_mqtt import COORDINATOR_CLIENT_ID, CoordinatorService, MqttPublisher
+
+    blobs = BlobStore(settings.blob_dir)
+    evaluator = _evaluator(base, eval_questions) if base is not None and eval_questions else None
+    client = _connect(settings, COORDINATOR_CLIENT_ID, persistent=True)
+    coordinator_ = Coordinator(_sessions(settings), blobs=blobs,
+                               publisher=MqttPublisher(client),
+                               aggregator=Aggregator(blobs, evaluator=evaluator),
+                               base_version=_base_version(settings, base))
+    coordinator_.ensure_initial_version(_initial_state(settings, base, rank))
+    service = CoordinatorService(coordinator_, client, tick_interval_s=settings.tick_interval_s)
+    return service, client
+
+
+def _base_version(settings: CloudSettings, base: LoadedBase | None) -> str:
+    from cloud.base.manifest import BaseNotBuiltError, read_manifest
+
+    if base is not None:
+        return base.version
+    try:
+        return str(read_manifest(settings.home, None)["version"])
+    except BaseNotBuiltError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(code=1) from err
+
+
+def _initial_state(settings: CloudSettings, base: LoadedBase | None,
+                   rank: int) -> AdapterState:
+    """Fresh NanoAdapters at the base's width (seeded): the first global version."""
+    import torch
+
+    from cloud.base.manifest import read_manifest
+    from shared.adapters import AdapterConfig, NanoAdapters
+
+    width = (base.edge.width if base is not None
+             else int(read_manifest(settings.home, None)["config"]["width"]))
+    torch.manual_seed(0)
+    return NanoAdapters(width, AdapterConfig(rank=rank, alpha=2.0 * rank)).adapter_state_dict()
+
+
+def _evaluator(base: LoadedBase, questions: int) -> Evaluator:
+    from cloud.evaluator import base_evaluator
+
+    return base_evaluator(base, questions)
+
+
+def _llm_worker(settings: CloudSettings, base: LoadedBase,
+                worker_id: str) -> tuple[LLMWorker, MqttClient]:
+    from cloud.llm_worker import LLMWorker, WorkerConfig, worker_client_options
+    from shared.mqtt import BrokerAddress, MqttClient
+
+    options = worker_client_options(worker_id, settings.broker_username,
+                                    settings.broker_password.get_secret_value())
+    client = MqttClient(BrokerAddress.parse(settings.broker_url), options)
+    client.connect()
+    worker = LLMWorker(base.backend, client, WorkerConfig(base_version=base.version,
+                                                          worker_id=worker_id))
+    return worker, client
+
+
+def _schedule(settings: CloudSettings, rounds: int | None, accuracy: float | None) -> None:
+    if rounds is None and accuracy is None:
+        return
+    from cloud.db import crud
+    from cloud.db.session import session_scope
+    from cloud.rounds import Schedule, save_schedule
+
+    with session_scope(_sessions(settings)) as session:
+        newest = crud.list_rounds(session, limit=1)
+        save_schedule(session, Schedule(enabled=True, target_rounds=rounds,
+                                        target_accuracy=accuracy,
+                                        after_round_id=newest[0].id if newest else 0))
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+@token_app.command("create")
+def token_create(name: Annotated[str, typer.Argument(help="Who the token is for (audit "
+                                                     "actor operator:NAME).")]) -> None:
+    """Create an operator token and print it once (only its SHA-256 is stored)."""
+    from cloud.api.security import create_operator_token
+    from cloud.db.session import session_scope
+
+    with session_scope(_sessions(load_settings())) as session:
+        row, token = create_operator_token(session, name=name, actor="cli")
+    console.print(f"token {row.id} for {name} (shown once):", markup=False)
+    print(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Tokens: id, operator, prefix, created, last used, revoked."""
+    from cloud.db import crud
+    from cloud.db.session import session_scope
+
+    with session_scope(_sessions(load_settings())) as session:
+        for row in crud.list_tokens(session, limit=1000):
+            print(row.id, row.name, row.prefix, row.created_at.isoformat(),
+                  row.last_used_at.isoformat() if row.last_used_at else "-",
+                  "revoked" if row.revoked_at else "active", sep="\t")
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by id."""
+    from cloud.db import crud
+    from cloud.db.session import session_scope
+
+    with session_scope(_sessions(load_settings())) as session:
+        crud.revoke_token(session, token_id=token_id)
+        crud.record_audit(session, actor="cli", action="token.revoke",
+                          subject=f"token:{token_id}")
+    console.print(f"token {token_id} revoked")
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+@devices_app.command("add")
+def devices_add(
+    device_id: Annotated[str, typer.Argument(help="Device id = MQTT username.")],
+    profile: Annotated[str, typer.Option(help="Firmware profile (firmware_configs/).")],
+    out: Annotated[Path | None, typer.Option(help="Write device.yaml + password here.")] = None,
+) -> None:
+    """Register a device; prints its secret once (or writes it, mode 0600, with --out)."""
+    from cloud import registry
+    from cloud.db.crud import DuplicateRecordError
+    from cloud.db.session import session_scope
+
+    settings = load_settings()
+    try:
+        with session_scope(_sessions(settings)) as session:
+            device, secret = registry.add_device(
+                session, device_id=device_id, profile=profile, actor="cli",
+                reserved_ids={settings.broker_username},
+                iterations=settings.mqtt_hash_iterations)
+            config = {"broker_url": settings.broker_url, "bundle_url": settings.bundle_url}
+            if out is not None:
+                paths = registry.write_device_files(out, device=device, secret=secret, **config)
+    except (ValueError, DuplicateRecordError) as err:
+        raise typer.BadParameter(str(err)) from err
+    if out is not None:
+        console.print(f"added {device_id}: wrote {paths[0]} and {paths[1]}", markup=False)
+    else:
+        console.print(f"added {device_id}; its MQTT secret (shown once):", markup=False)
+        print(secret)
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """Devices: id, profile, status, online, last seen."""
+    from cloud import registry
+    from cloud.db.session import session_scope
+
+    with session_scope(_sessions(load_settings())) as session:
+        page = registry.list_devices(session, limit=1000)
+        for d in page.items:
+            print(d.id, d.profile, d.status.value, "online" if d.online else "offline",
+                  d.last_seen_at.isoformat() if d.last_seen_at else "-", sep="\t")
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str,
+                   reason: Annotated[str | None, typer.Option(help="Kept in the audit log.")]
+                   = None) -> None:
+    """Revoke a device and its credentials (then rewrite the broker files)."""
+    from cloud import registry
+    from cloud.db.crud import ConflictError, RecordNotFoundError
+    from cloud.db.session import session_scope
+
+    try:
+        with session_scope(_sessions(load_settings())) as session:
+            registry.revoke_device(session, device_id=device_id, actor="cli", reason=reason)
+    except (RecordNotFoundError, ConflictError) as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"revoked {device_id}; run `fednano devices broker-files` and reload the "
+                  "broker", markup=False)
+
+
+@devices_app.command("broker-files")
+def devices_broker_files() -> None:
+    """Write Mosquitto's password and ACL files from the registry (then SIGHUP the broker)."""
+    from cloud import registry
+    from cloud.db.session import session_scope
+
+    settings = load_settings()
+    service = registry.ServiceAccount(settings.broker_username,
+                                      settings.broker_password.get_secret_value())
+    with session_scope(_sessions(settings)) as session:
+        files = registry.write_broker_files(session, directory=settings.resolved_broker_dir,
+                                            services=[service],
+                                            group=settings.broker_file_group)
+    console.print(f"wrote {files.password_file} and {files.acl_file}", markup=False)
+

@@ -1,0 +1,294 @@
+"""The round coordinator on real SQLite and PostgreSQL: state machine, quorum and deadline with
+an injected clock, exactly-once ingestion, resume after a restart, the schedule, presence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloud import aggregation
+from cloud.coordinator import NoGlobalVersionError, stop_round
+from cloud.db import crud
+from cloud.db.crud import InvalidTransitionError
+from cloud.db.models import ParticipationStatus, RoundState, UpdateStatus
+from cloud.rounds import NotEnoughDevicesError, RoundConfig, Schedule, save_defaults, save_schedule
+from tests.cloud.roundkit import (
+    Cloud,
+    FakeClock,
+    add_devices,
+    constant_evaluator,
+    device_update,
+    make_cloud,
+    presence,
+)
+
+TWO = RoundConfig(deadline_s=60)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def cloud(migrated_url: str, tmp_path: Path, clock: FakeClock) -> Iterator[Cloud]:
+    instance = make_cloud(migrated_url, tmp_path, clock, evaluator=constant_evaluator(0.6))
+    yield instance
+    instance.engine.dispose()
+
+
+def _round(cloud: Cloud, round_id: int):  # type: ignore[no-untyped-def]
+    with cloud.session() as session:
+        round_ = crud.require_round(session, round_id=round_id)
+        return round_, {p.device_id: p.status for p in round_.participations}
+
+
+def _submit(cloud: Cloud, device_id: str, **kwargs: object) -> str:
+    task, parts = cloud.publisher.tasks(device_id)[-1]
+    return cloud.coordinator.handle_update(device_id,
+                                           device_update(task, parts, device_id, **kwargs)).outcome
+
+
+def test_a_round_runs_open_to_closed_with_lineage_and_metrics(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    round_id = cloud.coordinator.open_round(TWO)
+    assert _round(cloud, round_id)[0].state is RoundState.OPEN
+    cloud.coordinator.tick()
+    round_, parts = _round(cloud, round_id)
+    assert round_.state is RoundState.COLLECTING and round_.quorum == 2
+    assert set(parts.values()) == {ParticipationStatus.NOTIFIED}
+    task, _ = cloud.publisher.tasks("dev-a")[0]
+    assert (task.round_id, task.global_version, task.base_version) == (round_id, 1, "base-test-1")
+    assert cloud.publisher.announcements()[-1].state == "collecting"
+
+    assert _submit(cloud, "dev-a", scale=0.1, n_samples=30) == "accepted"
+    cloud.coordinator.tick()
+    assert _round(cloud, round_id)[0].state is RoundState.COLLECTING  # 1 of 2
+    assert _submit(cloud, "dev-b", scale=0.3, n_samples=10) == "accepted"
+    cloud.coordinator.tick()
+
+    round_, parts = _round(cloud, round_id)
+    assert round_.state is RoundState.CLOSED and set(parts.values()) == {
+        ParticipationStatus.SUBMITTED}
+    with cloud.session() as session:
+        version = crud.latest_adapter_version(session)
+        assert version is not None and version.round_id == round_id and version.parent_id == 1
+        weights = sorted(w for _, w in crud.version_lineage(session, version_id=version.id))
+        assert weights == pytest.approx([0.25, 0.75])
+        merged = aggregation.load_state(cloud.blobs, version)
+        first = crud.get_adapter_version(session, version_id=1)
+        assert first is not None
+        initial = aggregation.load_state(cloud.blobs, first)
+        metrics = {m.name: m.value for m in crud.list_metrics(session, round_id=round_id)
+                   if m.device_id is None}
+    # equal Fishers: the Fisher merge is the n-weighted mean delta 0.75*0.1 + 0.25*0.3 = 0.15
+    for key, value in merged.items():
+        assert torch.allclose(value - initial[key], torch.full_like(value, 0.15), atol=1e-6)
+    assert metrics["accuracy"] == 0.6 and metrics["participants"] == 2
+    assert metrics["updates_rejected"] == 0 and metrics["bytes_up"] > 0
+    assert metrics["bytes_down"] > 0 and metrics["loss"] == 1.0
+    assert cloud.publisher.announcements()[-1].global_version == version.id
+
+
+def test_quorum_closes_early_and_late_updates_are_rejected(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a", "dev-b", "dev-c")
+    round_id = cloud.coordinator.open_round(RoundConfig(quorum_fraction=0.5, deadline_s=60))
+    cloud.coordinator.tick()
+    assert _round(cloud, round_id)[0].quorum == 2
+    _submit(cloud, "dev-a")
+    _submit(cloud, "dev-b")
+    cloud.coordinator.tick()
+    round_, parts = _round(cloud, round_id)
+    assert round_.state is RoundState.CLOSED
+    assert parts["dev-c"] is ParticipationStatus.DROPPED
+    assert [c.round_id for c in cloud.publisher.cancels("dev-c")] == [round_id]
+    result = cloud.coordinator.handle_update(
+        "dev-c", device_update(*cloud.publisher.tasks("dev-c")[-1], "dev-c"))
+    assert (result.outcome, result.code) == ("rejected", "late")
+
+
+def test_deadline_aggregates_with_the_minimum_or_fails(cloud: Cloud, clock: FakeClock) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    first = cloud.coordinator.open_round(RoundConfig(deadline_s=60))
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    clock.advance(59)
+    cloud.coordinator.tick()
+    assert _round(cloud, first)[0].state is RoundState.COLLECTING
+    clock.advance(2)
+    cloud.coordinator.tick()
+    round_, parts = _round(cloud, first)
+    assert round_.state is RoundState.CLOSED and parts["dev-b"] is ParticipationStatus.DROPPED
+
+    second = cloud.coordinator.open_round(RoundConfig(deadline_s=60, min_updates=2,
+                                                      min_participants=2))
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    clock.advance(61)
+    cloud.coordinator.tick()
+    round_, _ = _round(cloud, second)
+    assert round_.state is RoundState.FAILED
+    assert round_.failure_reason == "1 accepted updates by the deadline, the round needs 2"
+
+
+def test_late_updates_are_buffered_when_configured(cloud: Cloud, clock: FakeClock) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    round_id = cloud.coordinator.open_round(RoundConfig(deadline_s=60, late_policy="buffer"))
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    clock.advance(61)
+    cloud.coordinator.tick()
+    assert _submit(cloud, "dev-b") == "buffered"
+    with cloud.session() as session:
+        statuses = {u.device_id: u.status for u in crud.list_updates(session, round_id=round_id)}
+        version = crud.latest_adapter_version(session)
+        assert version is not None
+        lineage = crud.version_lineage(session, version_id=version.id)
+    assert statuses == {"dev-a": UpdateStatus.ACCEPTED, "dev-b": UpdateStatus.BUFFERED}
+    assert [u.device_id for u, _ in lineage] == ["dev-a"]  # buffered never merged here
+
+
+def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    round_id = cloud.coordinator.open_round(TWO)
+    cloud.coordinator.tick()
+    payload = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-1")
+    assert cloud.coordinator.handle_update("dev-a", payload).outcome == "accepted"
+    assert cloud.coordinator.handle_update("dev-a", payload).outcome == "duplicate"
+    again = cloud.coordinator.handle_update("dev-b", payload)  # someone else's id
+    assert (again.outcome, again.code) == ("rejected", "duplicate")
+    second = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-2")
+    assert cloud.coordinator.handle_update("dev-a", second).code == "duplicate"
+    with cloud.session() as session:
+        rows = crud.list_updates(session, round_id=round_id)
+        events = crud.list_audit_events(session, action="update.refused")
+    assert [(r.update_id, r.status) for r in rows] == [
+        ("upd-once-1", UpdateStatus.ACCEPTED), ("upd-once-2", UpdateStatus.REJECTED)]
+    assert len(events) == 1 and events[0].details["code"] == "duplicate"
+
+
+def test_bad_updates_are_recorded_with_their_reasons(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a", "dev-b", "dev-c")
+    round_id = cloud.coordinator.open_round(RoundConfig(deadline_s=60, max_delta_norm=1.0))
+    cloud.coordinator.tick()
+    stale = cloud.coordinator.handle_update(
+        "dev-a", device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", global_version=7))
+    huge = cloud.coordinator.handle_update(
+        "dev-b", device_update(*cloud.publisher.tasks("dev-b")[-1], "dev-b", scale=5.0))
+    junk = cloud.coordinator.handle_update("dev-c", b"not an envelope")
+    assert (stale.code, huge.code, junk.code) == ("stale", "norm_bound", "malformed")
+    _, parts = _round(cloud, round_id)
+    assert parts == {"dev-a": ParticipationStatus.REJECTED, "dev-b": ParticipationStatus.REJECTED,
+                     "dev-c": ParticipationStatus.NOTIFIED}
+    with cloud.session() as session:
+        rows = {u.device_id: (u.rejection_code, u.rejection_reason)
+                for u in crud.list_updates(session, round_id=round_id)}
+    assert rows["dev-a"][0] == "stale" and "global version 7" in (rows["dev-a"][1] or "")
+    assert rows["dev-b"][0] == "norm_bound"
+
+
+def test_a_restarted_coordinator_resumes_mid_round(migrated_url: str, tmp_path: Path,
+                                                   clock: FakeClock) -> None:
+    before = make_cloud(migrated_url, tmp_path, clock)
+    add_devices(before, "dev-a", "dev-b")
+    round_id = before.coordinator.open_round(TWO)
+    before.coordinator.tick()
+    _submit(before, "dev-a")
+    before.engine.dispose()  # the coordinator process dies here
+
+    after = make_cloud(migrated_url, tmp_path, clock)  # same database and blob folder
+    after.coordinator.resume()
+    assert after.publisher.tasks("dev-a") == []  # it submitted already
+    (task, _), = after.publisher.tasks("dev-b")
+    assert task.round_id == round_id
+    assert after.publisher.announcements()[-1].round_id == round_id
+    _submit(after, "dev-b")
+    after.coordinator.tick()
+    round_, _ = _round(after, round_id)
+    assert round_.state is RoundState.CLOSED
+    with after.session() as session:
+        version = crud.latest_adapter_version(session)
+        assert version is not None
+        assert len(crud.version_lineage(session, version_id=version.id)) == 2
+    after.engine.dispose()
+
+
+def test_an_operator_stop_cancels_outstanding_tasks(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    round_id = cloud.coordinator.open_round(TWO)
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    with cloud.session() as session:
+        stop_round(session, round_id=round_id, actor="operator:alice")
+    cloud.coordinator.tick()
+    _, parts = _round(cloud, round_id)
+    assert parts == {"dev-a": ParticipationStatus.SUBMITTED, "dev-b": ParticipationStatus.DROPPED}
+    assert len(cloud.publisher.cancels("dev-b")) == 1 and not cloud.publisher.cancels("dev-a")
+    with cloud.session() as session, pytest.raises(InvalidTransitionError):
+        stop_round(session, round_id=round_id, actor="operator:alice")
+
+
+def test_the_schedule_runs_rounds_until_its_target(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a")
+    with cloud.session() as session:
+        save_defaults(session, RoundConfig(deadline_s=30))
+        save_schedule(session, Schedule(enabled=True, target_rounds=2))
+    for _ in range(2):
+        cloud.coordinator.tick()
+        _submit(cloud, "dev-a")
+    cloud.coordinator.tick()
+    with cloud.session() as session:
+        rounds = crud.list_rounds(session)
+        schedule = crud.get_setting(session, key="schedule")
+    assert [r.state for r in rounds] == [RoundState.CLOSED, RoundState.CLOSED]
+    assert schedule is not None and schedule["enabled"] is False
+    assert schedule["stopped_reason"] == "reached the target of 2 rounds"
+
+
+def test_the_schedule_stops_at_the_target_accuracy(cloud: Cloud) -> None:
+    add_devices(cloud, "dev-a")
+    with cloud.session() as session:
+        save_schedule(session, Schedule(enabled=True, target_accuracy=0.5))
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    cloud.coordinator.tick()  # accuracy 0.6 >= 0.5
+    with cloud.session() as session:
+        assert crud.count_rounds(session) == 1
+        assert crud.get_setting(session, key="schedule")["enabled"] is False  # type: ignore[index]
+
+
+def test_presence_and_sampling_only_pick_online_capable_devices(cloud: Cloud,
+                                                                clock: FakeClock) -> None:
+    add_devices(cloud, "dev-a", "dev-b", "dev-c")
+    cloud.coordinator.handle_presence("dev-b", presence("dev-b", state="offline"))
+    assert cloud.coordinator.handle_presence("dev-c", presence("dev-c", memory_mb=512))
+    assert not cloud.coordinator.handle_presence("dev-a", presence("dev-b"))  # not its topic
+    assert not cloud.coordinator.handle_presence("dev-a", b"{broken")
+    with cloud.session() as session:
+        device = crud.require_device(session, device_id="dev-b")
+        assert device.online is False and device.last_seen_at == clock.now
+    round_id = cloud.coordinator.open_round(RoundConfig(required_capabilities={"memory_mb": 256}))
+    assert set(_round(cloud, round_id)[1]) == {"dev-c"}
+    with pytest.raises(NotEnoughDevicesError):
+        cloud.coordinator.open_round(RoundConfig(min_participants=3))
+
+
+def test_sampling_is_seeded_and_sized_by_fraction(cloud: Cloud) -> None:
+    add_devices(cloud, *(f"dev-{i}" for i in range(10)))
+    config = RoundConfig(fraction=0.3, seed=4)
+    chosen = [set(_round(cloud, cloud.coordinator.open_round(config))[1]) for _ in range(3)]
+    assert all(len(c) == 3 for c in chosen)
+    assert len({frozenset(c) for c in chosen}) > 1  # the round id feeds the seed
+
+
+def test_no_round_without_a_global_version(migrated_url: str) -> None:
+    from cloud.coordinator import open_round
+    from cloud.db.session import make_engine, make_session_factory
+
+    engine = make_engine(migrated_url)
+    with make_session_factory(engine)() as session, pytest.raises(NoGlobalVersionError):
+        open_round(session, config=TWO, actor="test")
+    engine.dispose()

@@ -1,0 +1,61 @@
+"""``fednano cloud token`` and ``fednano devices`` against a real SQLite database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cloud.db import crud
+from cloud.db.session import make_engine, make_session_factory
+from fednano.cli import app
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"FEDNANO_HOME": str(tmp_path), "FEDNANO_ENVIRONMENT": "test",
+            "FEDNANO_SECRET_KEY": "k" * 40, "FEDNANO_BROKER_PASSWORD": "p" * 40,
+            "FEDNANO_MQTT_HASH_ITERATIONS": "1000"}
+
+
+def _run(env: dict[str, str], *args: str) -> str:
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_help_lists_the_entry_points() -> None:
+    output = CliRunner().invoke(app, ["cloud", "--help"]).output
+    for command in ("serve", "api", "coordinator", "llm-worker", "token"):
+        assert command in output
+
+
+def test_token_and_device_commands(env: dict[str, str], tmp_path: Path) -> None:
+    token = _run(env, "cloud", "token", "create", "alice").strip().splitlines()[-1]
+    assert token.startswith("fnt_")
+    out = tmp_path / "flash"
+    _run(env, "devices", "add", "orin-7", "--profile", "sim-cpu", "--out", str(out))
+    assert yaml.safe_load((out / "device.yaml").read_text())["device_id"] == "orin-7"
+    assert len((out / "password").read_text().strip()) == 43
+    assert "orin-7\tsim-cpu\tactive" in _run(env, "devices", "list")
+    _run(env, "devices", "revoke", "orin-7", "--reason", "lost")
+    assert "revoked" in _run(env, "devices", "list")
+    again = CliRunner().invoke(app, ["devices", "revoke", "orin-7"], env=env)
+    assert again.exit_code != 0 and "revoked" in again.output
+    _run(env, "devices", "broker-files")
+    assert (tmp_path / "broker" / "acl").exists()
+    assert "alice" in _run(env, "cloud", "token", "list")
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'cloud.db'}")
+    with make_session_factory(engine)() as session:
+        assert crud.find_token(session, token=token, touch=False) is not None
+    engine.dispose()
+
+
+def test_production_with_default_secrets_refuses_to_start(env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, ["cloud", "token", "list"],
+                                env={**env, "FEDNANO_ENVIRONMENT": "production",
+                                     "FEDNANO_SECRET_KEY": "changethis"})
+    assert result.exit_code == 2 and "secret_key" in result.output
