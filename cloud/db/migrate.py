@@ -6,6 +6,9 @@ tests use ``schema_diff(url)`` to prove the migrated schema matches the models.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,40 @@ def alembic_config(url: str | URL) -> Config:
 
 def upgrade(url: str | URL, revision: str = "head") -> None:
     """Migrate the database at ``url`` up to ``revision`` (default: the newest)."""
-    command.upgrade(alembic_config(url), revision)
-    _check_foreign_keys(url)
+    with _sqlite_file_lock(url):
+        command.upgrade(alembic_config(url), revision)
+        _check_foreign_keys(url)
+
+
+@contextmanager
+def _sqlite_file_lock(url: str | URL) -> Iterator[None]:
+    """Serialise migrations of one SQLite file between processes (PostgreSQL: advisory lock).
+
+    Two processes creating a fresh SQLite database at once both switch it to WAL and read its
+    schema; SQLite answers one of them "database is locked" at once (a lock upgrade that could
+    deadlock skips the busy timeout), so they take turns on a lock file beside the database.
+    """
+    parsed = normalize_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or (
+            database.startswith("file:")):
+        yield
+        return
+    lock_path = Path(database).expanduser().with_name(Path(database).name + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def downgrade(url: str | URL, revision: str) -> None:
     """Migrate the database at ``url`` down to ``revision`` (``"base"``: drop everything)."""
-    command.downgrade(alembic_config(url), revision)
-    _check_foreign_keys(url)
+    with _sqlite_file_lock(url):
+        command.downgrade(alembic_config(url), revision)
+        _check_foreign_keys(url)
 
 
 def head_revision() -> str:
