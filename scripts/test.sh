@@ -9,7 +9,7 @@ bash scripts/setup.sh
 # A base of our own for this checkout, so a cached one from elsewhere cannot hide a broken build.
 export FEDNANO_HOME=${FEDNANO_HOME:-$PWD/.fednano}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check shared edge cloud fednano tests
+ruff check shared edge cloud fednano tests benchmarks docker scripts
 mypy
 # A private Mosquitto and a throwaway PostgreSQL on free loopback ports (installed with apt-get
 # when missing and running as root), stopped again whatever happens.
