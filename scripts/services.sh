@@ -11,8 +11,9 @@
 # The broker allows anonymous clients unless --broker-files DIR names a folder holding the
 # registry's generated `passwd` and `acl` (cloud.registry.write_broker_files).
 # State lives in $FEDNANO_SERVICES_DIR (default /tmp/fednano-services-$UID). The machine's own
-# PostgreSQL (5432) and Mosquitto (1883) are never touched. Missing packages are installed with
-# apt-get when running as root; otherwise the script says what to install.
+# PostgreSQL (5432) and Mosquitto (1883) are never touched. Missing packages (these two, and
+# chromium + chromium-driver for the dashboard's browser tests) are installed with apt-get when
+# running as root; otherwise the script says what to install.
 set -euo pipefail
 
 STATE=${FEDNANO_SERVICES_DIR:-/tmp/fednano-services-$(id -u)}
@@ -38,15 +39,24 @@ pg_bindir() {
 }
 
 ensure_packages() {
-  local missing=()
+  local missing=() browser=()
   command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
   pg_bindir >/dev/null || missing+=(postgresql)
-  [ ${#missing[@]} -eq 0 ] && return
+  # Not services, but the tests need them too: the dashboard's browser tests drive Debian's
+  # headless Chromium through its chromedriver (tests/cloud/test_dashboard_browser.py).
+  command -v chromium >/dev/null 2>&1 || browser+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || browser+=(chromium-driver)
+  [ ${#missing[@]} -eq 0 ] && [ ${#browser[@]} -eq 0 ] && return
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing ${missing[*]} with apt-get"
+    log "installing ${missing[*]} ${browser[*]} with apt-get"
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-  else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" "${browser[@]}" >&2
+    return
+  fi
+  if [ ${#browser[@]} -gt 0 ]; then
+    log "no ${browser[*]}: the dashboard's browser tests will skip (sudo apt-get install -y ${browser[*]})"
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
     die "missing ${missing[*]}: install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) or run this script as root"
   fi
 }

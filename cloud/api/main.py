@@ -1,4 +1,5 @@
-"""The API's app factory: ``create_app(settings)`` (OpenAPI at ``/api/v1/openapi.json``).
+"""The API's app factory: ``create_app(settings)`` (OpenAPI at ``/api/v1/openapi.json``, the
+operator dashboard at ``/dashboard``).
 
 Domain errors become HTTP statuses here, once: ``RecordNotFoundError`` and a missing bundle ->
 404, ``ConflictError`` (duplicate, invalid transition, revoked device, too few devices) -> 409.
@@ -7,17 +8,23 @@ Request validation errors are FastAPI's 422 whose ``loc`` names the field.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 
 from cloud.api.routes import api_router
 from cloud.api.state import AppState, BrokerProbe
+from cloud.api.webui import mount_dashboard
 from cloud.blobs import BlobStore
 from cloud.bundle_catalog import BundleNotFoundError
 from cloud.db.crud import ConflictError, RecordNotFoundError
 from cloud.db.session import make_engine, make_session_factory
 from cloud.settings import DEFAULT_SECRET, CloudSettings
+
+if TYPE_CHECKING:
+    from cloud.ask import ModelAnswerer
 
 API_PREFIX = "/api/v1"
 
@@ -41,8 +48,10 @@ def check_production_secrets(settings: CloudSettings) -> None:
 
 
 def create_app(settings: CloudSettings, *, engine: Engine | None = None,
-               broker_connected: BrokerProbe | None = None) -> FastAPI:
-    """The FastAPI app over ``settings``' database (or ``engine``) and blob folder."""
+               broker_connected: BrokerProbe | None = None,
+               answerer: ModelAnswerer | None = None) -> FastAPI:
+    """The FastAPI app over ``settings``' database (or ``engine``) and blob folder, with the
+    dashboard at ``/dashboard``; ``answerer`` (the loaded model) enables ``POST /ask``."""
     check_production_secrets(settings)
     engine = engine or make_engine(settings.resolved_database_url)
     app = FastAPI(title="FedNano cloud", version="1", openapi_url=f"{API_PREFIX}/openapi.json",
@@ -51,8 +60,9 @@ def create_app(settings: CloudSettings, *, engine: Engine | None = None,
     app.state.fednano = AppState(settings=settings, engine=engine,
                                  sessions=make_session_factory(engine),
                                  blobs=BlobStore(settings.blob_dir),
-                                 broker_connected=broker_connected)
+                                 broker_connected=broker_connected, answerer=answerer)
     app.include_router(api_router, prefix=API_PREFIX)
+    mount_dashboard(app)
     app.add_exception_handler(RecordNotFoundError, _not_found)
     app.add_exception_handler(BundleNotFoundError, _not_found)
     app.add_exception_handler(ConflictError, _conflict)

@@ -11,6 +11,7 @@ from cloud.db.models import DeviceStatus, ParticipationStatus, RoundState, Updat
 from shared.protocol import DEVICE_ID_PATTERN, PROFILE_NAME_PATTERN
 
 T = TypeVar("T")
+MAX_ASK_IMAGE_BYTES = 4 * 2**20
 
 
 class Page(BaseModel, Generic[T]):
@@ -111,6 +112,7 @@ class RoundPublic(_Public):
 
 class UpdatePublic(_Public):
     update_id: str
+    round_id: int
     device_id: str
     status: UpdateStatus
     base_version: int
@@ -187,6 +189,58 @@ class BundlePublic(BaseModel):
     created_at: str
     files: dict[str, dict[str, Any]]
     archive: bool
+
+
+# ------------------------------------------------------------------------------ dashboard
+
+
+class RoundSummaryPublic(RoundPublic):
+    """A round with what the dashboard plots: the version it produced, its participations by
+    status and its round-level metrics (accuracy, loss, participants, bytes_up, ...)."""
+
+    version_id: int | None
+    participation: dict[str, int]
+    metrics: dict[str, float]
+
+
+class ContributionPublic(BaseModel):
+    """A device's contributions: updates by status, accepted samples, rounds it was in."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    device_id: str
+    updates: dict[str, int]
+    samples: int
+    rounds: int
+    last_update_at: datetime | None
+
+
+class OperatorPublic(BaseModel):
+    name: str
+
+
+class AskRequest(BaseModel):
+    """A question about an image for the current global model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=300)
+    image_base64: str = Field(min_length=1, max_length=MAX_ASK_IMAGE_BYTES * 4 // 3 + 4,
+                              description="the image file (PNG, JPEG, ...), base64-encoded")
+
+
+class CandidatePublic(BaseModel):
+    answer: str
+    probability: float
+
+
+class AskAnswer(BaseModel):
+    answer: str = Field(description="greedy free-text answer")
+    best_candidate: str | None = Field(description="the closed-answer prediction (what the "
+                                                   "evaluator scores), if the task has one")
+    candidates: list[CandidatePublic]
+    version_id: int
+    elapsed_ms: float
 
 
 class Health(BaseModel):
