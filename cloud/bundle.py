@@ -31,7 +31,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,6 +134,10 @@ class BundleParts:
     base_version: str
     encoder_name: str = "encoder"
     image_size: int = IMAGE_SIZE
+    # Writes the fp32 graph pixels -> visual tokens to the given path; None: torch.onnx.export
+    # of ``EncoderConnector(encoder, connector)``. Hugging Face towers go through optimum
+    # (``cloud.bundle_hf``); ``encoder`` and ``connector`` stay the fp32 reference of the gate.
+    export_graph: Callable[[Path], Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,10 @@ def _write_encoder(
 ) -> tuple[GateResult, CalibrationInfo]:
     """Export, quantize, gate; the model lands in ``staging`` only if the gate passes."""
     graph = EncoderConnector(parts.encoder, parts.connector).eval()
-    fp32 = export_onnx(graph, work / "fp32.onnx", parts.image_size)
+    if parts.export_graph is None:
+        fp32 = export_onnx(graph, work / "fp32.onnx", parts.image_size)
+    else:
+        fp32 = parts.export_graph(work / "fp32.onnx")
     model = work / ONNX_NAME
     record = CalibrationInfo(n_images=0)
     if options.precision == "int8":

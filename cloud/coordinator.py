@@ -423,7 +423,11 @@ class Coordinator:
 
     def _redelivered(self, session: Session, stored_device: str, device_id: str,
                      message: UpdateMessage) -> IngestResult:
-        if stored_device == device_id:
+        if stored_device == device_id:  # QoS 1 redelivery: stored once, noted for operators
+            crud.record_audit(session, actor=f"device:{device_id}", action="update.redelivered",
+                              subject=f"device:{device_id}",
+                              details={"update_id": message.update_id,
+                                       "round_id": message.round_id})
             return IngestResult("duplicate", message.update_id)
         return self._refuse(device_id, message.update_id, RejectionCode.DUPLICATE,
                             f"update id {message.update_id!r} belongs to another device", session)

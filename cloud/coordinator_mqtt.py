@@ -14,6 +14,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy.exc import OperationalError
+
 from cloud.coordinator import Coordinator
 from shared import topics
 from shared.messages import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge
@@ -58,6 +60,7 @@ class CoordinatorService:
         # The client's own inbox: a persistent session's queued messages may arrive between
         # CONNACK and SUBSCRIBE, before any route exists; they land here too.
         self.inbox: Inbox = client.inbox
+        self._held: Received | None = None  # a message the database could not take yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -82,12 +85,24 @@ class CoordinatorService:
             log.warning("ignoring a message on %r", received.topic)
 
     def step(self, timeout: float) -> int:
-        """Handle what arrives within ``timeout`` s (at least one wait), then tick once."""
+        """Handle what arrives within ``timeout`` s (at least one wait), then tick once.
+
+        While the database is unreachable the message being handled is kept (paho has already
+        acknowledged it to the broker: dropping it would lose an acknowledged update) and
+        handled first at the next step; the tick waits too.
+        """
         handled = 0
         deadline = time.monotonic() + timeout
-        received = self.inbox.get(timeout=timeout)
+        received, self._held = self._held or self.inbox.get(timeout=timeout), None
         while received is not None:
-            self.dispatch(received)
+            try:
+                self.dispatch(received)
+            except OperationalError as err:
+                self._held = received
+                log.warning("database unavailable; the message on %s is kept and retried: %s",
+                            received.topic, err)
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                return handled
             handled += 1
             received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         self._tick()
@@ -99,6 +114,8 @@ class CoordinatorService:
         except (MqttError, MessageTooLarge) as err:
             # Tasks not yet published stay "selected" and go out at the next tick.
             log.warning("coordinator tick could not publish (will retry): %s", err)
+        except OperationalError as err:  # rounds live in the database: nothing is lost
+            log.warning("coordinator tick: database unavailable (will retry): %s", err)
 
     def run(self) -> None:
         """Subscribe, resume from the database, then loop until ``stop``."""
@@ -115,6 +132,11 @@ class CoordinatorService:
         self._thread = threading.Thread(target=self.run, daemon=True, name="coordinator")
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread started by ``start`` is still looping."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop after the current step and wait for it."""

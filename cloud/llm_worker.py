@@ -290,6 +290,11 @@ class LLMWorker:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread started by ``start`` is still serving."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the loop to end after the current batch and wait for it."""
         self._stop.set()

@@ -34,7 +34,12 @@ class CloudSettings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     home: Path = Field(default_factory=_default_home,
-                       description="models, caches and (by default) the SQLite database")
+                       description="models and caches (the frozen base), and by default the "
+                                   "cloud's own data")
+    data_dir: Path | None = Field(
+        None, description="the cloud's own data: received updates and adapter versions "
+                          "(blobs), the default SQLite database, the broker files; default: "
+                          "home (a simulated fleet keeps each run's data apart this way)")
     database_url: str | None = Field(
         None, description="sqlite:///... or postgresql://...; default: SQLite under home")
     secret_key: SecretStr = Field(SecretStr(DEFAULT_SECRET),
@@ -59,7 +64,7 @@ class CloudSettings(BaseSettings):
     tick_interval_s: float = Field(1.0, gt=0, le=60,
                                    description="how often the coordinator checks its rounds")
 
-    @field_validator("home", "broker_dir", "bundle_dir")
+    @field_validator("home", "data_dir", "broker_dir", "bundle_dir")
     @classmethod
     def _expand_user(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser()
@@ -100,19 +105,24 @@ class CloudSettings(BaseSettings):
         return self
 
     @property
+    def resolved_data_dir(self) -> Path:
+        """``data_dir``, or ``home``."""
+        return self.data_dir or self.home
+
+    @property
     def resolved_database_url(self) -> str:
-        """``database_url``, or the SQLite file under ``home``."""
-        return self.database_url or sqlite_url(self.home / DATABASE_FILE)
+        """``database_url``, or the SQLite file under the data folder."""
+        return self.database_url or sqlite_url(self.resolved_data_dir / DATABASE_FILE)
 
     @property
     def resolved_broker_dir(self) -> Path:
-        """``broker_dir``, or ``home/broker``."""
-        return self.broker_dir or self.home / "broker"
+        """``broker_dir``, or ``broker`` under the data folder."""
+        return self.broker_dir or self.resolved_data_dir / "broker"
 
     @property
     def blob_dir(self) -> Path:
         """Where received updates and adapter versions are stored (content-addressed)."""
-        return self.home / "blobs"
+        return self.resolved_data_dir / "blobs"
 
     @property
     def bundle_url(self) -> str:

@@ -80,9 +80,19 @@ class LlavaVisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, C * k)
         hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states
         picked = [hidden[layer] for layer in self.feature_layers]  # k x (B, 1 + P, C)
-        if self.select_strategy == "default":
-            picked = [h[:, 1:] for h in picked]
-        return torch.cat(picked, dim=-1)
+        return select_features(picked, self.select_strategy)
+
+
+def select_features(picked: Sequence[torch.Tensor], select_strategy: str) -> torch.Tensor:
+    """LLaVA's selection on the picked layers: k x (B, 1 + P, C) -> (B, N, C * k).
+
+    ``"default"`` drops the first (CLS) position, ``"full"`` keeps it. Shared by
+    :class:`LlavaVisionEncoder` and the bundle export (``cloud.bundle_hf``), which runs it as an
+    ONNX graph on the tower's exported hidden states.
+    """
+    if select_strategy == "default":
+        picked = [h[:, 1:] for h in picked]
+    return torch.cat(list(picked), dim=-1)
 
 
 class QFormerEncoder(nn.Module):

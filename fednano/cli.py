@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from fednano.cloud_cli import cloud_app, devices_app
+from fednano.fleet.cli import demo, fleet_app
 
 app = typer.Typer(
     help="FedNano: federated tuning of multimodal LLMs. The LLM stays frozen in the cloud; "
@@ -31,6 +32,8 @@ app.add_typer(bundle_app, name="bundle")
 console = Console()
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(devices_app, name="devices")
+app.add_typer(fleet_app, name="fleet")
+app.command("demo")(demo)
 
 Home = Annotated[
     Path,

@@ -8,8 +8,11 @@ Heavy imports happen inside the commands, so ``--help`` is instant.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 from rich.console import Console
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from cloud.aggregation import Evaluator
+    from cloud.ask import ModelAnswerer
     from cloud.base.build import LoadedBase
     from cloud.coordinator_mqtt import CoordinatorService
     from cloud.llm_worker import LLMWorker
@@ -34,6 +38,7 @@ cloud_app.add_typer(token_app, name="token")
 devices_app = typer.Typer(help="Provision devices: add (prints the secret once), list, revoke, "
                           "write the broker's password and ACL files.", no_args_is_help=True)
 console = Console()
+log = logging.getLogger(__name__)
 
 Host = Annotated[str, typer.Option(help="Interface the API listens on.")]
 Port = Annotated[int, typer.Option(help="TCP port of the API.", min=1, max=65535)]
@@ -75,15 +80,21 @@ def _logging() -> None:
 
 
 @cloud_app.command("api")
-def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """The operators' REST API alone (OpenAPI at /api/v1/docs)."""
+def api(host: Host = "127.0.0.1", port: Port = 8000,
+        ask: Annotated[bool, typer.Option(
+            "--ask", help="Load the base model too, so the dashboard's 'ask the model' page "
+                          "answers (POST /api/v1/ask; loads the LLM).")] = False,
+        rank: AdapterRank = 8) -> None:
+    """The operators' REST API and dashboard alone (OpenAPI at /api/v1/docs, the dashboard at
+    /dashboard)."""
     import uvicorn
 
     from cloud.api.main import create_app
 
     settings = load_settings()
     _sessions(settings)  # migrate before serving
-    uvicorn.run(create_app(settings), host=host, port=port)
+    answerer = _answerer(_load_base(settings, rank), rank) if ask else None
+    uvicorn.run(create_app(settings, answerer=answerer), host=host, port=port)
 
 
 @cloud_app.command("coordinator")
@@ -130,7 +141,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
           eval_questions: EvalQuestions = 200,
           rounds: Annotated[int | None, typer.Option(help="Schedule this many rounds.",
                                                      min=1)] = None) -> None:
-    """All in one process: REST API + coordinator + LLM worker (the demo)."""
+    """All in one process: REST API + dashboard + coordinator + LLM worker (the demo)."""
     import uvicorn
 
     from cloud.api.main import create_app
@@ -143,14 +154,41 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
     _schedule(settings, rounds, None)
     worker.start()
     service.start()
+    stopping, died = threading.Event(), threading.Event()
+    _stop_when_a_service_dies([service, worker], stopping, died)
     try:
-        uvicorn.run(create_app(settings, broker_connected=lambda: client.connected),
-                    host=host, port=port)
+        uvicorn.run(create_app(settings, broker_connected=lambda: client.connected,
+                               answerer=_answerer(base, rank)), host=host, port=port)
     finally:
+        stopping.set()
         service.stop()
         worker.stop()
         client.close()
         worker_client.close()
+    if died.is_set():
+        raise typer.Exit(code=1)
+
+
+class _Service(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+
+def _stop_when_a_service_dies(services: list[_Service], stopping: threading.Event,
+                              died: threading.Event) -> None:
+    """If the coordinator's or the LLM worker's thread dies (its error is logged by the
+    thread), stop the whole process (exit 1) rather than serve an API with no rounds behind
+    it: a supervisor (systemd, compose, the fleet runner) restarts it and it resumes."""
+
+    def watch() -> None:
+        while not stopping.wait(1.0):
+            if not all(s.alive for s in services):
+                log.error("a cloud service thread died: stopping this process")
+                died.set()
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down cleanly
+                return
+
+    threading.Thread(target=watch, daemon=True, name="service-watchdog").start()
 
 
 # ------------------------------------------------------------------------------ assembly
@@ -166,6 +204,14 @@ def _load_base(settings: CloudSettings, rank: int) -> LoadedBase:
     except BaseNotBuiltError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(code=1) from err
+
+
+def _answerer(base: LoadedBase, rank: int) -> ModelAnswerer:
+    """The dashboard's "ask the model": its own NanoEdge over the base, the newest version."""
+    from cloud.ask import answerer_for_base
+    from shared.adapters import AdapterConfig
+
+    return answerer_for_base(base, AdapterConfig(rank=rank, alpha=2.0 * rank))
 
 
 def _connect(settings: CloudSettings, client_id: str, *, persistent: bool) -> MqttClient:
@@ -250,9 +296,13 @@ def _schedule(settings: CloudSettings, rounds: int | None, accuracy: float | Non
         return
     from cloud.db import crud
     from cloud.db.session import session_scope
-    from cloud.rounds import Schedule, save_schedule
+    from cloud.rounds import Schedule, load_schedule, save_schedule
 
     with session_scope(_sessions(settings)) as session:
+        stored = load_schedule(session)
+        if stored.enabled and (stored.target_rounds, stored.target_accuracy) == (rounds,
+                                                                                accuracy):
+            return  # a restart of the same command: the running schedule goes on
         newest = crud.list_rounds(session, limit=1)
         save_schedule(session, Schedule(enabled=True, target_rounds=rounds,
                                         target_accuracy=accuracy,

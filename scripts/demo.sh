@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The main job: build the frozen base once (real SmolLM2 + EfficientNet-Lite0 weights), then a
-# small federated run on easy-VQA — FedNano (Fisher merge) next to FedAvg — and print both.
+# The main job: the real system on this machine. Builds the frozen base once if missing (real
+# SmolLM2 + EfficientNet-Lite0 weights) and exports the device bundle, then `fednano demo`:
+# SQLite, a private Mosquitto on a free loopback port (installed with apt-get when missing and
+# running as root), the all-in-one cloud (API + coordinator + LLM worker) and 3 device
+# processes training FedNano adapters on easy-VQA for 3 rounds. Prints the results, the API
+# and dashboard URL and an operator token. Extra arguments go to `fednano demo` (--serve keeps
+# the cloud up afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-common=(--clients 3 --alpha 0.5 --rounds 2 --steps 15 --max-client-samples 600
-        --eval-questions 300 --round-eval-questions 0 "$@")
-fednano simulate --strategy fednano --out runs/demo/fednano "${common[@]}"
-fednano simulate --strategy fedavg --out runs/demo/fedavg "${common[@]}"
-python -m fednano.compare runs/demo/fednano runs/demo/fedavg
+exec fednano demo "$@"

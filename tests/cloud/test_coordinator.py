@@ -165,9 +165,11 @@ def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
     with cloud.session() as session:
         rows = crud.list_updates(session, round_id=round_id)
         events = crud.list_audit_events(session, action="update.refused")
+        redelivered = crud.list_audit_events(session, action="update.redelivered")
     assert [(r.update_id, r.status) for r in rows] == [
         ("upd-once-1", UpdateStatus.ACCEPTED), ("upd-once-2", UpdateStatus.REJECTED)]
     assert len(events) == 1 and events[0].details["code"] == "duplicate"
+    assert [e.details["update_id"] for e in redelivered] == ["upd-once-1"]
 
 
 def test_bad_updates_are_recorded_with_their_reasons(cloud: Cloud) -> None:

@@ -1,0 +1,227 @@
+"""A private Mosquitto on a free loopback port, configured the way production is.
+
+Used by the simulated fleet and the demo (and, through ``tests/brokers.py``, by the tests):
+``mosquitto -c conf`` in its own folder with a password file and an ACL (the registry's, see
+``cloud.registry.write_broker_files``), the packet and queue limits of FACTS.md (defaults lose
+acknowledged QoS 1 messages under bursts) and persistence in its folder: ``stop`` sends SIGTERM,
+which makes Mosquitto save its database, so ``restart`` keeps persistent sessions and queued
+QoS 1 messages.
+
+The folder is a fresh temporary one: started as root, Mosquitto drops to the ``mosquitto``
+user, which must be able to reach its files (a folder under ``/root`` would not do); the folder
+and its files are handed to that user at every start.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from fednano.processes import launcher
+
+MAX_PACKET_SIZE = 8 * 2**20  # 8 MiB, as in scripts/services.sh and DEFAULT_MAX_MESSAGE_BYTES
+MAX_QUEUED_MESSAGES = 10_000
+MAX_QUEUED_BYTES = 2**30
+BROKER_USER = "mosquitto"
+PASSWORD_FILE = "passwd"  # the names cloud.registry.write_broker_files uses
+ACL_FILE = "acl"
+_SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerUnavailable(RuntimeError):
+    """No mosquitto binary, or it did not start (the message says which and shows its log)."""
+
+
+def mosquitto_binary() -> str | None:
+    """The mosquitto executable, or None."""
+    return shutil.which("mosquitto") or next((p for p in _SEARCH if os.path.exists(p)), None)
+
+
+def ensure_mosquitto(*, install: bool = True) -> str:
+    """The mosquitto executable; installed with apt-get when missing, ``install`` is set and we
+    are root; otherwise ``BrokerUnavailable`` saying how to install it."""
+    found = mosquitto_binary()
+    if found is not None:
+        return found
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq",
+                                                      "mosquitto"]):
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise BrokerUnavailable(f"{' '.join(argv)} failed: {done.stderr[-2000:]}")
+        found = mosquitto_binary()
+        if found is not None:
+            return found
+    raise BrokerUnavailable(
+        "the mosquitto binary is missing: install it (Debian/Ubuntu: sudo apt-get install -y "
+        "mosquitto; run as root, the fleet and the demo install it themselves)")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACKET_SIZE,
+                     persistence: bool = True) -> str:
+    """The broker's configuration: one loopback listener, passwords + ACL, the limits."""
+    return "\n".join([
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {folder / PASSWORD_FILE}",
+        f"acl_file {folder / ACL_FILE}",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {folder / 'data'}/",
+        f"max_packet_size {max_packet_size}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        "log_dest stderr",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "",
+    ])
+
+
+class Mosquitto:
+    """A private broker; write ``passwd`` and ``acl`` into ``folder`` before ``start``.
+
+    ``folder`` is a new temporary folder unless given; ``close`` deletes the folder it made.
+    """
+
+    def __init__(self, *, port: int | None = None, folder: Path | None = None,
+                 max_packet_size: int = MAX_PACKET_SIZE, install: bool = False) -> None:
+        self.binary = ensure_mosquitto(install=install)
+        self._own_folder = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="fednano-mosquitto-")) if folder is None \
+            else folder
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.max_packet_size = max_packet_size
+        self._process: subprocess.Popen[bytes] | None = None
+        (self.folder / "mosquitto.conf").write_text(mosquitto_config(
+            port=self.port, folder=self.folder, max_packet_size=max_packet_size))
+
+    @property
+    def password_file(self) -> Path:
+        return self.folder / PASSWORD_FILE
+
+    @property
+    def acl_file(self) -> Path:
+        return self.folder / ACL_FILE
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        """Start the broker and wait until its port accepts connections."""
+        if self.running:
+            raise RuntimeError(f"broker already running on port {self.port}")
+        for name in (PASSWORD_FILE, ACL_FILE):
+            if not (self.folder / name).is_file():
+                raise BrokerUnavailable(f"no {name} file in {self.folder}: write the password "
+                                        "and ACL files first (cloud.registry.write_broker_files)")
+        self._hand_over()
+        with (self.folder / "mosquitto.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                [*launcher(), self.binary, "-c", str(self.folder / "mosquitto.conf")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self._wait_listening(timeout)
+        return self
+
+    def _hand_over(self) -> None:
+        """As root, Mosquitto runs as its own user: let it read the files and write its data."""
+        os.chmod(self.folder, 0o755)
+        if os.geteuid() != 0:
+            return
+        try:
+            user = pwd.getpwnam(BROKER_USER)
+        except KeyError:
+            return  # no such user: mosquitto stays root
+        for path in (self.folder, *self.folder.iterdir(), *(self.folder / "data").iterdir()):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        for name in (PASSWORD_FILE, ACL_FILE):
+            os.chmod(self.folder / name, 0o600)
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                break
+            with socket.socket() as sock:
+                sock.settimeout(0.2)
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerUnavailable(f"mosquitto did not start on port {self.port}:\n{self.log()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Mosquitto saves its persistence database) and wait; SIGKILL if it hangs."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing saved since the last autosave."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def restart(self, timeout: float = 10.0, *, down_s: float = 0.0) -> None:
+        """Stop (saving sessions and queued messages), stay down ``down_s``, start again on the
+        same port."""
+        self.stop()
+        time.sleep(down_s)
+        self.start(timeout)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password and ACL files (after the registry rewrote them)."""
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError("the broker is not running")
+        self._hand_over()
+        self._process.send_signal(signal.SIGHUP)
+
+    def close(self) -> None:
+        """Stop the broker and delete its folder if this object made it."""
+        self.stop()
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log(self, tail: int = 4000) -> str:
+        path = self.folder / "mosquitto.log"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,78 @@
+"""What a fleet run does: ``FleetOptions`` (every field is an option of ``fleet simulate``)
+and the fault names ``--faults`` accepts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cloud.strategies import STRATEGIES, make_strategy
+
+Fault = Literal["kill-device", "slow-device", "corrupt", "truncated", "oversized", "nan",
+                "duplicate", "stale-base", "cloud-restart", "broker-restart"]
+FAULTS: tuple[Fault, ...] = ("kill-device", "slow-device", "corrupt", "truncated", "oversized",
+                             "nan", "duplicate", "stale-base", "cloud-restart", "broker-restart")
+# Payloads a rogue client publishes with a provisioned identity of its own.
+ROGUE_FAULTS: frozenset[str] = frozenset({"corrupt", "truncated", "oversized", "nan",
+                                          "stale-base"})
+# Faults that take a process down: they fire one at a time.
+DISRUPTIVE_FAULTS: frozenset[str] = frozenset({"kill-device", "slow-device", "cloud-restart",
+                                               "broker-restart"})
+
+
+def parse_faults(text: str | None) -> tuple[Fault, ...]:
+    """``"nan,duplicate"`` -> the faults in a fixed order; ``"all"`` is every fault;
+    ``ValueError`` naming an unknown one."""
+    if not text or not text.strip():
+        return ()
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    if "all" in names:
+        return FAULTS
+    unknown = sorted(names - set(FAULTS))
+    if unknown:
+        raise ValueError(f"unknown faults {unknown}; known: all, {', '.join(FAULTS)}")
+    return tuple(f for f in FAULTS if f in names)
+
+
+class FleetOptions(BaseModel):
+    """One fleet run: devices and their data, rounds and local training, faults, timing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    devices: int = Field(4, ge=1, le=512)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the shards")
+    rounds: int = Field(2, ge=1)
+    strategy: str = "fednano"
+    steps: int = Field(8, ge=1, description="local steps per round")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    fisher_samples: int = Field(32, ge=0)
+    max_samples: int | None = Field(200, ge=1, description="per device (quick runs)")
+    eval_questions: int = Field(200, ge=0, description="held-out questions per version")
+    deadline_s: float = Field(600.0, gt=0, description="a round's deadline")
+    database: str = Field("sqlite", description="'sqlite' (a file in the run folder) or the "
+                                                "URL of an empty database")
+    faults: tuple[Fault, ...] = ()
+    seed: int = 0
+    llm_timeout_s: float = Field(20.0, gt=0, description="device -> LLM worker, per attempt")
+    timeout_s: float = Field(3600.0, gt=0, description="give up on the run after this long")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _fisher_when_needed(self) -> FleetOptions:
+        if self.fisher_samples == 0 and make_strategy(self.strategy).requires_fisher:
+            raise ValueError(f"strategy {self.strategy!r} merges with the Fisher: "
+                             "fisher_samples must be at least 1")
+        return self
+
+    @property
+    def rogue(self) -> bool:
+        """Whether a rogue client joins (some payload fault was asked for)."""
+        return any(f in ROGUE_FAULTS for f in self.faults)
