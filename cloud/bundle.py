@@ -4,7 +4,8 @@
 manifest and the version id of ``shared.bundle`` (the format both sides import). The graph in
 ``encoder_connector.onnx`` has a dynamic batch and is int8 static QDQ per-channel (or fp32).
 
-Steps: export encoder + connector with ``torch.onnx.export`` (dynamo) -> quantize with
+Steps: export encoder + connector with ``torch.onnx.export`` (dynamo), or with the parts' own
+``export_graph`` (Hugging Face vision towers through optimum: ``cloud.bundle_hf``) -> quantize with
 onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax) on calibration images -> quality
 gate: cosine of the ONNX tokens vs fp32 torch on held-out images -> the other files -> manifest.
 Everything is written in a temp folder inside ``out_dir`` and renamed into place at the end, so
@@ -138,6 +139,8 @@ class BundleParts:
     # of ``EncoderConnector(encoder, connector)``. Hugging Face towers go through optimum
     # (``cloud.bundle_hf``); ``encoder`` and ``connector`` stay the fp32 reference of the gate.
     export_graph: Callable[[Path], Path] | None = None
+    # Op types to quantize (their inputs get QDQ); None: every op onnxruntime's quantizer knows.
+    quantize_ops: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -345,10 +348,12 @@ def _write_encoder(
     record = CalibrationInfo(n_images=0)
     if options.precision == "int8":
         pixels = _pixels(calibration, parts.image_size)
-        quantize_int8(fp32, model, pixels, options)
+        quantize_int8(fp32, model, pixels, options, op_types=parts.quantize_ops)
+        ops = parts.quantize_ops
         record = CalibrationInfo(
             n_images=len(calibration), source=options.calibration_source, method="MinMax",
-            format="QDQ", per_channel=True, activations=options.activations,
+            format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=True,
+            activations=options.activations,
             weights="s8-symmetric per channel")
     else:
         shutil.copyfile(fp32, model)
@@ -379,8 +384,12 @@ def export_onnx(module: nn.Module, path: Path, image_size: int = IMAGE_SIZE) -> 
 
 def quantize_int8(
     fp32: Path, out: Path, pixels: torch.Tensor, options: ExportOptions,
+    op_types: Sequence[str] | None = None,
 ) -> Path:
-    """Static QDQ int8, per-channel weights, MinMax calibration on ``pixels`` (N, 3, S, S)."""
+    """Static QDQ int8, per-channel weights, MinMax calibration on ``pixels`` (N, 3, S, S).
+
+    ``op_types`` limits quantization to those ops (default: all that onnxruntime knows).
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -391,7 +400,7 @@ def quantize_int8(
     quantize_static(
         str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
     reader.close()
