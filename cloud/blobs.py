@@ -8,10 +8,10 @@ file is never visible. Reading checks the digest again: a corrupted file is an e
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.files import atomic_write
 
 
 class BlobIntegrityError(RuntimeError):
@@ -45,7 +45,7 @@ class BlobStore:
         path = self.path_of(digest)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, data)
+            atomic_write(path, data, prefix=f".{path.name[:8]}.")
         return Blob(digest, len(data), path)
 
     def get(self, sha256: str) -> bytes:
@@ -58,16 +58,3 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise BlobIntegrityError(f"blob {sha256[:12]} at {path} does not match its sha256")
         return data
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:8]}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
+
+from shared.files import atomic_write
 
 if TYPE_CHECKING:
     from edge.profiles import FeatureCacheSettings
@@ -178,7 +179,8 @@ class FeatureCache:
         path = self._path(digest)
         data = save({TENSOR_NAME: tokens.detach().to(self.dtype).contiguous()},
                     metadata={"bundle_version": self.bundle_version, "digest": digest})
-        _atomic_write(path, data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data, prefix=_TMP_PREFIX, suffix=SUFFIX)
         self._entries[digest] = len(data)
         self._entries.move_to_end(digest)
         self._evict()
@@ -261,17 +263,3 @@ class FeatureCache:
             return self.lookup(keys, load_image, encode, batch_size=batch_size)
 
         return lookup
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -38,7 +38,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shared.adapters import AdapterState
+from shared.files import atomic_write, fsync_dir
 from shared.messages import MessageError, TrainTask, UpdateMessage, unpack
 
 STATE_SUBDIR = "agent"
@@ -302,40 +302,13 @@ class DeviceState:
 
     def _write(self, name: str, data: bytes) -> None:
         try:
-            atomic_write(self.path(name), data)
+            atomic_write(self.path(name), data, prefix=_TMP_PREFIX, sync_dir=True)
         except OSError as err:
             raise StateError(f"cannot write device state file {self.path(name)}: {err}") from err
 
     def _remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
-        _fsync_dir(self.directory)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` durable (POSIX; a no-op where folders can't open)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.directory)
 
 
 def _tensors_bytes(tensors: AdapterState, metadata: dict[str, str]) -> bytes:
