@@ -28,7 +28,7 @@ from edge.trainer import RoundResult, TrainConfig, run_round
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, Traffic
 from shared.batches import VisualLookup, VQABatcher
-from shared.codec import ErrorFeedback, Scheme, compression_report, encode, roundtrip
+from shared.codec import ErrorFeedback, Scheme, compression_report, decode, encode
 from shared.data.base import VQASample, VQATask
 from shared.data.partition import partition_samples, split_holdout
 from shared.evaluation import EvalResult, evaluate
@@ -315,16 +315,15 @@ class Simulation:
         for res in results:
             update = res.update
             feedback = self._feedback.setdefault(update.client_id, ErrorFeedback(scheme))
-            if scheme.kind == "topk":  # compress() returns exactly what the server decodes
-                sent = feedback.compress(update.delta)
-                size = len(encode(sent, scheme))
-            else:
-                size = len(encode(update.delta, scheme))
-                sent = roundtrip(update.delta, scheme)
-            update.delta = sent
+            # top-k: compress() returns exactly what the server decodes, residual kept
+            delta = feedback.compress(update.delta) if scheme.kind == "topk" else update.delta
+            frame = encode(delta, scheme)
+            update.delta = decode(frame)  # what the server merges
+            size = len(frame)
             if update.fisher is not None:
-                size += len(encode(update.fisher, fisher_scheme))
-                update.fisher = roundtrip(update.fisher, fisher_scheme)
+                frame = encode(update.fisher, fisher_scheme)
+                update.fisher = decode(frame)
+                size += len(frame)
             sizes.append(size)
         return sum(sizes) // len(sizes)
 
