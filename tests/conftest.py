@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
+from tests.toy_tokenizer import WordTokenizer
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
-
-class WordTokenizer:
-    """A deterministic toy tokenizer: one id per word (with its leading space), grown on demand."""
-
-    def __init__(self, vocab_size: int = 256) -> None:
-        self.vocab_size = vocab_size
-        self.vocab: dict[str, int] = {}
-
-    def encode_plain(self, text: str) -> list[int]:
-        ids = []
-        for piece in re.findall(r"\s*\S+", text):
-            if piece not in self.vocab:
-                if len(self.vocab) + 2 >= self.vocab_size:
-                    raise ValueError("toy vocabulary is full")
-                self.vocab[piece] = len(self.vocab) + 2  # 0: placeholder/pad, 1: spare
-            ids.append(self.vocab[piece])
-        return ids
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import threading
 import time
@@ -44,6 +43,7 @@ from shared.connector import PoolingConnector
 from shared.nanoedge import NanoEdge
 from shared.prompts import PromptTemplate
 from tests.cloud.roundkit import RANK, WIDTH, Cloud, FakeClock, device_update, make_cloud, presence
+from tests.toy_tokenizer import WordTokenizer
 
 # (device id, profile, online at the end of the run)
 FLEET = (("orin-nano-01", "jetson-orin-nano-8gb", True),
@@ -166,28 +166,6 @@ def demo_cloud(home: Path, *, initial: AdapterState | None = None,
 # ------------------------------------------------------------------------------ ask the model
 
 
-class WordCodec:
-    """The tests' word tokenizer (one id per word) with ``decode`` for generated ids."""
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        self.vocab: dict[str, int] = {}
-
-    def encode_plain(self, text: str) -> list[int]:
-        ids = []
-        for piece in re.findall(r"\s*\S+", text):
-            if piece not in self.vocab:
-                if len(self.vocab) + 2 >= self.vocab_size:
-                    raise ValueError("toy vocabulary is full")
-                self.vocab[piece] = len(self.vocab) + 2  # 0: placeholder/pad, 1: end
-            ids.append(self.vocab[piece])
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        words = {i: w for w, i in self.vocab.items()}
-        return "".join(words.get(i, f" <{i}>") for i in ids)
-
-
 def tiny_answerer(image_size: int = 32, rank: int = RANK) -> ModelAnswerer:
     """A random 1-layer Llama (width 8) + conv encoder + connector + NanoAdapters (rank 2,
     the run's)."""
@@ -205,7 +183,7 @@ def tiny_answerer(image_size: int = 32, rank: int = RANK) -> ModelAnswerer:
     embedder = nn.Embedding.from_pretrained(model.get_input_embeddings().weight.clone())
     edge = NanoEdge(PoolingConnector(12, WIDTH, grid=2), embedder,
                     AdapterConfig(rank=rank, alpha=4), encoder=encoder)
-    tokenizer = WordCodec(64)
+    tokenizer = WordTokenizer(64)
     return ModelAnswerer(edge, InProcessLLM.from_causal_lm(model), tokenizer, PromptTemplate(),
                          decode=tokenizer.decode, stop_ids={1}, candidates=CANDIDATES,
                          image_size=image_size)
