@@ -35,8 +35,6 @@ from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Literal
 
-from paho.mqtt.enums import MQTTErrorCode
-
 from edge.config import DeviceConfig
 from edge.device_round import (
     DeviceModel,
@@ -74,7 +72,6 @@ from shared.mqtt import (
     PublishError,
     Received,
     Will,
-    check_packet_size,
 )
 
 log = logging.getLogger(__name__)
@@ -443,15 +440,12 @@ class EdgeAgent:
 
     def _publish_update(self, payload: bytes) -> bool:
         """One QoS 1 publish, then wait for its PUBACK across reconnects (paho resends it)."""
-        topic = topics.updates(self.device_id)
-        check_packet_size(topic, payload, max_bytes=self.settings.max_packet_bytes)
         # Not publish_checked: one message, awaited for as long as it takes. Published again
         # after each timeout, a long outage would queue many copies of it in paho.
-        info = self.client.paho.publish(topic, payload, qos=1)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise PublishError(f"publish to {topic!r} failed: {info.rc!r}")  # NO_CONN: queued
+        mid = self.client.publish_nowait(topics.updates(self.device_id), payload,
+                                          max_bytes=self.settings.max_packet_bytes)
         while not self._stopping.is_set():
-            reason = self.client.wait_ack(info.mid, self.settings.poll_s)
+            reason = self.client.wait_ack(mid, self.settings.poll_s)
             if reason is not None and reason.is_failure:
                 raise PublishError(f"broker refused the update: {reason}")
             if reason is not None:

@@ -437,6 +437,23 @@ class MqttClient:
         publish_checked(self, topic, payload, max_bytes=max_bytes, qos=qos, retain=retain,
                         properties=properties, timeout=timeout)
 
+    def publish_nowait(self, topic: str, payload: bytes, *, max_bytes: int, qos: int = 1,
+                       retain: bool = False, properties: Properties | None = None) -> int:
+        """Check the size and hand the message to paho without waiting; its message id.
+
+        For QoS >= 1 wait with ``wait_ack(mid, ...)``: paho keeps the message queued across
+        reconnects and resends it, so wait again rather than publish again (each publish
+        would queue another copy). Published while disconnected, it goes out after the
+        reconnect. ``MessageTooLarge`` / ``PublishError`` as ``publish_checked``.
+        """
+        check_packet_size(topic, payload, max_bytes=max_bytes, properties=properties, qos=qos)
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+        if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnectedError(f"QoS 0 publish to {topic!r} dropped: not connected")
+        return int(info.mid)
+
     def wait_ack(self, mid: int, timeout: float) -> ReasonCode | None:
         """The PUBACK reason code of message ``mid``, or None if none came within ``timeout``."""
         reasons = self._acks.wait(mid, timeout)
@@ -508,19 +525,15 @@ def publish_checked(client: MqttClient, topic: str, payload: bytes, *, max_bytes
     reconnect, so a retry may deliver it twice: make messages idempotent). ``PublishError`` if
     the broker answers with a failure reason code (e.g. "Not authorized" from its ACL).
     """
-    check_packet_size(topic, payload, max_bytes=max_bytes, properties=properties, qos=qos)
-    info = client.paho.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-        raise PublishError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+    mid = client.publish_nowait(topic, payload, max_bytes=max_bytes, qos=qos, retain=retain,
+                                properties=properties)
     if qos == 0:
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise NotConnectedError(f"QoS 0 publish to {topic!r} dropped: not connected")
         return
     # A QoS >= 1 message published while disconnected stays queued in paho (rc NO_CONN) and
     # goes out after the reconnect: its PUBACK still arrives through on_publish.
-    reason = client.wait_ack(info.mid, timeout)
+    reason = client.wait_ack(mid, timeout)
     if reason is None:
-        raise AckTimeout(f"no PUBACK for {topic!r} (mid {info.mid}) within {timeout:g} s")
+        raise AckTimeout(f"no PUBACK for {topic!r} (mid {mid}) within {timeout:g} s")
     if reason.is_failure:
         raise PublishError(f"broker refused publish to {topic!r}: {reason} "
                            f"(reason code {reason.value})")
