@@ -43,6 +43,7 @@ from cloud.db.models import (
     ParticipationStatus,
     Round,
     RoundState,
+    Update,
     UpdateStatus,
     utcnow,
 )
@@ -416,7 +417,8 @@ class Coordinator:
                 return self._refuse(device_id, message.update_id, RejectionCode.UNKNOWN_ROUND,
                                     f"there is no round {message.round_id}", session)
             verdict = validate_update(
-                message, parts, device_id=device_id, context=self._context(session, round_),
+                message, parts, device_id=device_id,
+                context=self._context(session, round_, device_id),
                 global_state=self._global_state(_base(round_)), payload_bytes=len(payload),
                 now=self.clock())
             return self._record(session, device_id, message, payload, verdict)
@@ -446,14 +448,16 @@ class Coordinator:
         log.warning("update from %s refused (%s): %s", device_id, code.value, reason)
         return IngestResult("rejected", update_id, code.value, reason)
 
-    def _context(self, session: Session, round_: Round) -> RoundContext:
+    def _context(self, session: Session, round_: Round, device_id: str) -> RoundContext:
         config = _config(round_)
-        kept = [u.device_id for u in crud.list_updates(session, round_id=round_.id)
-                if u.status is not UpdateStatus.REJECTED]
+        participant = session.scalar(select(Participation.id).where(
+            Participation.round_id == round_.id, Participation.device_id == device_id))
+        submitted = session.scalar(select(Update.id).where(
+            Update.round_id == round_.id, Update.device_id == device_id,
+            Update.status != UpdateStatus.REJECTED).limit(1))
         return RoundContext(
-            round_id=round_.id, state=round_.state,
-            participants=frozenset(p.device_id for p in round_.participations),
-            submitted=frozenset(kept), global_version=_base(round_).id,
+            round_id=round_.id, state=round_.state, participant=participant is not None,
+            submitted=submitted is not None, global_version=_base(round_).id,
             base_version=config.base_version or self.base_version,
             deadline_at=round_.deadline_at, late_policy=config.late_policy,
             requires_fisher=config.make_strategy().requires_fisher,

@@ -28,8 +28,8 @@ from tests.cloud.roundkit import global_state
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 GLOBAL = global_state()
 FP32 = codec.Scheme(kind="fp32")
-CONTEXT = RoundContext(round_id=3, state=RoundState.COLLECTING, participants=frozenset({"dev-a"}),
-                       submitted=frozenset(), global_version=5, base_version="base-1",
+CONTEXT = RoundContext(round_id=3, state=RoundState.COLLECTING, participant=True,
+                       submitted=False, global_version=5, base_version="base-1",
                        deadline_at=NOW + timedelta(seconds=60), max_delta_norm=10.0)
 
 
@@ -82,9 +82,10 @@ def _missing_key_parts() -> dict:
 CASES: dict[RejectionCode, Callable[[], object]] = {
     RejectionCode.UNKNOWN_ROUND: lambda: _validate(context=None),
     RejectionCode.TOO_LARGE: lambda: _validate(payload_bytes=CONTEXT.max_update_bytes + 1),
-    RejectionCode.NOT_PARTICIPANT: lambda: _validate(device_id="dev-z"),
+    RejectionCode.NOT_PARTICIPANT: lambda: _validate(
+        context=dataclasses.replace(CONTEXT, participant=False)),
     RejectionCode.DUPLICATE: lambda: _validate(
-        context=dataclasses.replace(CONTEXT, submitted=frozenset({"dev-a"}))),
+        context=dataclasses.replace(CONTEXT, submitted=True)),
     RejectionCode.TASK_MISMATCH: lambda: _validate(_message(task_id="task-someone-else")),
     RejectionCode.BASE_MISMATCH: lambda: _validate(_message(base_version="base-0")),
     RejectionCode.STALE: lambda: _validate(_message(global_version=4)),
