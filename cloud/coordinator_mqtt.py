@@ -6,6 +6,12 @@ paho's thread only enqueues (``shared.mqtt.Inbox``); ``CoordinatorService.step``
 queued messages in order and then ticks the coordinator, all on the service's own thread.
 A message on a topic outside the device tree is logged and dropped; everything else is
 handled (and, for updates, recorded) by the coordinator.
+
+Acknowledgements are manual: a message is PUBACKed only once it is handled -- for an update,
+once its row (accepted or rejected) is committed. A coordinator that dies before that (a
+crash, a kill, a database outage it did not outlive) leaves the message with the broker,
+which redelivers it when the coordinator's session resumes; ingestion is exactly-once by
+``update_id``, so a message handled but not yet acknowledged is only noted as a redelivery.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ COORDINATOR_CLIENT_ID = "fednano-coordinator"
 
 def coordinator_client_options(username: str, password: str, *,
                                client_id: str = COORDINATOR_CLIENT_ID) -> ClientOptions:
-    """A persistent session: what devices send while the coordinator restarts is kept."""
+    """A persistent session with manual acknowledgements: what devices send while the
+    coordinator restarts is kept, and what it received but had not stored is redelivered."""
     return ClientOptions(client_id=client_id, username=username, password=password,
-                         clean_start=False)
+                         clean_start=False, manual_ack=True)
 
 
 class MqttPublisher:
@@ -87,9 +94,11 @@ class CoordinatorService:
     def step(self, timeout: float) -> int:
         """Handle what arrives within ``timeout`` s (at least one wait), then tick once.
 
-        While the database is unreachable the message being handled is kept (paho has already
-        acknowledged it to the broker: dropping it would lose an acknowledged update) and
-        handled first at the next step; the tick waits too.
+        A handled message is acknowledged to the broker. While the database (or the blob
+        folder) is unavailable the message being handled is kept, unacknowledged, and handled
+        first at the next step; the tick waits too. A message whose handling fails for any
+        other reason is logged with its traceback and acknowledged: redelivered, it would
+        fail again and stop every message behind it.
         """
         handled = 0
         deadline = time.monotonic() + timeout
@@ -97,12 +106,16 @@ class CoordinatorService:
         while received is not None:
             try:
                 self.dispatch(received)
-            except OperationalError as err:
+            except (OperationalError, OSError) as err:
                 self._held = received
-                log.warning("database unavailable; the message on %s is kept and retried: %s",
+                log.warning("storage unavailable; the message on %s is kept and retried: %s",
                             received.topic, err)
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return handled
+            except Exception:  # one bad message must not stop every message behind it
+                log.exception("handling the message on %s failed; it is dropped",
+                              received.topic)
+            self.client.ack(received)
             handled += 1
             received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         self._tick()

@@ -214,28 +214,23 @@ def _answerer(base: LoadedBase, rank: int) -> ModelAnswerer:
     return answerer_for_base(base, AdapterConfig(rank=rank, alpha=2.0 * rank))
 
 
-def _connect(settings: CloudSettings, client_id: str, *, persistent: bool) -> MqttClient:
-    from shared.mqtt import BrokerAddress, ClientOptions, MqttClient
-
-    options = ClientOptions(client_id=client_id, username=settings.broker_username,
-                            password=settings.broker_password.get_secret_value(),
-                            clean_start=not persistent,
-                            session_expiry_s=86400 if persistent else 0)
-    client = MqttClient(BrokerAddress.parse(settings.broker_url), options)
-    client.connect()
-    return client
-
-
 def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | None,
                          eval_questions: int) -> tuple[CoordinatorService, MqttClient]:
     from cloud.aggregation import Aggregator
     from cloud.blobs import BlobStore
     from cloud.coordinator import Coordinator
-    from cloud.coordinator_mqtt import COORDINATOR_CLIENT_ID, CoordinatorService, MqttPublisher
+    from cloud.coordinator_mqtt import (
+        CoordinatorService,
+        MqttPublisher,
+        coordinator_client_options,
+    )
+    from shared.mqtt import BrokerAddress, MqttClient
 
     blobs = BlobStore(settings.blob_dir)
     evaluator = _evaluator(base, eval_questions) if base is not None and eval_questions else None
-    client = _connect(settings, COORDINATOR_CLIENT_ID, persistent=True)
+    client = MqttClient(BrokerAddress.parse(settings.broker_url), coordinator_client_options(
+        settings.broker_username, settings.broker_password.get_secret_value()))
+    client.connect()
     coordinator_ = Coordinator(_sessions(settings), blobs=blobs,
                                publisher=MqttPublisher(client),
                                aggregator=Aggregator(blobs, evaluator=evaluator),

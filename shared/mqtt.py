@@ -139,6 +139,9 @@ class ClientOptions:
     keepalive_s: int = 30
     reconnect_min_s: int = 1
     reconnect_max_s: int = 60
+    # True: a QoS 1 message is acknowledged only when the application calls ``ack`` (after it
+    # has stored it); until then the broker keeps it and redelivers it after a reconnect.
+    manual_ack: bool = False
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -154,7 +157,7 @@ class ClientOptions:
 def make_paho_client(address: BrokerAddress, options: ClientOptions) -> mqtt.Client:
     """A configured, unconnected paho client: v5, credentials, will, TLS and backoff."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=options.client_id,
-                         protocol=mqtt.MQTTv5)
+                         protocol=mqtt.MQTTv5, manual_ack=options.manual_ack)
     if options.username is not None:
         client.username_pw_set(options.username, options.password)
     if options.will is not None:
@@ -204,14 +207,17 @@ class Received:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     received_at: float = field(default_factory=time.monotonic)
+    mid: int = 0  # the packet id, for ``MqttClient.ack``
+    connection: int = 0  # which connection of the client it came on (a packet id's scope)
 
     @classmethod
-    def from_paho(cls, message: mqtt.MQTTMessage) -> Received:
+    def from_paho(cls, message: mqtt.MQTTMessage, connection: int = 0) -> Received:
         props = message.properties
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         return cls(message.topic, bytes(message.payload), message.qos, bool(message.retain),
-                   response, None if correlation is None else bytes(correlation))
+                   response, None if correlation is None else bytes(correlation),
+                   mid=message.mid, connection=connection)
 
 
 class Inbox:
@@ -301,6 +307,7 @@ class MqttClient:
         self._connack = threading.Event()
         self._connected = threading.Event()
         self._refusal: ReasonCode | None = None
+        self._connection = 0  # counts successful connects: Received.connection
         self._install_callbacks()
 
     @property
@@ -330,6 +337,7 @@ class MqttClient:
                         reason)
         else:
             self._refusal = None
+            self._connection += 1
             self._connected.set()
             self._resubscribe(client)  # harmless when the session kept them; needed when not
         self._connack.set()
@@ -349,7 +357,7 @@ class MqttClient:
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
-        received = Received.from_paho(message)
+        received = Received.from_paho(message, self._connection)
         for inbox in self._inboxes_for(received.topic):
             inbox.put(received)
 
@@ -453,6 +461,21 @@ class MqttClient:
         if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise NotConnectedError(f"QoS 0 publish to {topic!r} dropped: not connected")
         return int(info.mid)
+
+    def ack(self, received: Received) -> bool:
+        """Acknowledge a message of a ``manual_ack`` client once it is safely handled.
+
+        Acknowledge in the order messages arrived (MQTT asks for PUBACKs in order), once
+        each: with manual acks one consumer owns each message. A no-op (True) for QoS 0 or
+        without manual acks. False when the connection it came on is gone: its packet id
+        means nothing on the new one, and the broker redelivers the message there (DUP),
+        so that copy is the one to acknowledge -- handling must be idempotent.
+        """
+        if not self.options.manual_ack or received.qos == 0:
+            return True
+        if received.connection != self._connection or not self.connected:
+            return False
+        return self._paho.ack(received.mid, received.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_ack(self, mid: int, timeout: float) -> ReasonCode | None:
         """The PUBACK reason code of message ``mid``, or None if none came within ``timeout``."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cloud.aggregation import Aggregator
-from cloud.blobs import BlobStore
+from cloud.blobs import Blob, BlobStore
 from cloud.coordinator import Coordinator, open_round
 from cloud.coordinator_mqtt import (
     COORDINATOR_CLIENT_ID,
@@ -92,12 +92,12 @@ class Cloud:
         self.service: CoordinatorService | None = None
         self.client: MqttClient | None = None
 
-    def start(self) -> CoordinatorService:
+    def start(self, blob_store: type[BlobStore] = BlobStore) -> CoordinatorService:
         creds = self.broker.credentials("cloud")
         self.client = MqttClient(self.broker.address, coordinator_client_options(
             creds.username, creds.password, client_id=COORDINATOR_CLIENT_ID))
         self.client.connect(10)
-        blobs = BlobStore(self.root / "blobs")
+        blobs = blob_store(self.root / "blobs")
         coordinator = Coordinator(
             self.sessions, blobs=blobs, publisher=MqttPublisher(self.client),
             aggregator=Aggregator(blobs, evaluator=constant_evaluator(0.7)),
@@ -178,4 +178,36 @@ def test_a_round_through_the_broker_with_bad_updates_and_a_restart(
     announcement = from_json(announced.payload, RoundAnnouncement)
     assert (announcement.round_id, announcement.state, announcement.global_version) == (
         round_id, "closed", 2)
+    cloud.engine.dispose()
+
+
+class FullDisk(BlobStore):
+    def put(self, data: bytes) -> Blob:
+        raise OSError(28, "No space left on device (test)")
+
+
+def test_an_update_received_but_not_stored_survives_the_coordinator_stopping(
+        broker: MosquittoBroker, migrated_url: str, tmp_path: Path) -> None:
+    """Acknowledged only once stored: the broker keeps what the coordinator held when it went
+    down and redelivers it to the next one (before manual acks, paho acknowledged on receipt
+    and the update was lost)."""
+    cloud = Cloud(broker, migrated_url, tmp_path)
+    _register(cloud)
+    cloud.start()  # the initial version is stored while the disk has room
+    cloud.stop()
+    service = cloud.start(blob_store=FullDisk)
+    devices = {d: Device(broker, d) for d in DEVICES}
+    wait_for(lambda: _online(cloud))
+    round_id = cloud.query(lambda s: open_round(
+        s, config=RoundConfig(deadline_s=300), actor="test").id)
+    task = devices["dev-a"].task()
+    devices["dev-a"].send(device_update(*task, "dev-a"))  # PUBACKed by the broker
+    wait_for(lambda: service._held is not None)  # received, cannot be stored
+    cloud.stop()
+    assert cloud.query(lambda s: crud.list_updates(s, round_id=round_id)) == []
+
+    cloud.start()
+    wait_for(lambda: [u.status for u in cloud.query(
+        lambda s: crud.list_updates(s, round_id=round_id))] == [UpdateStatus.ACCEPTED])
+    cloud.stop()
     cloud.engine.dispose()

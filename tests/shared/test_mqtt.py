@@ -14,8 +14,10 @@ from shared.mqtt import (
     BrokerAddress,
     ClientOptions,
     ConnectError,
+    Inbox,
     MqttClient,
     PublishError,
+    Received,
     SubscribeError,
     Will,
     check_packet_size,
@@ -211,3 +213,34 @@ def test_each_inbox_on_a_filter_gets_its_copy(broker) -> None:  # type: ignore[n
         got = inbox.get(timeout=5)
         assert got is not None and got.payload == b"t"
     assert len(device.inbox) == 0
+
+
+def test_manual_ack_keeps_a_message_with_the_broker_until_acknowledged(  # type: ignore[no-untyped-def]
+        broker) -> None:
+    device = broker.connect("dev-a")
+
+    def cloud_session() -> tuple[MqttClient, Inbox]:
+        cloud = MqttClient(broker.address, broker.options("cloud", manual_ack=True))
+        updates = cloud.subscribe(topics.ALL_UPDATES)  # before connect: the queue lands here
+        cloud.connect()
+        return cloud, updates
+
+    def receive(updates: Inbox) -> Received:
+        got = updates.get(timeout=5)
+        assert got is not None and got.payload == b"update"
+        return got
+
+    cloud, updates = cloud_session()
+    device.publish(topics.updates("dev-a"), b"update", max_bytes=2**20)
+    receive(updates)
+    cloud.close()  # not acknowledged ...
+    cloud, updates = cloud_session()
+    got = receive(updates)  # ... so redelivered to the next session
+    cloud.close()
+    assert cloud.ack(got) is False  # its connection is gone: nothing to acknowledge on
+    cloud, updates = cloud_session()
+    assert cloud.ack(receive(updates)) is True
+    cloud.close()
+    cloud, updates = cloud_session()
+    assert updates.get(timeout=1.5) is None  # acknowledged: gone
+    cloud.close()
