@@ -499,6 +499,12 @@ class Coordinator:
             crud.set_participation_status(session, round_id=round_id, device_id=device_id,
                                           status=ParticipationStatus.REJECTED, at=self.clock())
 
+    def record_dropped(self, topic: str, error: str) -> None:
+        """Audit a message whose handling failed (not for storage reasons) and was dropped."""
+        with session_scope(self.sessions) as session:
+            crud.record_audit(session, actor=self.actor, action="message.dropped",
+                              subject=topic[:128], details={"error": error[:1000]})
+
     # --- presence -------------------------------------------------------------------------------
 
     def handle_presence(self, device_id: str, payload: bytes) -> bool:

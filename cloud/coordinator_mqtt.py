@@ -20,8 +20,10 @@ import logging
 import threading
 import time
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from cloud.blobs import BlobIntegrityError
 from cloud.coordinator import Coordinator
 from shared import topics
 from shared.messages import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge
@@ -30,6 +32,9 @@ from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received
 log = logging.getLogger(__name__)
 
 COORDINATOR_CLIENT_ID = "fednano-coordinator"
+# Failures of storage, not of the message: hold it (unacknowledged) and retry; nothing is lost.
+STORAGE_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError, OSError,
+                  BlobIntegrityError)
 
 
 def coordinator_client_options(username: str, password: str, *,
@@ -94,11 +99,12 @@ class CoordinatorService:
     def step(self, timeout: float) -> int:
         """Handle what arrives within ``timeout`` s (at least one wait), then tick once.
 
-        A handled message is acknowledged to the broker. While the database (or the blob
-        folder) is unavailable the message being handled is kept, unacknowledged, and handled
-        first at the next step; the tick waits too. A message whose handling fails for any
-        other reason is logged with its traceback and acknowledged: redelivered, it would
-        fail again and stop every message behind it.
+        A handled message is acknowledged to the broker. While storage is unavailable
+        (``STORAGE_ERRORS``: the database, its connection pool, the blob folder, a damaged
+        global blob) the message being handled is kept, unacknowledged, and handled first at
+        the next step; the tick waits too. A message whose handling fails for any other
+        reason is logged with its traceback, audited (``message.dropped``) and acknowledged:
+        redelivered, it would fail again and stop every message behind it.
         """
         handled = 0
         deadline = time.monotonic() + timeout
@@ -106,20 +112,28 @@ class CoordinatorService:
         while received is not None:
             try:
                 self.dispatch(received)
-            except (OperationalError, OSError) as err:
+            except STORAGE_ERRORS as err:
                 self._held = received
                 log.warning("storage unavailable; the message on %s is kept and retried: %s",
                             received.topic, err)
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return handled
-            except Exception:  # one bad message must not stop every message behind it
-                log.exception("handling the message on %s failed; it is dropped",
-                              received.topic)
+            except Exception as err:  # noqa: BLE001  (logged in _dropped; one bad message
+                # must not stop every message behind it)
+                self._dropped(received, err)
             self.client.ack(received)
             handled += 1
             received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         self._tick()
         return handled
+
+    def _dropped(self, received: Received, err: Exception) -> None:
+        log.exception("handling the message on %s failed; it is dropped", received.topic)
+        try:
+            self.coordinator.record_dropped(received.topic, f"{type(err).__name__}: {err}")
+        except Exception:  # the log line above is the record then
+            log.warning("could not audit the dropped message on %s", received.topic,
+                        exc_info=True)
 
     def _tick(self) -> None:
         try:

@@ -467,9 +467,10 @@ class MqttClient:
 
         Acknowledge in the order messages arrived (MQTT asks for PUBACKs in order), once
         each: with manual acks one consumer owns each message. A no-op (True) for QoS 0 or
-        without manual acks. False when the connection it came on is gone: its packet id
-        means nothing on the new one, and the broker redelivers the message there (DUP),
-        so that copy is the one to acknowledge -- handling must be idempotent.
+        without manual acks. False (nothing sent) when the connection it came on is gone:
+        the broker resends every unacknowledged message on the resumed session (DUP), and
+        that copy is the one acknowledged -- so handling must be idempotent. Skipping the
+        stale one keeps PUBACKs in the order of the new connection's deliveries.
         """
         if not self.options.manual_ack or received.qos == 0:
             return True

@@ -1,4 +1,4 @@
-"""``CoordinatorService`` without a broker: a message the database could not take is kept,
+"""``CoordinatorService`` without a broker: a message storage could not take is kept,
 unacknowledged, and handled again; a message is acknowledged only once handled; a message
 whose handling fails otherwise is acknowledged and dropped so it cannot block the rest."""
 
@@ -7,33 +7,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from cloud.blobs import BlobIntegrityError
 from cloud.coordinator import IngestResult
 from cloud.coordinator_mqtt import CoordinatorService
 from shared import topics
 from shared.mqtt import Inbox, Received
 
+DATABASE_DOWN = OperationalError("INSERT ...", {}, ConnectionError("server closed"))
+
 
 @dataclass
 class FlakyCoordinator:
-    """Fails ``failures`` times with the database down, then records what it handles."""
+    """Fails ``failures`` times with ``error`` (storage down), then records what it handles."""
 
     failures: int
+    error: Exception = DATABASE_DOWN
     handled: list[bytes] = field(default_factory=list)
     ticks: int = 0
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
         if payload == b"poison":
             raise KeyError("a bug in the handling")
         if self.failures:
             self.failures -= 1
-            raise OperationalError("INSERT ...", {}, ConnectionError("server closed"))
+            raise self.error
         self.handled.append(payload)
         return IngestResult("accepted", "u")
 
     def tick(self) -> None:
         self.ticks += 1
+
+    def record_dropped(self, topic: str, error: str) -> None:
+        self.dropped.append((topic, error))
 
 
 class FakeClient:
@@ -46,8 +55,13 @@ class FakeClient:
         return True
 
 
-def test_a_message_is_kept_while_the_database_is_down() -> None:
-    coordinator, client = FlakyCoordinator(failures=2), FakeClient()
+@pytest.mark.parametrize("error", [
+    DATABASE_DOWN, PoolTimeoutError("QueuePool limit reached"),
+    InterfaceError("SELECT ...", {}, ConnectionError("connection closed")),
+    OSError(28, "No space left on device"), BlobIntegrityError("global blob damaged")],
+    ids=["database-down", "pool-exhausted", "connection-closed", "disk-full", "blob-damaged"])
+def test_a_message_is_kept_while_storage_is_unavailable(error: Exception) -> None:
+    coordinator, client = FlakyCoordinator(failures=2, error=error), FakeClient()
     service = CoordinatorService(coordinator, client, tick_interval_s=0.01)  # type: ignore[arg-type]
     for payload in (b"first", b"second"):
         client.inbox.put(Received(topics.updates("dev-a"), payload, 1, False))
@@ -69,3 +83,4 @@ def test_a_message_that_fails_otherwise_is_logged_acknowledged_and_skipped(
     assert coordinator.handled == [b"next"] and client.acked == [b"poison", b"next"]
     assert f"handling the message on {topics.updates('dev-a')} failed" in caplog.text
     assert "KeyError" in caplog.text
+    assert coordinator.dropped == [(topics.updates("dev-a"), "KeyError: 'a bug in the handling'")]
