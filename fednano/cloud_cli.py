@@ -214,22 +214,25 @@ def _answerer(base: LoadedBase, rank: int) -> ModelAnswerer:
     return answerer_for_base(base, AdapterConfig(rank=rank, alpha=2.0 * rank))
 
 
+def coordinator_client(settings: CloudSettings) -> MqttClient:
+    """The coordinator's (unconnected) client: persistent session, manual acknowledgements."""
+    from cloud.coordinator_mqtt import coordinator_client_options
+    from shared.mqtt import BrokerAddress, MqttClient
+
+    return MqttClient(BrokerAddress.parse(settings.broker_url), coordinator_client_options(
+        settings.broker_username, settings.broker_password.get_secret_value()))
+
+
 def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | None,
                          eval_questions: int) -> tuple[CoordinatorService, MqttClient]:
     from cloud.aggregation import Aggregator
     from cloud.blobs import BlobStore
     from cloud.coordinator import Coordinator
-    from cloud.coordinator_mqtt import (
-        CoordinatorService,
-        MqttPublisher,
-        coordinator_client_options,
-    )
-    from shared.mqtt import BrokerAddress, MqttClient
+    from cloud.coordinator_mqtt import CoordinatorService, MqttPublisher
 
     blobs = BlobStore(settings.blob_dir)
     evaluator = _evaluator(base, eval_questions) if base is not None and eval_questions else None
-    client = MqttClient(BrokerAddress.parse(settings.broker_url), coordinator_client_options(
-        settings.broker_username, settings.broker_password.get_secret_value()))
+    client = coordinator_client(settings)
     client.connect()
     coordinator_ = Coordinator(_sessions(settings), blobs=blobs,
                                publisher=MqttPublisher(client),

@@ -172,6 +172,26 @@ def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
     assert [e.details["update_id"] for e in redelivered] == ["upd-once-1"]
 
 
+def test_the_gate_asks_about_the_sender_in_this_round(cloud: Cloud) -> None:
+    """Registered but not selected: not_participant. Rejected once: may send again. Accepted
+    once: a second update is a duplicate. (The context is two lookups for the sender.)"""
+    add_devices(cloud, *(f"dev-{i}" for i in range(4)))
+    round_id = cloud.coordinator.open_round(RoundConfig(fraction=0.5, min_participants=2,
+                                                        max_delta_norm=1.0, seed=1))
+    cloud.coordinator.tick()
+    selected = sorted(_round(cloud, round_id)[1])
+    outsider = next(d for d in (f"dev-{i}" for i in range(4)) if d not in selected)
+    task, parts = cloud.publisher.tasks(selected[0])[-1]
+    refused = cloud.coordinator.handle_update(outsider, device_update(task, parts, outsider))
+    assert refused.code == "not_participant"
+    device = selected[1]
+    assert _submit(cloud, device, scale=5.0) == "rejected"  # over the norm bound
+    assert _submit(cloud, device, scale=0.01) == "accepted"  # the rejection did not count
+    again = cloud.coordinator.handle_update(device, device_update(
+        *cloud.publisher.tasks(device)[-1], device))
+    assert again.code == "duplicate"
+
+
 def test_bad_updates_are_recorded_with_their_reasons(cloud: Cloud) -> None:
     add_devices(cloud, "dev-a", "dev-b", "dev-c")
     round_id = cloud.coordinator.open_round(RoundConfig(deadline_s=60, max_delta_norm=1.0))

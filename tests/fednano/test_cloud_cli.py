@@ -59,3 +59,15 @@ def test_production_with_default_secrets_refuses_to_start(env: dict[str, str]) -
                                 env={**env, "FEDNANO_ENVIRONMENT": "production",
                                      "FEDNANO_SECRET_KEY": "changethis"})
     assert result.exit_code == 2 and "secret_key" in result.output
+
+
+def test_the_coordinator_acknowledges_only_what_it_stored(monkeypatch: pytest.MonkeyPatch,
+                                                          env: dict[str, str]) -> None:
+    """`fednano cloud coordinator` / `serve` connect with a persistent session and manual acks
+    (tests/cloud/test_coordinator_mqtt.py shows what that buys on a real broker)."""
+    from fednano.cloud_cli import coordinator_client, load_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    options = coordinator_client(load_settings()).options
+    assert options.manual_ack and not options.clean_start and options.session_expiry_s > 0
