@@ -11,9 +11,9 @@ through the given server URL and dropped afterwards), N devices registered throu
 and the real coordinator process (``fednano cloud coordinator --eval-questions 0``: the
 persistent MQTT session, the validation gate, the blob store, the database).
 
-The devices live in this process: one ``MqttClient`` per device (its own credentials, connection,
-last will and retained presence), doing on the wire what ``fednano-edge run`` does except
-training. Phases:
+The devices live in swarm processes (spawned, at most ``DEVICES_PER_PROCESS`` each): one
+``MqttClient`` per device (its own credentials, connection, last will and retained presence),
+doing on the wire what ``fednano-edge run`` does except training. Phases:
 
 1. connect, publish the online presence; wait until the database has every device online;
 2. open a round of all N (quorum N) as the API does; the coordinator publishes N tasks;
@@ -24,11 +24,13 @@ training. Phases:
    puts on the coordinator) or one every 1/``--rate`` s.
 
 Measured from the database, not from the coordinator's logs: an update is *stored* when its
-``updates`` row exists (``received_at`` is set when the coordinator records it, after the gate
-and the blob write). Latency = ``received_at`` - the device's publish time (one machine, one
-clock). Capacity = stored updates / (last ``received_at`` - first publish). Lost = updates the
-broker acknowledged (PUBACK) - updates stored: must be 0. Then the round aggregates: the merge
-time (last update stored -> round closed) is reported too. Writes ``summary.json`` and
+``updates`` row exists; ``received_at`` is set as the coordinator builds the row, after the
+gate and the blob write, just before its commit. Latency = ``received_at`` - the device's
+publish time (one machine, one clock). Capacity = stored updates / (last ``received_at`` -
+first publish). Lost = updates the broker acknowledged (PUBACK) whose id has no row once the
+run ends (every update stored, or ``--timeout`` passed): must be 0, and a run that times out
+still reports what it saw. Then the round aggregates: the merge time (last update stored ->
+round closed) is reported too. Writes ``summary.json`` and
 ``summary.md`` into ``--out`` and prints the table.
 
 Everything runs on this machine: devices, broker, coordinator and database share its cores.
@@ -113,7 +115,7 @@ class IngestRun:
     stored: int
     accepted: int
     rejected: int
-    lost: int  # acked - stored
+    lost: int  # acknowledged by the broker, never stored
     ingest_s: float  # first publish -> last stored
     updates_per_s: float
     latency_p50_ms: float
@@ -189,7 +191,8 @@ def swarm_process(conn: Connection, broker_url: str, credentials: list[tuple[str
     uses ``select``, which cannot watch descriptors past 1024: about 340 clients a process).
 
     Talks to the parent over ``conn``: -> ("connected",), -> ("ready", update bytes),
-    <- ("go", start, rate), -> ("sent", {update id: publish time}, acked), <- ("close",).
+    <- ("go", start, rate), -> ("sent", {update id: publish time}, [acked update ids]),
+    <- ("close",).
     Any failure is sent as ("error", text).
     """
     devices: list[LightDevice] = []
@@ -218,23 +221,24 @@ def swarm_process(conn: Connection, broker_url: str, credentials: list[tuple[str
 
 
 def _fire(devices: list[LightDevice], updates: list[tuple[str, bytes]], first_index: int,
-          start: float, rate: float | None, timeout_s: float) -> tuple[dict[str, float], int]:
+          start: float, rate: float | None, timeout_s: float) -> tuple[dict[str, float], list[str]]:
     """Publish every update at ``start`` (a burst) or device ``first_index + i`` at
     ``start + (first_index + i) / rate``; publish times by update id and how many the broker
-    acknowledged."""
+    acknowledged (their ids)."""
     published: dict[str, float] = {}
     mids = []
     for i, (device, (update_id, payload)) in enumerate(zip(devices, updates, strict=True)):
         offset = 0.0 if rate is None else (first_index + i) / rate
         time.sleep(max(0.0, start + offset - time.time()))
         published[update_id] = time.time()
-        mids.append((device, device.client.publish_nowait(
+        mids.append((device, update_id, device.client.publish_nowait(
             topics.updates(device.device_id), payload, max_bytes=DEFAULT_MAX_MESSAGE_BYTES)))
     deadline = time.monotonic() + timeout_s
-    acked = 0
-    for device, mid in mids:
+    acked = []
+    for device, update_id, mid in mids:
         reason = device.client.wait_ack(mid, max(0.0, deadline - time.monotonic()))
-        acked += reason is not None and not reason.is_failure
+        if reason is not None and not reason.is_failure:
+            acked.append(update_id)
     return published, acked
 
 
@@ -253,12 +257,13 @@ class Swarm:
             self.workers.append((process, parent))
         self.timeout_s = timeout_s
 
-    def expect(self, phase: str) -> list[tuple[Any, ...]]:
+    def expect(self, phase: str, timeout_s: float | None = None) -> list[tuple[Any, ...]]:
         """Every worker's next message, which must be ``phase``."""
         replies = []
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         for process, conn in self.workers:
-            if not conn.poll(self.timeout_s):
-                raise BenchError(f"a swarm process sent nothing for {self.timeout_s:g} s "
+            if not conn.poll(timeout_s):
+                raise BenchError(f"a swarm process sent nothing for {timeout_s:g} s "
                                  f"(waiting for {phase!r}; alive: {process.is_alive()})")
             reply = conn.recv()
             if reply[0] != phase:
@@ -328,15 +333,23 @@ def start_coordinator(work: Path, home: Path, url: str, broker: Mosquitto,
                           env=env).start()
 
 
-def wait_for(what: str, check: Any, timeout: float, coordinator: ManagedProcess) -> None:
+def wait_until(check: Any, timeout: float, coordinator: ManagedProcess) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout`` passes (False); ``BenchError`` if
+    the coordinator exits meanwhile."""
     deadline = time.monotonic() + timeout
     while not check():
         if not coordinator.running:
-            raise BenchError(f"the coordinator exited while waiting for {what}:\n"
+            raise BenchError(f"the coordinator exited ({coordinator.returncode}):\n"
                              f"{coordinator.log_tail()}")
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+            return False
         time.sleep(POLL_S)
+    return True
+
+
+def wait_for(what: str, check: Any, timeout: float, coordinator: ManagedProcess) -> None:
+    if not wait_until(check, timeout, coordinator):
+        raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def scalar(sessions: sessionmaker[Session], query: Any) -> Any:
@@ -394,21 +407,23 @@ def _measure(n: int, work: Path, url: str, sessions: sessionmaker[Session], *, h
 
             swarm.send("go", time.time() + 0.5, rate)
             published: dict[str, float] = {}
-            acked = 0
-            for _, times, count in swarm.expect("sent"):
+            acked: set[str] = set()
+            publishing_s = 0.5 + (0.0 if rate is None else n / rate)
+            for _, times, ids in swarm.expect("sent", publishing_s + timeout_s):
                 published.update(times)
-                acked += count
-            say(f"  {len(published)} updates published, {acked} acknowledged by the broker")
+                acked.update(ids)
+            say(f"  {len(published)} updates published, {len(acked)} acknowledged by the broker")
             stored_query = (select(func.count()).select_from(Update)
                             .where(Update.round_id == round_id))
-            wait_for(f"{acked} updates stored", lambda: scalar(sessions, stored_query) >= acked,
-                     timeout_s, coordinator)
-            closed = (select(Round.state).where(Round.id == round_id))
-            wait_for("the round to aggregate",
-                     lambda: scalar(sessions, closed) in (RoundState.CLOSED, RoundState.FAILED),
-                     timeout_s, coordinator)
-            return _result(sessions, round_id, n, published, acked, update_bytes, database_label,
-                           rate, connect_s, fanout_s)
+            if not wait_until(lambda: scalar(sessions, stored_query) >= len(published),
+                              timeout_s, coordinator):
+                say(f"  not every update was stored within {timeout_s:g} s")
+            else:
+                closed = (select(Round.state).where(Round.id == round_id))
+                wait_for("the round to aggregate", lambda: scalar(sessions, closed) in (
+                    RoundState.CLOSED, RoundState.FAILED), timeout_s, coordinator)
+            return _result(sessions, round_id, n, published, acked, update_bytes,
+                           database_label, rate, connect_s, fanout_s)
         finally:
             if swarm is not None:
                 swarm.close()
@@ -421,7 +436,7 @@ def _has_version(sessions: sessionmaker[Session]) -> bool:
 
 
 def _result(sessions: sessionmaker[Session], round_id: int, n: int,
-            published: dict[str, float], acked: int, update_bytes: int,
+            published: dict[str, float], acked: set[str], update_bytes: int,
             database_label: str, rate: float | None, connect_s: float,
             fanout_s: float) -> IngestRun:
     with session_scope(sessions) as session:
@@ -440,9 +455,10 @@ def _result(sessions: sessionmaker[Session], round_id: int, n: int,
         devices=n, database=database_label,
         mode="burst" if rate is None else f"rate {rate:g}/s",
         update_bytes=update_bytes, connect_s=round(connect_s, 2),
-        task_fanout_s=round(fanout_s, 2), published=len(published), acked=acked,
+        task_fanout_s=round(fanout_s, 2), published=len(published), acked=len(acked),
         stored=len(mine), accepted=sum(r.status is UpdateStatus.ACCEPTED for r in mine),
-        rejected=sum(r.status is UpdateStatus.REJECTED for r in mine), lost=acked - len(mine),
+        rejected=sum(r.status is UpdateStatus.REJECTED for r in mine),
+        lost=len(acked - {r.update_id for r in mine}),
         ingest_s=round(ingest_s, 3), updates_per_s=round(len(mine) / ingest_s, 1),
         latency_p50_ms=round(1000 * _quantile(latencies, 0.50), 1),
         latency_p99_ms=round(1000 * _quantile(latencies, 0.99), 1),
@@ -460,7 +476,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def table(runs: list[IngestRun]) -> str:
-    lines = ["| devices | database | mode | update | updates/s | p50 ms | p99 ms | max ms | "
+    lines = ["| devices | database | publishing | update | updates/s | p50 ms | p99 ms | max ms | "
              "acked | stored | rejected | lost | merge s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
