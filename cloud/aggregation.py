@@ -9,6 +9,7 @@ Functions take the caller's session and flush; the caller commits.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class Aggregator:
         self.evaluator = evaluator
 
     def aggregate(self, session: Session, round_: Round) -> AdapterVersion:
-        """Merge ``round_``'s accepted updates into a new version with lineage (λ_k = n_k/N).
+        """Merge ``round_``'s accepted updates, and buffered ones carried over from earlier
+        rounds (``_carried_over``), into a new version with lineage (λ_k = n_k/N).
 
         ``AggregationError`` if there is no base version, no accepted update, or the strategy
         refuses them.
@@ -110,17 +112,42 @@ class Aggregator:
             raise AggregationError(f"round {round_.id} has no base version to merge into")
         rows = crud.list_updates(session, round_id=round_.id, status=UpdateStatus.ACCEPTED)
         global_state = load_state(self.blobs, round_.base_version)
-        merged = self._merge(round_, global_state, [load_update(self.blobs, r, global_state)
-                                                    for r in rows])
+        updates = [load_update(self.blobs, r, global_state) for r in rows]
+        carried = self._carried_over(session, round_, global_state)
+        rows += [row for row, _ in carried]
+        updates += [update for _, update in carried]
+        merged = self._merge(round_, global_state, updates)
         blob = store_state(self.blobs, merged)
-        weights = sample_weights([r.n_samples for r in rows])
+        weights = sample_weights([u.n_samples for u in updates])
         version = crud.create_adapter_version(
             session, blob_sha256=blob.sha256, blob_size=blob.size, blob_path=str(blob.path),
             parent_id=round_.base_version_id, round_id=round_.id, strategy=round_.strategy,
             lineage={r.id: w for r, w in zip(rows, weights, strict=True)})
+        crud.record_metric(session, name="updates_carried_over", round_id=round_.id,
+                           version_id=version.id, value=len(carried))
         crud.record_metric(session, name="aggregation_seconds", round_id=round_.id,
                            version_id=version.id, value=time.perf_counter() - started)
         return version
+
+    def _carried_over(self, session: Session, round_: Round,
+                      global_state: AdapterState) -> list[tuple[Update, AdapterUpdate]]:
+        """Buffered updates (late, valid, not merged yet) at most ``max_staleness`` versions
+        older than this round's base, each counted as n·stale_weight^s samples, s = how many
+        versions it is behind. Without a Fisher they sit out a strategy that needs one."""
+        config = RoundConfig.model_validate(round_config(round_))
+        base_id = round_.base_version_id
+        assert base_id is not None
+        requires_fisher = config.make_strategy().requires_fisher
+        carried = []
+        for row in crud.unmerged_buffered_updates(
+                session, min_base_version=base_id - config.max_staleness):
+            update = load_update(self.blobs, row, global_state)
+            if requires_fisher and update.fisher is None:
+                continue
+            staleness = max(0, base_id - row.base_version)
+            n_samples = max(1, round(row.n_samples * config.stale_weight ** staleness))
+            carried.append((row, dataclasses.replace(update, n_samples=n_samples)))
+        return carried
 
     def _merge(self, round_: Round, global_state: AdapterState,
                updates: Sequence[AdapterUpdate]) -> AdapterState:

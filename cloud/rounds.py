@@ -44,7 +44,13 @@ class RoundConfig(BaseModel):
         1.0, gt=0, le=1, description="aggregate as soon as this share of participants submitted")
     min_updates: int = Field(1, ge=1, description="at the deadline, aggregate with at least this")
     deadline_s: float = Field(600.0, gt=0, le=7 * 86400)
-    late_policy: Literal["reject", "buffer"] = "reject"
+    late_policy: Literal["reject", "buffer"] = Field(
+        "reject", description="late updates: reject them, or buffer them for a later merge")
+    stale_weight: float = Field(
+        0.5, gt=0, le=1, description="a buffered update merged s versions after the one it "
+                                     "trained from counts n·stale_weight^s samples")
+    max_staleness: int = Field(
+        2, ge=0, le=100, description="buffered updates more versions old are not merged")
     required_capabilities: dict[str, Any] = Field(
         default_factory=dict,
         description="a device qualifies if each value matches (numbers: at least this much)")

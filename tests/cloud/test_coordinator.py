@@ -151,6 +151,72 @@ def test_late_updates_are_buffered_when_configured(cloud: Cloud, clock: FakeCloc
     assert [u.device_id for u, _ in lineage] == ["dev-a"]  # buffered never merged here
 
 
+def _lineage(cloud: Cloud) -> dict[tuple[int, str], float | None]:
+    with cloud.session() as session:
+        version = crud.latest_adapter_version(session)
+        assert version is not None
+        return {(u.round_id, u.device_id): w
+                for u, w in crud.version_lineage(session, version_id=version.id)}
+
+
+@pytest.mark.parametrize(("max_staleness", "carried"), [(2, True), (0, False)])
+def test_a_buffered_update_is_merged_once_into_the_next_version(
+        cloud: Cloud, clock: FakeClock, max_staleness: int, carried: bool) -> None:
+    """dev-b misses round 1's deadline; its update is buffered and merged into round 2's
+    version, counted as n·stale_weight^1 (40 · 0.5 = 20 samples), and never again after --
+    unless it is more versions old than ``max_staleness`` allows."""
+    add_devices(cloud, "dev-a", "dev-b")
+    config = RoundConfig(deadline_s=60, late_policy="buffer", stale_weight=0.5,
+                         max_staleness=max_staleness)
+    first = cloud.coordinator.open_round(config)
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a", n_samples=10)
+    clock.advance(61)
+    cloud.coordinator.tick()  # round 1 merges dev-a alone
+    assert _submit(cloud, "dev-b", n_samples=40) == "buffered"
+    assert _lineage(cloud) == {(first, "dev-a"): 1.0}
+
+    second = cloud.coordinator.open_round(config)
+    cloud.coordinator.tick()
+    assert _submit(cloud, "dev-a", n_samples=10) == "accepted"
+    assert _submit(cloud, "dev-b", n_samples=10) == "accepted"
+    cloud.coordinator.tick()
+    assert _round(cloud, second)[0].state is RoundState.CLOSED
+    if carried:
+        assert _lineage(cloud) == {(second, "dev-a"): 0.25, (second, "dev-b"): 0.25,
+                                   (first, "dev-b"): 0.5}
+    else:
+        assert _lineage(cloud) == {(second, "dev-a"): 0.5, (second, "dev-b"): 0.5}
+    with cloud.session() as session:
+        (count,) = crud.list_metrics(session, round_id=second, name="updates_carried_over")
+    assert count.value == (1 if carried else 0)
+
+    third = cloud.coordinator.open_round(config)
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    _submit(cloud, "dev-b")
+    cloud.coordinator.tick()
+    assert set(_lineage(cloud)) == {(third, "dev-a"), (third, "dev-b")}
+
+
+def test_a_buffered_update_without_a_fisher_sits_out_a_fisher_merge(cloud: Cloud,
+                                                                   clock: FakeClock) -> None:
+    add_devices(cloud, "dev-a", "dev-b")
+    fedavg = RoundConfig(strategy="fedavg", deadline_s=60, late_policy="buffer")
+    cloud.coordinator.open_round(fedavg)
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a", with_fisher=False)
+    clock.advance(61)
+    cloud.coordinator.tick()
+    assert _submit(cloud, "dev-b", with_fisher=False) == "buffered"
+    second = cloud.coordinator.open_round(RoundConfig(strategy="fednano"))
+    cloud.coordinator.tick()
+    _submit(cloud, "dev-a")
+    _submit(cloud, "dev-b")
+    cloud.coordinator.tick()
+    assert set(_lineage(cloud)) == {(second, "dev-a"), (second, "dev-b")}
+
+
 def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
     add_devices(cloud, "dev-a", "dev-b")
     round_id = cloud.coordinator.open_round(TWO)

@@ -68,6 +68,7 @@ from cloud.db.crud.updates import (
     list_updates,
     record_metric,
     record_update,
+    unmerged_buffered_updates,
     version_lineage,
 )
 
@@ -130,5 +131,6 @@ __all__ = [
     "token_digest",
     "transition_round",
     "unfinished_rounds",
+    "unmerged_buffered_updates",
     "version_lineage",
 ]

@@ -24,6 +24,7 @@ from cloud.db.models import (
 )
 
 _HEX = frozenset("0123456789abcdef")
+MERGEABLE = frozenset({UpdateStatus.ACCEPTED, UpdateStatus.BUFFERED})
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def create_adapter_version(session: Session, *, blob_sha256: str, blob_size: int
                            round_id: int | None = None, strategy: str | None = None,
                            lineage: Mapping[int, float | None] | None = None) -> AdapterVersion:
     """Store a global adapter version; ``lineage`` maps each merged update's row id to its
-    weight. Only accepted updates may go into a version."""
+    weight. Only accepted (or buffered: late but valid) updates may go into a version."""
     check_sha256(blob_sha256)
     lineage = dict(lineage or {})
     _check_mergeable(session, lineage)
@@ -154,9 +155,20 @@ def _check_mergeable(session: Session, lineage: Mapping[int, float | None]) -> N
     missing = sorted(set(lineage) - set(status))
     if missing:
         raise RecordNotFoundError("update", missing)
-    unusable = sorted(pk for pk, s in status.items() if s is not UpdateStatus.ACCEPTED)
+    unusable = sorted(pk for pk, s in status.items() if s not in MERGEABLE)
     if unusable:
-        raise ValueError(f"only accepted updates can be merged, got updates {unusable}")
+        raise ValueError(f"only accepted or buffered updates can be merged, got updates "
+                         f"{unusable}")
+
+
+def unmerged_buffered_updates(session: Session, *, min_base_version: int) -> list[Update]:
+    """Buffered (late, valid) updates no version merged yet, trained from ``min_base_version``
+    or newer, oldest first."""
+    merged = select(VersionUpdate.update_pk).where(VersionUpdate.update_pk == Update.id)
+    query = (select(Update).where(Update.status == UpdateStatus.BUFFERED,
+                                  Update.base_version >= min_base_version, ~merged.exists())
+             .order_by(Update.id))
+    return list(session.scalars(query))
 
 
 def get_adapter_version(session: Session, *, version_id: int) -> AdapterVersion | None:

@@ -239,14 +239,14 @@ def test_versions_keep_their_lineage(db_session: Session) -> None:
     assert [(u.update_id, w) for u, w in lineage] == [("u-1", 0.25), ("u-2", 0.75)]
 
 
-def test_only_accepted_updates_can_be_merged(db_session: Session) -> None:
+def test_only_accepted_or_buffered_updates_can_be_merged(db_session: Session) -> None:
     _devices(db_session, "d1")
     round_ = crud.create_round(db_session, strategy="fednano", quorum=1, min_updates=1)
     late = _accepted("u-1", round_.id, "d1", status=UpdateStatus.REJECTED,
                      rejection_code="late", rejection_reason="after the deadline")
     row, _ = crud.record_update(db_session, record=late)
-    with pytest.raises(ValueError, match=f"only accepted updates can be merged, got updates "
-                                         rf"\[{row.id}\]"):
+    with pytest.raises(ValueError, match=f"only accepted or buffered updates can be merged, "
+                                         rf"got updates \[{row.id}\]"):
         crud.create_adapter_version(db_session, blob_sha256=SHA, blob_size=1, blob_path="v",
                                     lineage={row.id: 1.0})
     with pytest.raises(crud.RecordNotFoundError, match=r"no update \[999\]"):
