@@ -7,9 +7,10 @@ acknowledged QoS 1 messages under bursts) and persistence in its folder: ``stop`
 which makes Mosquitto save its database, so ``restart`` keeps persistent sessions and queued
 QoS 1 messages.
 
-The folder is a fresh temporary one: started as root, Mosquitto drops to the ``mosquitto``
-user, which must be able to reach its files (a folder under ``/root`` would not do); the folder
-and its files are handed to that user at every start.
+The folder is a fresh temporary one: as root, Mosquitto runs as the ``mosquitto`` user
+(started as that user by ``setpriv``, so it dies with its parent, see ``_argv``), which must be
+able to reach its files (a folder under ``/root`` would not do); the folder and its files are
+handed to that user at every start.
 """
 
 from __future__ import annotations
@@ -143,21 +144,29 @@ class Mosquitto:
         self._hand_over()
         with (self.folder / "mosquitto.log").open("ab") as log:
             self._process = subprocess.Popen(
-                [*launcher(), self.binary, "-c", str(self.folder / "mosquitto.conf")],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self._argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         self._wait_listening(timeout)
         return self
 
+    def _argv(self) -> list[str]:
+        """The command line. As root, Mosquitto is started as its own user by ``setpriv``
+        (which sets the death signal after switching): Mosquitto then never changes user
+        itself, a change that would clear the death signal, so even a SIGKILLed parent leaves
+        no broker behind. Otherwise ``launcher()`` in front of it, as for every child."""
+        command = [self.binary, "-c", str(self.folder / "mosquitto.conf")]
+        setpriv, user = shutil.which("setpriv"), _broker_user()
+        if os.geteuid() == 0 and setpriv and user is not None:
+            return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                    "--clear-groups", "--pdeathsig", "SIGTERM", "--", *command]
+        return [*launcher(), *command]
+
     def _hand_over(self) -> None:
         """As root, Mosquitto runs as its own user: let it read the files and write its data."""
         os.chmod(self.folder, 0o755)
-        if os.geteuid() != 0:
-            return
-        try:
-            user = pwd.getpwnam(BROKER_USER)
-        except KeyError:
-            return  # no such user: mosquitto stays root
+        user = _broker_user()
+        if os.geteuid() != 0 or user is None:
+            return  # not root, or no such user: mosquitto stays who we are
         for path in (self.folder, *self.folder.iterdir(), *(self.folder / "data").iterdir()):
             os.chown(path, user.pw_uid, user.pw_gid)
         for name in (PASSWORD_FILE, ACL_FILE):
@@ -225,3 +234,11 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _broker_user() -> pwd.struct_passwd | None:
+    """The ``mosquitto`` account, if this machine has one."""
+    try:
+        return pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        return None

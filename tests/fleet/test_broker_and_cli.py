@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +57,42 @@ def test_fleet_simulate_refuses_bad_options() -> None:
     result = runner.invoke(app, ["fleet", "simulate", "--strategy", "magic"])
     assert result.exit_code == 2
     assert runner.invoke(app, ["demo", "--help"]).exit_code == 0
+
+
+def test_the_broker_does_not_outlive_a_killed_parent() -> None:
+    """A fleet runner SIGKILLed (no finally, no signal handler) leaves no broker behind, even
+    when run as root, where Mosquitto runs as its own user."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("util-linux setpriv is not installed: no death signal for children")
+    script = (
+        "import sys, time\n"
+        "from fednano.broker import Mosquitto\n"
+        "broker = Mosquitto()\n"
+        "for name in ('passwd', 'acl'):\n"
+        "    (broker.folder / name).write_text('')\n"
+        "broker.start()\n"
+        "print(broker.pid, broker.port, broker.folder, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    folder: Path | None = None
+    try:
+        assert parent.stdout is not None
+        pid_text, port_text, folder_text = parent.stdout.readline().split()
+        pid, port, folder = int(pid_text), int(port_text), Path(folder_text)
+        assert _listening(port)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _listening(port), f"mosquitto (pid {pid}) outlived its parent"
+    finally:
+        parent.kill()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
