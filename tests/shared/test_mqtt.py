@@ -230,7 +230,9 @@ def test_manual_ack_keeps_a_message_with_the_broker_until_acknowledged(  # type:
         assert got is not None and got.payload == b"update"
         return got
 
-    cloud, updates = cloud_session()
+    cloud = MqttClient(broker.address, broker.options("cloud", manual_ack=True))
+    cloud.connect()
+    updates = cloud.subscribe(topics.ALL_UPDATES)  # connected: waits for the SUBACK
     device.publish(topics.updates("dev-a"), b"update", max_bytes=2**20)
     receive(updates)
     cloud.close()  # not acknowledged ...
