@@ -20,9 +20,7 @@ import base64
 import grp
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from sqlalchemy.orm import Session
 from cloud.db import crud
 from cloud.db.crud import Page
 from cloud.db.models import Device, DeviceStatus
+from shared.files import atomic_write
 from shared.protocol import (
     ALL_TOPICS_FILTER,
     BROADCAST_TOPIC_FILTER,
@@ -265,19 +264,7 @@ def write_atomic(path: Path, text: str, *, mode: int | None = None, gid: int | N
     Mode 0600, or 0640 owned by group ``gid``; the data is fsynced before the rename.
     """
     mode = mode if mode is not None else (0o600 if gid is None else 0o640)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), mode)
-            if gid is not None:
-                os.fchown(handle.fileno(), -1, gid)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"), prefix=f".{path.name}.", mode=mode, gid=gid)
 
 
 # ------------------------------------------------------------------------------ device config

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -39,6 +38,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from shared.files import atomic_writer
 
 BUNDLE_FORMAT: Final = 1
 MANIFEST_NAME = "manifest.json"
@@ -297,16 +298,10 @@ def load_embedder(path: Path, dtype: str) -> nn.Embedding:
 
 def write_archive(folder: Path, path: Path) -> Path:
     """A flat, uncompressed tar ``<folder name>/<file>`` of a bundle, written atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle, tarfile.open(fileobj=handle, mode="w") as tar:
-            for file in sorted(Path(folder).iterdir()):
-                tar.addfile(_tar_info(file), io.BytesIO(file.read_bytes()))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, prefix=f".{path.name}.", suffix=".tmp", mode=0o644) as handle, \
+            tarfile.open(fileobj=handle, mode="w") as tar:
+        for file in sorted(Path(folder).iterdir()):
+            tar.addfile(_tar_info(file), io.BytesIO(file.read_bytes()))
     return path
 
 

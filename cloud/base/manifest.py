@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from shared.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "current"
@@ -86,17 +87,8 @@ def version_id(content: dict[str, Any]) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"), prefix=f".{path.name}.", suffix=".tmp",
+                 mode=FILE_MODE)
 
 
 def swap_in_dir(tmp: Path, final: Path) -> None:
