@@ -17,12 +17,12 @@ which redelivers it when the coordinator's session resumes; ingestion is exactly
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from cloud.background import BackgroundService
 from cloud.blobs import BlobIntegrityError
 from cloud.coordinator import Coordinator
 from shared import topics
@@ -59,13 +59,14 @@ class MqttPublisher:
                             timeout=self.timeout_s)
 
 
-class CoordinatorService:
+class CoordinatorService(BackgroundService):
     """Feeds a ``Coordinator`` from the broker and ticks it every ``tick_interval_s``."""
 
     def __init__(self, coordinator: Coordinator, client: MqttClient, *,
                  tick_interval_s: float = 1.0) -> None:
         if tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s must be > 0, got {tick_interval_s!r}")
+        super().__init__("coordinator")
         self.coordinator = coordinator
         self.client = client
         self.tick_interval_s = tick_interval_s
@@ -73,8 +74,6 @@ class CoordinatorService:
         # CONNACK and SUBSCRIBE, before any route exists; they land here too.
         self.inbox: Inbox = client.inbox
         self._held: Received | None = None  # a message the database could not take yet
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def subscribe(self) -> None:
         """Updates and presence of every device, into one inbox (arrival order kept)."""
@@ -148,26 +147,5 @@ class CoordinatorService:
         """Subscribe, resume from the database, then loop until ``stop``."""
         self.subscribe()
         self.coordinator.resume()
-        while not self._stop.is_set():
+        while not self.stopping:
             self.step(self.tick_interval_s)
-
-    def start(self) -> CoordinatorService:
-        """``run`` in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("coordinator service already started")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, daemon=True, name="coordinator")
-        self._thread.start()
-        return self
-
-    @property
-    def alive(self) -> bool:
-        """Whether the thread started by ``start`` is still looping."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the loop after the current step and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cloud.background import BackgroundService
 from cloud.llm_backend import InProcessLLM
 from shared import topics
 from shared.backend import StepResult, check_step_inputs
@@ -253,7 +253,7 @@ def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
 # --- The worker ---------------------------------------------------------------------------------
 
 
-class LLMWorker:
+class LLMWorker(BackgroundService):
     """Serves ``topics.SHARED_LLM_REQUESTS`` with ``llm`` through ``client``.
 
     ``client`` may be connected already or not (``start`` registers the subscription, which
@@ -261,14 +261,13 @@ class LLMWorker:
     """
 
     def __init__(self, llm: InProcessLLM, client: MqttClient, config: WorkerConfig) -> None:
+        super().__init__(f"llm-worker-{config.worker_id}")
         self.llm = llm
         self.client = client
         self.config = config
         self.inbox = Inbox()
         self._stats = WorkerStats()
-        self._stop = threading.Event()
         self._pending: deque[Job] = deque()
-        self._thread: threading.Thread | None = None
 
     @property
     def stats(self) -> WorkerStats:
@@ -280,31 +279,16 @@ class LLMWorker:
         self.client.subscribe(topics.SHARED_LLM_REQUESTS, inbox=self.inbox)
 
     def start(self) -> LLMWorker:
-        """Subscribe and serve in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError(f"worker {self.config.worker_id!r} already started")
+        """Subscribe (idempotent: the same inbox on the same filter) and serve in a thread."""
         self.subscribe()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True,
-                                        name=f"llm-worker-{self.config.worker_id}")
-        self._thread.start()
-        return self
+        return super().start()
 
-    @property
-    def alive(self) -> bool:
-        """Whether the thread started by ``start`` is still serving."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the loop to end after the current batch and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def run(self) -> None:
+        self.serve_forever()
 
     def serve_forever(self) -> None:
         """Collect, compute, answer; until ``stop()``. (Subscribe first, or use ``start``.)"""
-        while not self._stop.is_set():
+        while not self.stopping:
             jobs = self._collect()
             if jobs:
                 self._process(jobs)
