@@ -44,7 +44,7 @@ from edge.device_round import (
     execute_task,
     load_global,
 )
-from edge.remote_llm import RemoteLLMError
+from edge.remote_llm import RemoteLLMError, RemoteLLMStopped
 from edge.state import DeviceState, GlobalAdapter, PendingUpdate, update_id_for
 from shared import topics
 from shared.backend import LLMBackend
@@ -76,7 +76,8 @@ from shared.mqtt import (
 
 log = logging.getLogger(__name__)
 
-BackendFactory = Callable[[MqttClient], LLMBackend]  # the agent's connection -> the LLM
+# The agent's connection and its stop flag (set at shutdown) -> the LLM.
+BackendFactory = Callable[[MqttClient, threading.Event], LLMBackend]
 # Failures worth another try later (LLM worker down or slow, link lost, RemoteLLMTimeout);
 # the worker's error replies (RemoteLLMError) refuse the task instead.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError)
@@ -187,7 +188,7 @@ class EdgeAgent:
             return
         try:
             self._publish_presence()
-            backend = self._backend_factory(self.client)
+            backend = self._backend_factory(self.client, self._stopping)
             with ThreadPoolExecutor(1, thread_name_prefix=f"edge-{self.device_id}") as pool:
                 worker = pool.submit(self._work_loop, backend)
                 try:
@@ -357,6 +358,9 @@ class EdgeAgent:
             return
         except RoundInterrupted as err:
             self._interrupted(task, err.reason)
+            return
+        except RemoteLLMStopped:  # shut down while waiting for the LLM: as between two calls
+            self._interrupted(task, "shutdown")
             return
         except TRANSIENT_ERRORS as err:
             self._retry_later(task, err)

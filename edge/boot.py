@@ -9,6 +9,7 @@ LLM is reached through ``RemoteLLM`` on the agent's own broker connection.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class RemoteLLMFactory:
     base_version: str
     settings: LLMSettings
 
-    def __call__(self, client: MqttClient) -> LLMBackend:
+    def __call__(self, client: MqttClient, stop: threading.Event) -> LLMBackend:
         return RemoteLLM(client, device_id=self.device_id, base_version=self.base_version,
-                         timeout_s=self.settings.timeout_s, retries=self.settings.retries)
+                         timeout_s=self.settings.timeout_s, retries=self.settings.retries,
+                         stop=stop)

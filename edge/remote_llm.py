@@ -56,6 +56,13 @@ class RemoteLLMTimeout(RemoteLLMError, TimeoutError):
     """No answer after every attempt."""
 
 
+class RemoteLLMStopped(RuntimeError):
+    """The device is shutting down: the call was abandoned while it waited for an answer."""
+
+
+STOP_POLL_S = 0.25  # how often a wait for an answer looks at the stop flag
+
+
 @dataclass
 class RemoteStats:
     """What this device exchanged with the LLM workers (bytes as published / received)."""
@@ -73,7 +80,7 @@ class RemoteLLM:
     def __init__(self, client: MqttClient, *, device_id: str, base_version: str,
                  timeout_s: float = 60.0, retries: int = 2,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 publish_timeout_s: float = 10.0) -> None:
+                 publish_timeout_s: float = 10.0, stop: threading.Event | None = None) -> None:
         if timeout_s <= 0 or retries < 0:
             raise ValueError(f"need timeout_s > 0 and retries >= 0, got {timeout_s!r}, "
                              f"{retries!r}")
@@ -84,6 +91,7 @@ class RemoteLLM:
         self.retries = retries
         self.max_message_bytes = max_message_bytes
         self.publish_timeout_s = publish_timeout_s
+        self.stop = stop  # set: the waits and retries end with RemoteLLMStopped
         self.stats = RemoteStats()
         self._lock = threading.Lock()
         self._requests_topic = topics.llm_requests(device_id)
@@ -142,6 +150,7 @@ class RemoteLLM:
         """Publish (size-checked) and wait; again with the same id after each timeout."""
         properties = request_properties(self._responses_topic, request_id.encode())
         for attempt in range(1 + self.retries):
+            self._check_stop(request_id)
             self.stats.attempts += 1
             try:
                 self.client.publish(self._requests_topic, payload,
@@ -162,9 +171,10 @@ class RemoteLLM:
     def _await(self, request_id: str, deadline: float,
                ) -> tuple[LLMResponse, dict[str, bytes]] | None:
         while (left := deadline - time.monotonic()) > 0:
-            received = self._inbox.get(timeout=left)
+            self._check_stop(request_id)
+            received = self._inbox.get(timeout=min(left, STOP_POLL_S))
             if received is None:
-                return None
+                continue
             try:
                 response, parts = unpack(received.payload, LLMResponse,
                                          max_bytes=self.max_message_bytes)
@@ -177,3 +187,7 @@ class RemoteLLM:
                 return response, parts
             self.stats.ignored += 1  # a late answer to an earlier call
         return None
+
+    def _check_stop(self, request_id: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RemoteLLMStopped(f"LLM request {request_id} abandoned: the device is stopping")

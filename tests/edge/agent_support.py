@@ -70,7 +70,7 @@ def make_agent(broker: MosquittoBroker, device_id: str, state_dir: Path, model: 
                **profile_updates: Any) -> EdgeAgent:
     """An agent on ``broker``; ``backend`` is an LLMBackend or a factory (e.g. RemoteLLM's)."""
     config = make_config(broker, device_id, state_dir, **profile_updates)
-    factory = backend if isinstance(backend, RemoteLLMFactory) else lambda client: backend
+    factory = backend if isinstance(backend, RemoteLLMFactory) else lambda client, stop: backend
     return EdgeAgent(config, model, samples if samples is not None else make_samples(),
                      factory, password=broker.credentials(device_id).password,
                      settings=FAST)

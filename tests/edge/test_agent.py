@@ -7,11 +7,13 @@ presence as the coordinator would.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
 from edge.agent import EdgeAgent
+from edge.boot import LLMSettings, RemoteLLMFactory
 from edge.state import PENDING_FILE, TASK_FILE, DeviceState, update_id_for
 from shared import codec, topics
 from shared.messages import CancelTask, TaskHParams, pack
@@ -342,3 +344,21 @@ def test_an_unexpected_error_goes_offline_and_raises(broker, tmp_path, model, ti
     assert not thread.is_alive() and [str(e) for e in errors] == ["a bug"]
     assert retained_presence(broker, "dev-a").state == "offline"  # said before raising
     assert (tmp_path / "agent" / TASK_FILE).exists()  # the next start tries the round again
+
+
+def test_a_shutdown_while_waiting_for_the_llm_keeps_the_task(  # type: ignore[no-untyped-def]
+        broker, tmp_path, model):
+    """No LLM worker answers and a call may wait 4 x 60 s: the shutdown abandons the wait at
+    once and the task stays on disk for the next start, as a shutdown between two calls."""
+    cloud = connect_cloud(broker)
+    requests = cloud.client.subscribe(topics.llm_requests("dev-a"))
+    patient = RemoteLLMFactory("dev-a", WORKER_BASE, LLMSettings(timeout_s=60, retries=3))
+    agent = make_agent(broker, "dev-a", tmp_path, model, patient)
+    thread = _run(agent)
+    _, payload = make_task(model)
+    cloud.send("dev-a", payload)
+    assert requests.get(timeout=15) is not None  # the device is waiting for an answer
+    started = time.monotonic()
+    _stop(agent, thread)
+    assert time.monotonic() - started < 15
+    assert (tmp_path / "agent" / TASK_FILE).exists()

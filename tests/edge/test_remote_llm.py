@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
 
-from edge.remote_llm import RemoteLLM, RemoteLLMError, RemoteLLMTimeout
+from edge.remote_llm import RemoteLLM, RemoteLLMError, RemoteLLMStopped, RemoteLLMTimeout
 from edge.trainer import train_step
 from shared import topics
 from shared.messages import LLMRequest, LLMResponse, MessageTooLarge, pack, unpack
@@ -122,3 +123,15 @@ def test_acl_keeps_devices_apart(broker, tiny_llm) -> None:  # type: ignore[no-u
     assert spy.get(timeout=0.5) is None
     assert worker.stats.requests == 1
     stop_worker(worker)
+
+
+def test_a_shutdown_abandons_the_wait_and_the_retries(broker) -> None:  # type: ignore[no-untyped-def]
+    """No worker answers and each attempt would wait 30 s (x 4): the stop flag ends the call
+    within a poll, so a device told to stop does not sit out its retries."""
+    stop = threading.Event()
+    remote = _remote(broker, timeout_s=30.0, retries=3, stop=stop)
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RemoteLLMStopped, match="the device is stopping"):
+        remote.score(*step_inputs(1, 4)[:2])
+    assert time.monotonic() - started < 10 and remote.stats.attempts == 1
