@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +40,8 @@ from shared.adapters import AdapterConfig
 from shared.bundle import MANIFEST_NAME, ONNX_NAME, verify_bundle
 from shared.vision import preprocess
 from tests.cloud.test_bundle_export import word_tokenizer
+from tests.device_probe import load_bundle_on_device
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE, PATCH, LAYERS, WIDTH, IMAGE_TOKEN = 32, 8, 3, 32, 63
 CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)  # CLIPImageProcessor's
 # (tower, select strategy, feature layers): CLS dropped / kept, one layer / two concatenated.
@@ -159,19 +157,10 @@ def test_fp32_graph_is_llava_exactly(variant: str, tmp_path: Path) -> None:
 
 def test_device_loads_it_without_transformers(int8_bundle) -> None:
     _, folder = int8_bundle
-    code = (
-        "import sys; from pathlib import Path; import edge.runtime as r\n"
-        f"rt = r.load_bundle(Path({str(folder)!r}))\n"
-        "bad = [m for m in ('transformers', 'optimum', 'cloud', 'torch.onnx', 'onnxscript') "
-        "if m in sys.modules]\n"
-        "assert not bad, bad\n"
-        "print(rt.bundle_version)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                          timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == folder.name
+    printed = load_bundle_on_device(
+        folder, ("transformers", "optimum", "cloud", "torch.onnx", "onnxscript"),
+        report="rt.bundle_version")
+    assert printed == folder.name
 
 
 def _normalisation_left_out(export: OptimumLlavaExport) -> OptimumLlavaExport:

@@ -6,8 +6,6 @@ import io
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -46,8 +44,8 @@ from shared.bundle import (
 )
 from shared.connector import PoolingConnector
 from shared.prompts import PromptTemplate, collate
+from tests.device_probe import load_bundle_on_device
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE, C, WIDTH = 32, 8, 16
 WORDS = ["[UNK]", "Image:", "Question:", "Answer:", "what", "color?", "red", "blue"]
 
@@ -190,19 +188,9 @@ def test_unpack_refuses_paths_outside_the_bundle(tmp_path: Path) -> None:
 
 
 def test_device_import_needs_no_transformers(bundle: Path) -> None:
-    code = (
-        "import sys; from pathlib import Path; import edge.runtime as r\n"
-        f"rt = r.load_bundle(Path({str(bundle)!r}))\n"
-        "bad = [m for m in ('transformers', 'cloud', 'torch.onnx', 'onnxscript') "
-        "if m in sys.modules]\n"
-        "assert not bad, bad\n"
-        "print(rt.bundle_version)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                          timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == bundle.name
+    printed = load_bundle_on_device(
+        bundle, ("transformers", "cloud", "torch.onnx", "onnxscript"), report="rt.bundle_version")
+    assert printed == bundle.name
 
 
 def test_session_errors_become_bundle_errors(tmp_path: Path) -> None:

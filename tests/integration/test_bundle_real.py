@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,9 @@ from fednano.cli import app as fednano_app
 from shared.batches import VQABatcher
 from shared.data.easyvqa import load_easy_vqa
 from shared.prompts import collate
+from tests.device_probe import load_bundle_on_device
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 MIN_COSINE = 0.97
 
 
@@ -101,16 +99,6 @@ def test_self_check_command_on_the_archive(bundle: Path) -> None:
 
 
 def test_bundle_loads_without_transformers(bundle: Path) -> None:
-    code = (
-        "import sys; from pathlib import Path; import edge.runtime as r\n"
-        f"rt = r.load_bundle(Path({str(bundle)!r}))\n"
-        "report = rt.self_test()\n"
-        "bad = [m for m in ('transformers', 'cloud', 'onnxscript') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-        "print(report.min_cosine)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip()) >= MIN_COSINE
+    printed = load_bundle_on_device(bundle, ("transformers", "cloud", "onnxscript"),
+                                    report="st.min_cosine", self_test=True, timeout=300)
+    assert float(printed) >= MIN_COSINE
