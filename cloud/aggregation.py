@@ -20,6 +20,7 @@ from cloud.blobs import Blob, BlobStore
 from cloud.db import crud
 from cloud.db.models import AdapterVersion, Round, Update, UpdateStatus
 from cloud.rounds import RoundConfig
+from cloud.strategies import Strategy
 from cloud.validation import DELTA_PART, FISHER_PART
 from shared import codec
 from shared.adapters import AdapterState
@@ -112,11 +113,13 @@ class Aggregator:
             raise AggregationError(f"round {round_.id} has no base version to merge into")
         rows = crud.list_updates(session, round_id=round_.id, status=UpdateStatus.ACCEPTED)
         global_state = load_state(self.blobs, round_.base_version)
+        config = RoundConfig.model_validate(round_config(round_))
+        strategy = config.make_strategy()
         updates = [load_update(self.blobs, r, global_state) for r in rows]
-        carried = self._carried_over(session, round_, global_state)
+        carried = self._carried_over(session, round_, config, strategy, global_state)
         rows += [row for row, _ in carried]
         updates += [update for _, update in carried]
-        merged = self._merge(round_, global_state, updates)
+        merged = self._merge(round_, strategy, global_state, updates)
         blob = store_state(self.blobs, merged)
         weights = sample_weights([u.n_samples for u in updates])
         version = crud.create_adapter_version(
@@ -129,31 +132,29 @@ class Aggregator:
                            version_id=version.id, value=time.perf_counter() - started)
         return version
 
-    def _carried_over(self, session: Session, round_: Round,
-                      global_state: AdapterState) -> list[tuple[Update, AdapterUpdate]]:
+    def _carried_over(self, session: Session, round_: Round, config: RoundConfig,
+                      strategy: Strategy, global_state: AdapterState,
+                      ) -> list[tuple[Update, AdapterUpdate]]:
         """Buffered updates (late, valid, not merged yet) at most ``max_staleness`` versions
         older than this round's base, each counted as n·stale_weight^s samples, s = how many
         versions it is behind. Without a Fisher they sit out a strategy that needs one."""
-        config = RoundConfig.model_validate(round_config(round_))
         base_id = round_.base_version_id
         assert base_id is not None
-        requires_fisher = config.make_strategy().requires_fisher
         carried = []
         for row in crud.unmerged_buffered_updates(
                 session, min_base_version=base_id - config.max_staleness):
             update = load_update(self.blobs, row, global_state)
-            if requires_fisher and update.fisher is None:
+            if strategy.requires_fisher and update.fisher is None:
                 continue
             staleness = max(0, base_id - row.base_version)
             n_samples = max(1, round(row.n_samples * config.stale_weight ** staleness))
             carried.append((row, dataclasses.replace(update, n_samples=n_samples)))
         return carried
 
-    def _merge(self, round_: Round, global_state: AdapterState,
+    def _merge(self, round_: Round, strategy: Strategy, global_state: AdapterState,
                updates: Sequence[AdapterUpdate]) -> AdapterState:
         if not updates:
             raise AggregationError(f"round {round_.id} has no accepted updates")
-        strategy = RoundConfig.model_validate(round_config(round_)).make_strategy()
         try:
             merged = strategy.aggregate(global_state, updates)
         except ValueError as err:
