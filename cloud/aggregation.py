@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
+from cloud import metrics
 from cloud.blobs import Blob, BlobStore
 from cloud.db import crud
 from cloud.db.models import AdapterVersion, Round, Update, UpdateStatus
@@ -101,6 +102,7 @@ class Aggregator:
         self.blobs = blobs
         self.evaluator = evaluator
 
+    @metrics.AGGREGATION_SECONDS.time()
     def aggregate(self, session: Session, round_: Round) -> AdapterVersion:
         """Merge ``round_``'s accepted updates, and buffered ones carried over from earlier
         rounds (``_carried_over``), into a new version with lineage (λ_k = n_k/N).

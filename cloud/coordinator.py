@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud import aggregation
+from cloud import aggregation, metrics
 from cloud.aggregation import AggregationError, Aggregator, Evaluation
 from cloud.blobs import BlobStore
 from cloud.db import crud
@@ -372,6 +372,7 @@ class Coordinator:
                           **details: object) -> None:
         crud.record_audit(session, actor=self.actor, action="round.transition",
                           subject=f"round:{round_id}", details={"to": state.value, **details})
+        metrics.round_transition(round_id, state.value)
 
     # --- the schedule ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import time
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from cloud import metrics
 from cloud.background import BackgroundService
 from cloud.blobs import BlobIntegrityError
 from cloud.coordinator import Coordinator
@@ -88,8 +89,11 @@ class CoordinatorService(BackgroundService):
             log.warning("ignoring a message on %r: not a device topic", received.topic)
             return
         if received.topic == topics.updates(device_id):
+            started = time.monotonic()
             result = self.coordinator.handle_update(device_id, received.payload)
-            log.info("update from %s: %s %s", device_id, result.outcome, result.code or "")
+            metrics.update_handled(result.outcome, result.code, time.monotonic() - started)
+            log.info("update from %s: %s %s", device_id, result.outcome, result.code or "",
+                     extra={"device_id": device_id, "update_id": result.update_id})
         elif received.topic == topics.status(device_id):
             self.coordinator.handle_presence(device_id, received.payload)
         else:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cloud import metrics
 from cloud.background import BackgroundService
 from cloud.llm_backend import InProcessLLM
 from shared import topics
@@ -268,6 +269,7 @@ class LLMWorker(BackgroundService):
         self.inbox = Inbox()
         self._stats = WorkerStats()
         self._pending: deque[Job] = deque()
+        metrics.watch_queue(lambda: len(self.inbox) + len(self._pending))
 
     @property
     def stats(self) -> WorkerStats:
@@ -371,7 +373,9 @@ class LLMWorker(BackgroundService):
             return None, f"{type(err).__name__}: {err}"
 
     def _compute(self, op: str, jobs: list[Job]) -> Sequence[StepResult | torch.Tensor]:
+        started = time.monotonic()
         results = run_step(self.llm, jobs) if op == "step" else run_score(self.llm, jobs)
+        metrics.llm_batch(op, len(jobs), sum(j.rows for j in jobs), time.monotonic() - started)
         self._stats.batches += 1
         self._stats.rows += sum(job.rows for job in jobs)
         self._stats.max_batch_requests = max(self._stats.max_batch_requests, len(jobs))
@@ -417,6 +421,7 @@ class LLMWorker(BackgroundService):
     def _count_error(self, code: str) -> None:
         self._stats.errors += 1
         self._stats.error_codes[code] += 1
+        metrics.llm_refused(code)
 
 
 def _request_id_of(received: Received) -> str:

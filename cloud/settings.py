@@ -23,6 +23,10 @@ DATABASE_FILE = "cloud.db"
 _SECRET_FIELDS = ("secret_key", "broker_password")
 
 
+class SettingsWarning(UserWarning):
+    """A setting that works but must not stay as it is (the CLI shows it as one line)."""
+
+
 def _default_home() -> Path:
     return Path("~/.cache/fednano").expanduser()
 
@@ -63,6 +67,12 @@ class CloudSettings(BaseSettings):
                           "served by the API; none: bundle downloads are off")
     tick_interval_s: float = Field(1.0, gt=0, le=60,
                                    description="how often the coordinator checks its rounds")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="TCP port of the coordinator's or LLM worker's Prometheus /metrics (the "
+                    "API serves /metrics on its own port); none: not served")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or as JSON with device, round and update ids")
 
     @field_validator("home", "data_dir", "broker_dir", "bundle_dir")
     @classmethod
@@ -94,14 +104,18 @@ class CloudSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> CloudSettings:
-        for name in _SECRET_FIELDS:
-            value: SecretStr = getattr(self, name)
-            if value.get_secret_value() in (DEFAULT_SECRET, ""):
-                message = (f"{name} is {DEFAULT_SECRET!r} or empty: set FEDNANO_{name.upper()} "
-                           "to a long random value")
-                if self.environment == "production":
-                    raise ValueError(message)
-                warnings.warn(message, stacklevel=2)
+        names = [name for name in _SECRET_FIELDS
+                 if getattr(self, name).get_secret_value() in (DEFAULT_SECRET, "")]
+        if not names:
+            return self
+        variables = " and ".join(f"FEDNANO_{name.upper()}" for name in names)
+        message = (f"{' and '.join(names)} still {'have' if len(names) > 1 else 'has'} the "
+                   f"placeholder {DEFAULT_SECRET!r} (or nothing): set {variables} to long "
+                   "random values")
+        if self.environment == "production":
+            raise ValueError(message)
+        warnings.warn(f"{message} (refused with FEDNANO_ENVIRONMENT=production)",
+                      SettingsWarning, stacklevel=2)
         return self
 
     @property

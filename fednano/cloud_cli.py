@@ -71,9 +71,16 @@ def _sessions(settings: CloudSettings) -> sessionmaker[Session]:
     return make_session_factory(make_engine(settings.resolved_database_url))
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+def _serve_metrics(settings: CloudSettings) -> None:
+    from cloud import metrics
+
+    metrics.serve(settings.metrics_port)
+
+
+def _logging(settings: CloudSettings) -> None:
+    from shared import logs
+
+    logs.configure(settings.log_format)
 
 
 # ------------------------------------------------------------------------------ services
@@ -107,8 +114,9 @@ def coordinator(
     eval_questions: EvalQuestions = 0,
 ) -> None:
     """The round coordinator alone (persistent MQTT session; resumes rounds from the database)."""
-    _logging()
     settings = load_settings()
+    _logging(settings)
+    _serve_metrics(settings)
     base = _load_base(settings, rank) if eval_questions else None
     service, client = _coordinator_service(settings, rank, base, eval_questions)
     _schedule(settings, rounds, target_accuracy)
@@ -124,8 +132,9 @@ def llm_worker(
     device: Annotated[str, typer.Option(help="Where the LLM runs: cpu, cuda, cuda:N.")] = "cpu",
 ) -> None:
     """A frozen-LLM worker serving split-training requests (shared subscription: run several)."""
-    _logging()
     settings = load_settings()
+    _logging(settings)
+    _serve_metrics(settings)
     base = _load_base(settings, 8)
     base.backend.to(device)
     worker, client = _llm_worker(settings, base, worker_id)
@@ -146,8 +155,8 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
 
     from cloud.api.main import create_app
 
-    _logging()
     settings = load_settings()
+    _logging(settings)
     base = _load_base(settings, rank)
     worker, worker_client = _llm_worker(settings, base, "llm-worker-serve")
     service, client = _coordinator_service(settings, rank, base, eval_questions)

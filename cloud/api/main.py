@@ -1,5 +1,5 @@
 """The API's app factory: ``create_app(settings)`` (OpenAPI at ``/api/v1/openapi.json``, the
-operator dashboard at ``/dashboard``).
+operator dashboard at ``/dashboard``, Prometheus metrics at ``/metrics``).
 
 Domain errors become HTTP statuses here, once: ``RecordNotFoundError`` and a missing bundle ->
 404, ``ConflictError`` (duplicate, invalid transition, revoked device, too few devices) -> 409.
@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 
+from cloud import metrics
 from cloud.api.routes import api_router
 from cloud.api.state import AppState, BrokerProbe
 from cloud.api.webui import mount_dashboard
@@ -63,6 +64,7 @@ def create_app(settings: CloudSettings, *, engine: Engine | None = None,
                                  broker_connected=broker_connected, answerer=answerer)
     app.include_router(api_router, prefix=API_PREFIX)
     mount_dashboard(app)
+    metrics.mount(app, app.state.fednano.sessions)
     app.add_exception_handler(RecordNotFoundError, _not_found)
     app.add_exception_handler(BundleNotFoundError, _not_found)
     app.add_exception_handler(ConflictError, _conflict)
