@@ -66,6 +66,7 @@ from shared.mqtt import (
     BrokerAddress,
     ClientOptions,
     ConnectError,
+    ConnectRefused,
     Inbox,
     MqttClient,
     NotConnectedError,
@@ -213,13 +214,23 @@ class EdgeAgent:
         self._stopping.set()
 
     def _connect(self) -> bool:
-        """Connect, retrying with backoff while the broker is unreachable; False if stopped."""
+        """Connect, retrying with backoff while the broker is unreachable; False if stopped.
+
+        A refusal the same credentials would get again (bad password, not authorized: a
+        revoked device) is not retried: ``ConnectRefused`` is raised.
+        """
         delay = float(self.settings.reconnect_min_s)
         while not self._stopping.is_set():
             try:
                 self.client.connect(self.settings.connect_timeout_s)
                 log.info("%s: connected to %s", self.device_id, self.client.address.url)
                 return True
+            except ConnectRefused as err:
+                if err.permanent:
+                    log.error("%s: %s; not retrying", self.device_id, err)
+                    self.client.close()
+                    raise
+                log.warning("%s: %s; retrying in %.0f s", self.device_id, err, delay)
             except ConnectError as err:
                 log.warning("%s: %s; retrying in %.0f s", self.device_id, err, delay)
             self._stopping.wait(delay)

@@ -8,12 +8,12 @@ the device agent. Only ``self-check`` and ``run`` import torch and onnxruntime (
 command), so the other commands run on a provisioning laptop.
 
 Exit codes of ``run``: 0 after a clean shutdown (SIGTERM / SIGINT), 1 invalid config, bundle
-or data, 2 bad usage, 3 unusable local state (the message names the file and the recovery).
+or data, 2 bad usage, 3 unusable local state (the message names the file and the recovery),
+4 the broker refused the device's credentials (retrying would not help).
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +40,7 @@ from edge.profiles import (
     profile_path,
     read_yaml_mapping,
 )
+from shared import logs
 from shared.bundle import BundleError
 
 if TYPE_CHECKING:
@@ -53,6 +54,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"fednano-edge {version('fednano')}")
+        except PackageNotFoundError:
+            print("fednano-edge (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """FedNano edge device."""
+
 
 ProfilesDir = Annotated[
     Path | None,
@@ -296,6 +317,24 @@ def _console(stderr: bool = False) -> Console:
 # ------------------------------------------------------------------------------ fetch-bundle
 
 
+class _DownloadProgress:
+    """A line on stderr every ``every_s`` seconds while a download runs (and at its end)."""
+
+    def __init__(self, url: str, every_s: float = 2.0) -> None:
+        self.url, self.every_s = url, every_s
+        self.started = self.shown = time.monotonic()
+        typer.echo(f"fetch-bundle: downloading {url}", err=True)
+
+    def __call__(self, received: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.shown < self.every_s and received != total:
+            return
+        self.shown = now
+        of = f" of {total / 2**20:.1f} MiB ({100 * received / total:.0f} %)" if total else ""
+        typer.echo(f"fetch-bundle: {received / 2**20:.1f} MiB{of} in {now - self.started:.0f} s",
+                   err=True)
+
+
 @app.command("fetch-bundle")
 def fetch_bundle(
     url: Annotated[str, typer.Argument(
@@ -314,7 +353,8 @@ def fetch_bundle(
     from edge.fetch import fetch_bundle as fetch
 
     try:
-        manifest = fetch(url, sha256, dest, max_bytes=max_mib * 2**20, timeout_s=timeout)
+        manifest = fetch(url, sha256, dest, max_bytes=max_mib * 2**20, timeout_s=timeout,
+                         progress=_DownloadProgress(url))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     except BundleError as err:
@@ -346,16 +386,20 @@ def run(
     llm_timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the cloud LLM per attempt (3 retries).", min=1)] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[Literal["text", "json"], typer.Option(
+        envvar="FEDNANO_LOG_FORMAT",
+        help="Log lines as text, or as JSON lines with the device, round and update ids "
+        "(env FEDNANO_LOG_FORMAT).")] = "text",
 ) -> None:
     """Run the device agent until SIGTERM or SIGINT: presence, tasks, training, updates.
 
-    Exit 0: clean shutdown; 1: invalid config, bundle or data; 3: unusable local state.
+    Exit 0: clean shutdown; 1: invalid config, bundle or data; 3: unusable local state;
+    4: the broker refused the device's credentials (not authorized, bad password).
     """
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise typer.BadParameter(f"expected debug, info, warning or error, got {log_level!r}",
                                  param_hint="--log-level")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
-                        "%(name)s: %(message)s")
+    logs.configure(log_format, log_level.upper())
     try:
         device = load_device_config(config, allow_inline_password=allow_inline_password,
                                     profiles_dir=profiles_dir)
@@ -381,6 +425,7 @@ def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
     from edge.agent import EdgeAgent, stop_on_signals
     from edge.boot import LLMSettings, RemoteLLMFactory, default_bundle_dir, load_device
     from edge.state import StateError
+    from shared.mqtt import ConnectRefused
 
     threads = device.profile.runtime.intra_op_threads
     if threads:
@@ -399,6 +444,10 @@ def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
         agent.run()
     except StateError as err:
         _fail_with("local state unusable", str(err), code=3)
+    except ConnectRefused as err:  # only refusals that a retry would get again come here
+        _fail_with("the broker refused this device", f"{err}. Check broker.username and the "
+                   "password file in the device config, or whether the device was revoked; "
+                   "not retrying", code=4)
 
 
 def _fail_with(title: str, message: str, code: int = 1) -> NoReturn:

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -32,9 +33,16 @@ class FetchError(BundleError):
     """The bundle could not be downloaded, or is not the one asked for; nothing was installed."""
 
 
+Progress = Callable[[int, "int | None"], None]  # (bytes received, total size if announced)
+
+
 def fetch_bundle(url: str, sha256: str, dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 timeout_s: float = 60.0) -> BundleManifest:
-    """Download the archive at ``url``, check ``sha256``, unpack and verify it into ``dest``."""
+                 timeout_s: float = 60.0, progress: Progress | None = None) -> BundleManifest:
+    """Download the archive at ``url``, check ``sha256``, unpack and verify it into ``dest``.
+
+    ``progress(received, total)`` is called after every chunk (``total``: the announced
+    Content-Length, or None).
+    """
     expected = sha256.strip().lower()
     if not _SHA256.match(expected):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
@@ -45,7 +53,7 @@ def fetch_bundle(url: str, sha256: str, dest: Path, *, max_bytes: int = DEFAULT_
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.download-")
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _download(url, out, max_bytes, timeout_s)
+            digest = _download(url, out, max_bytes, timeout_s, progress)
         if digest != expected:
             raise FetchError(f"sha256 mismatch for {url}: expected {expected}, got {digest}; "
                              "nothing was installed")
@@ -55,17 +63,26 @@ def fetch_bundle(url: str, sha256: str, dest: Path, *, max_bytes: int = DEFAULT_
     return read_manifest(dest)
 
 
-def _download(url: str, out: BinaryIO, max_bytes: int, timeout_s: float) -> str:
+def _download(url: str, out: BinaryIO, max_bytes: int, timeout_s: float,
+              progress: Progress | None = None) -> str:
     """Stream ``url`` into ``out`` (a binary file); returns the hex sha256 of what came."""
     digest, size = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # schemes checked
+            total = _announced_size(response)
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
                     raise FetchError(f"{url} is larger than the limit of {max_bytes:,} bytes")
                 digest.update(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress(size, total)
     except OSError as err:  # URLError, HTTPError, timeouts, missing files
         raise FetchError(f"cannot download {url}: {err}") from err
     return digest.hexdigest()
+
+
+def _announced_size(response: object) -> int | None:
+    length = getattr(response, "headers", {}).get("Content-Length")
+    return int(length) if length is not None and str(length).isdigit() else None

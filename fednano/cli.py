@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from fednano.choices import strategy_help, strategy_parser
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
 
@@ -22,6 +23,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"fednano {version('fednano')}")
+        except PackageNotFoundError:
+            print("fednano (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """FedNano."""
+
+
 base_app = typer.Typer(help="Build and inspect the frozen base MLLM (real pretrained weights).",
                        no_args_is_help=True)
 app.add_typer(base_app, name="base")
@@ -41,6 +62,7 @@ Home = Annotated[
                  "(env FEDNANO_HOME).", show_default=True),
 ]
 DEFAULT_HOME = Path(os.path.expanduser("~/.cache/fednano"))
+BASELINES = ("local", "centralized")  # fednano.simulate.BASELINES (imports torch)
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)]
 
 
@@ -62,8 +84,12 @@ def base_build(
     threads: Threads = 0,
 ) -> None:
     """Load SmolLM2 + EfficientNet-Lite0, align the connector, save a versioned base."""
+    import logging
+
     from cloud.base.build import build_base
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cloud").setLevel(logging.INFO)  # the steps; tqdm shows the long ones
     _threads(threads)
     folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed)
     console.print(f"[green]base built[/green]: {folder}")
@@ -133,7 +159,9 @@ def footprint(
 @app.command()
 def simulate(
     strategy: Annotated[str, typer.Option(
-        help="fednano | fedavg | fedprox | local | centralized")] = "fednano",
+        parser=strategy_parser(BASELINES),
+        help=f"Aggregation strategy, {strategy_help(BASELINES)} (the baselines: 'local' "
+        "trains without federation, 'centralized' on all data in one place).")] = "fednano",
     clients: Annotated[int, typer.Option(help="Number of simulated devices.", min=1)] = 5,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")]
     = 0.5,
@@ -245,5 +273,13 @@ def _first_error(err: Exception) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
+def main() -> None:
+    """The ``fednano`` command: a missing database, broker or base is one line, not a
+    traceback (``fednano.errors``)."""
+    from fednano import errors
+
+    errors.run(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

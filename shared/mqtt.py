@@ -54,6 +54,22 @@ class ConnectError(MqttError, ConnectionError):
     """The broker refused the connection (reason code in the message) or never answered."""
 
 
+class ConnectRefused(ConnectError):
+    """The broker answered the CONNECT with a failure reason code (``reason_code``)."""
+
+    # Refusals that the same credentials and client id will get again: retrying is pointless.
+    PERMANENT_CODES = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})  # protocol, client id,
+    # bad user name or password, not authorized, banned, bad authentication method
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+    @property
+    def permanent(self) -> bool:
+        return self.reason_code in self.PERMANENT_CODES
+
+
 class NotConnectedError(MqttError, ConnectionError):
     """An operation that needs a live connection was attempted without one."""
 
@@ -68,6 +84,11 @@ class SubscribeError(MqttError):
 
 class AckTimeout(MqttError, TimeoutError):
     """No CONNACK / PUBACK / SUBACK arrived within the timeout."""
+
+
+def _reason(err: BaseException) -> str:
+    """``Connection refused`` rather than ``[Errno 111] Connection refused``."""
+    return getattr(err, "strerror", None) or getattr(err, "reason", None) or str(err)
 
 
 # --- Addresses and options ----------------------------------------------------------------------
@@ -386,9 +407,13 @@ class MqttClient:
         """Connect and wait for the CONNACK; ``ConnectError`` names the broker's reason code."""
         self._connack.clear()
         opts = self.options
-        self._paho.connect_async(self.address.host, self.address.port, opts.keepalive_s,
-                                 clean_start=opts.clean_start,
-                                 properties=connect_properties(opts.session_expiry_s))
+        try:  # the TCP (and TLS) connection now, so a refusal is reported at once
+            self._paho.connect(self.address.host, self.address.port, opts.keepalive_s,
+                               clean_start=opts.clean_start,
+                               properties=connect_properties(opts.session_expiry_s))
+        except (OSError, ValueError) as err:  # refused, unreachable, no such host, TLS
+            raise ConnectError(f"cannot connect to the broker at {self.address.url}: "
+                               f"{_reason(err)}") from err
         self._paho.loop_start()
         if not self._connack.wait(timeout):
             self._stop_loop()
@@ -397,8 +422,9 @@ class MqttClient:
         if self._refusal is not None:
             reason, self._refusal = self._refusal, None
             self._stop_loop()
-            raise ConnectError(f"broker {self.address.url} refused client {opts.client_id!r} "
-                               f"(user {opts.username!r}): {reason} (reason code {reason.value})")
+            raise ConnectRefused(f"broker {self.address.url} refused client "
+                                 f"{opts.client_id!r} (user {opts.username!r}): {reason} "
+                                 f"(reason code {reason.value})", reason.value)
 
     def wait_connected(self, timeout: float) -> bool:
         """Whether the client is (or becomes, within ``timeout`` s) connected."""

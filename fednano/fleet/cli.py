@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from fednano.choices import strategy_help, strategy_parser
+
 if TYPE_CHECKING:
     from fednano.fleet.options import FleetOptions
     from fednano.fleet.report import FleetReport
@@ -83,8 +85,10 @@ def simulate(
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration of the data shards "
                                          "(question skew; small = non-IID).")] = 0.5,
     rounds: Annotated[int, typer.Option(help="Rounds the cloud's schedule runs.", min=1)] = 2,
-    strategy: Annotated[str, typer.Option(help="fednano (Fisher merge), fedavg, fedprox, "
-                                          "fedmedian.")] = "fednano",
+    strategy: Annotated[str, typer.Option(
+        parser=strategy_parser(),
+        help=f"Aggregation strategy, {strategy_help()} (fednano: Fisher merge).")]
+    = "fednano",
     steps: Annotated[int, typer.Option(help="Local steps per round.", min=1)] = 8,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     lr: Annotated[float, typer.Option(min=0)] = 2e-3,

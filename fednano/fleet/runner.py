@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.db.session import make_engine, make_session_factory, session_scope, sqlite_url
 from cloud.rounds import RoundConfig, Schedule, save_defaults, save_schedule
-from fednano.broker import Mosquitto
+from fednano.broker import Mosquitto, ensure_mosquitto
 from fednano.fleet import provision as prov
 from fednano.fleet import report as rep
 from fednano.fleet.faults import (
@@ -100,7 +100,7 @@ def ensure_base(home: Path, logs: Path, console: Console) -> str:
         console.print(f"no base under {home}: building it once from the packaged weights "
                       f"(a few minutes; log {logs / 'base-build.log'})", highlight=False)
     _run_step([sys.executable, "-m", "fednano.cli", "base", "build", "--home", str(home)],
-              logs / "base-build.log", "fednano base build")
+              logs / "base-build.log", "fednano base build", console)
     return str(read_manifest(home, None)["version"])
 
 
@@ -113,7 +113,7 @@ def ensure_bundle(home: Path, bundles: Path, base_version: str, logs: Path,
     console.print(f"exporting the NanoEdge bundle of base {base_version} into {bundles} "
                   f"(about a minute; log {logs / 'bundle-export.log'})", highlight=False)
     _run_step([sys.executable, "-m", "fednano.cli", "bundle", "export", "--out", str(bundles),
-               "--home", str(home)], logs / "bundle-export.log", "fednano bundle export")
+               "--home", str(home)], logs / "bundle-export.log", "fednano bundle export", console)
     found = _find_bundle(bundles, base_version)
     if found is None:
         raise FleetError(f"bundle export wrote no bundle of base {base_version} into {bundles}")
@@ -129,14 +129,40 @@ def _find_bundle(bundles: Path, base_version: str) -> Path | None:
     return None
 
 
-def _run_step(argv: list[str], log_path: Path, what: str) -> None:
+def _run_step(argv: list[str], log_path: Path, what: str, console: Console | None = None,
+              every_s: float = 20.0) -> None:
+    """Run one preparation command into ``log_path``; on ``console`` a line every ``every_s``
+    seconds with the elapsed time and the log's latest line (a progress bar's state)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     with log_path.open("wb") as log:
-        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False,
-                              env=_child_env({}))
-    if done.returncode != 0:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env({}))
+        try:
+            while True:
+                try:
+                    returncode = child.wait(timeout=every_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if console is not None:
+                        console.print(f"  {what}: {time.monotonic() - started:.0f} s, "
+                                      f"{_latest_line(log_path)}", highlight=False,
+                                      markup=False)
+        finally:
+            if child.poll() is None:  # interrupted: the step goes with us
+                child.kill()
+                child.wait()
+    if returncode != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise FleetError(f"{what} failed (exit {done.returncode}); log {log_path}:\n{tail}")
+        raise FleetError(f"{what} failed (exit {returncode}); log {log_path}:\n{tail}")
+
+
+def _latest_line(path: Path, limit: int = 100) -> str:
+    """The last non-empty line of ``path``, where a progress bar's ``\\r`` also ends one."""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 4096))
+        tail = handle.read().decode("utf-8", errors="replace")
+    lines = [line.strip() for line in tail.replace("\r", "\n").split("\n") if line.strip()]
+    return lines[-1][:limit] if lines else "(nothing logged yet)"
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -229,8 +255,8 @@ class FleetRunner:
         """Provision, start, drive, report; everything is stopped on the way out."""
         self._t0 = time.monotonic()
         try:
+            self._preflight()
             base_version, bundle = self._prepare()
-            self._setup_database()
             devices, rogue = self._provision()
             self._start_broker()
             self._start_cloud_and_wait()
@@ -245,9 +271,15 @@ class FleetRunner:
         self._write(report)
         return report
 
-    def _prepare(self) -> tuple[str, Path]:
+    def _preflight(self) -> None:
+        """What fails in seconds fails before the minutes a base build takes: the run folder,
+        the database (reachable, migrated, empty) and the broker binary."""
         prepare_out(self.paths.out, overwrite=self.overwrite)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self._setup_database()
+        ensure_mosquitto()
+
+    def _prepare(self) -> tuple[str, Path]:
         base_version = ensure_base(self.paths.home, self.paths.logs, self.console)
         bundle = ensure_bundle(self.paths.home, self.paths.bundles, base_version,
                                self.paths.logs, self.console)

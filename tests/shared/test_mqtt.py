@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from shared.mqtt import (
     BrokerAddress,
     ClientOptions,
     ConnectError,
+    ConnectRefused,
     Inbox,
     MqttClient,
     PublishError,
@@ -127,13 +130,34 @@ def test_bad_password_names_the_reason(broker) -> None:  # type: ignore[no-untyp
         client.connect(timeout=5)
 
 
-def test_no_broker_is_a_clear_timeout() -> None:
+def test_bad_password_is_a_permanent_refusal(broker) -> None:  # type: ignore[no-untyped-def]
+    client = MqttClient(broker.address, ClientOptions(client_id="dev-a", username="dev-a",
+                                                      password="wrong"))
+    with pytest.raises(ConnectRefused) as caught:
+        client.connect(timeout=5)
+    assert caught.value.permanent and caught.value.reason_code in (0x86, 0x87)
+
+
+def test_no_broker_is_refused_at_once_not_after_the_connack_timeout() -> None:
     from tests.brokers import free_port
 
     client = MqttClient(BrokerAddress.parse(f"mqtt://127.0.0.1:{free_port()}"),
                         ClientOptions(client_id="x"))
-    with pytest.raises(ConnectError, match="no CONNACK"):
-        client.connect(timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match=r"cannot connect to the broker at "
+                       r"mqtt://127\.0\.0\.1:\d+: Connection refused$"):
+        client.connect(timeout=10)
+    assert time.monotonic() - started < 2
+
+
+def test_a_listener_that_never_answers_is_a_clear_timeout() -> None:
+    with socket.socket() as server:  # accepts the TCP connection, never sends a CONNACK
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = MqttClient(BrokerAddress.parse(f"mqtt://127.0.0.1:{server.getsockname()[1]}"),
+                            ClientOptions(client_id="x"))
+        with pytest.raises(ConnectError, match="no CONNACK"):
+            client.connect(timeout=0.5)
 
 
 def test_acl_refuses_other_devices_topics(broker) -> None:  # type: ignore[no-untyped-def]
