@@ -328,6 +328,7 @@ class MqttClient:
         self._connack = threading.Event()
         self._connected = threading.Event()
         self._refusal: ReasonCode | None = None
+        self._connecting = False  # a connect() call is waiting for the CONNACK
         self._connection = 0  # counts successful connects: Received.connection
         self._install_callbacks()
 
@@ -354,8 +355,11 @@ class MqttClient:
                     reason: ReasonCode, props: Properties | None) -> None:
         if reason.is_failure:
             self._refusal = reason
-            log.warning("broker %s refused %s: %s", self.address.url, self.options.client_id,
-                        reason)
+            # A connect() waiting for this CONNACK raises with the reason; a reconnect of
+            # paho's thread has nobody else to tell.
+            log.log(logging.DEBUG if self._connecting else logging.WARNING,
+                    "broker %s refused %s: %s", self.address.url, self.options.client_id,
+                    reason)
         else:
             self._refusal = None
             self._connection += 1
@@ -406,6 +410,13 @@ class MqttClient:
     def connect(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Connect and wait for the CONNACK; ``ConnectError`` names the broker's reason code."""
         self._connack.clear()
+        self._connecting = True
+        try:
+            self._connect(timeout)
+        finally:
+            self._connecting = False
+
+    def _connect(self, timeout: float) -> None:
         opts = self.options
         try:  # the TCP (and TLS) connection now, so a refusal is reported at once
             self._paho.connect(self.address.host, self.address.port, opts.keepalive_s,

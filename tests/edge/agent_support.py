@@ -55,14 +55,20 @@ def make_model(edge: Any, tokenizer: Any, n: int = 12,
                        providers=["torch"])
 
 
+def make_config_fields(state_dir: Path, device_id: str = "dev-a",
+                       **profile_updates: Any) -> dict[str, Any]:
+    """A device config's fields without a broker (add ``"broker": {"url": ...}``)."""
+    return {"device_id": device_id,
+            "profile": load_profile("sim-cpu").model_copy(update=profile_updates),
+            "credentials": {"password_env": "FEDNANO_UNUSED"},
+            "bundle_url": "file:///unused/bundle.tar", "state_dir": str(state_dir)}
+
+
 def make_config(broker: MosquittoBroker, device_id: str, state_dir: Path,
                 **profile_updates: Any) -> DeviceConfig:
-    profile = load_profile("sim-cpu").model_copy(update=profile_updates)
     return DeviceConfig.model_validate({
-        "device_id": device_id, "profile": profile, "broker": {"url": broker.url},
-        "credentials": {"password_env": "FEDNANO_UNUSED"},
-        "bundle_url": "file:///unused/bundle.tar", "state_dir": str(state_dir),
-    })
+        **make_config_fields(state_dir, device_id, **profile_updates),
+        "broker": {"url": broker.url}})
 
 
 def make_agent(broker: MosquittoBroker, device_id: str, state_dir: Path, model: DeviceModel,

@@ -6,6 +6,7 @@ presence as the coordinator would.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -14,15 +15,20 @@ import torch
 
 from edge.agent import EdgeAgent
 from edge.boot import LLMSettings, RemoteLLMFactory
+from edge.config import DeviceConfig
 from edge.state import PENDING_FILE, TASK_FILE, DeviceState, update_id_for
 from shared import codec, topics
 from shared.messages import CancelTask, TaskHParams, pack
 from shared.mqtt import PublishError, SubscribeError
 from tests.edge.agent_support import (
+    FAST,
     GatedBackend,
     connect_cloud,
     make_agent,
+    make_config,
+    make_config_fields,
     make_model,
+    make_samples,
     make_task,
     remote_llm,
     retained_presence,
@@ -362,3 +368,35 @@ def test_a_shutdown_while_waiting_for_the_llm_keeps_the_task(  # type: ignore[no
     _stop(agent, thread)
     assert time.monotonic() - started < 15
     assert (tmp_path / "agent" / TASK_FILE).exists()
+
+
+def test_a_refused_password_stops_the_agent_at_once(broker, tmp_path, model, backend):  # type: ignore[no-untyped-def]
+    from shared.mqtt import ConnectRefused
+
+    config = make_config(broker, "dev-a", tmp_path)
+    agent = EdgeAgent(config, model, make_samples(), lambda client, stop: backend,
+                      password="not-its-password", settings=FAST)
+    started = time.monotonic()
+    with pytest.raises(ConnectRefused) as caught:
+        agent.run()  # returns (raises) instead of retrying every reconnect_max_s forever
+    assert caught.value.permanent
+    assert time.monotonic() - started < 5
+
+
+def test_a_broker_that_is_down_is_reported_at_once_and_retried(tmp_path, model, backend,  # type: ignore[no-untyped-def]
+                                                               caplog):
+    from tests.brokers import free_port
+
+    config = DeviceConfig.model_validate({
+        **make_config_fields(tmp_path), "broker": {"url": f"mqtt://127.0.0.1:{free_port()}"}})
+    agent = EdgeAgent(config, model, make_samples(), lambda client, stop: backend,
+                      password="x", settings=FAST)
+    with caplog.at_level(logging.WARNING, logger="edge.agent"):
+        thread = agent.start()
+        wait_until(lambda: any("Connection refused" in r.getMessage() for r in caplog.records),
+                   timeout=2)  # not after the 5 s CONNACK timeout
+        wait_until(lambda: sum("Connection refused" in r.getMessage()
+                               for r in caplog.records) >= 2, timeout=5)  # and retried
+        agent.stop()
+        thread.join(10)
+    assert not thread.is_alive()
