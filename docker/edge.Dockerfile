@@ -19,9 +19,20 @@
 # - shared/ and edge/ stay Python 3.10 compatible for exactly this reason (STYLE.md).
 # See FACTS.md "Jetson".
 
-FROM python:3.11-slim-bookworm AS build
+# PYTHON_IMAGE: the official image by default; scripts/build-images.sh --offline passes an image
+# made from Debian packages (docker/offline/python.Dockerfile), for sites without a registry.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
+# WHEELHOUSE=/wheelhouse: pip takes every package from docker/wheelhouse/ (filled by
+# scripts/build-images.sh --offline) and asks no index at all (the venv's own pip.conf, removed
+# again before the final stage). Empty (the default): PyPI, and torch from its CPU wheel index.
+ARG WHEELHOUSE=
+COPY docker/wheelhouse/ /wheelhouse/
+RUN if [ -n "$WHEELHOUSE" ]; then \
+      printf '[global]\nno-index = true\nfind-links = %s\n' "$WHEELHOUSE" > /opt/venv/pip.conf; \
+    fi
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 # Installed editable from /opt/fednano/src, copied as is into the final stage (as in the cloud
@@ -34,14 +45,14 @@ COPY firmware_configs/ firmware_configs/
 # easy-vqa: the simulated devices' local data (shards of it); --no-deps as in scripts/setup.sh.
 RUN pip install -e ".[edge,data]" \
  && pip install --no-deps easy-vqa==1.0 \
- && rm /opt/venv/bin/fednano
+ && rm /opt/venv/bin/fednano /opt/venv/pip.conf -f
 # (the distribution declares the `fednano` cloud command too; without cloud/ it cannot run)
 RUN python -c "import importlib.util as u, sys; \
 bad = [m for m in ('transformers', 'fastapi', 'sqlalchemy', 'alembic', 'uvicorn', 'psycopg', \
 'gguf', 'accelerate', 'cloud', 'fednano') if u.find_spec(m)]; \
 sys.exit(f'cloud dependencies in the edge image: {bad}' if bad else 0)"
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
     TOKENIZERS_PARALLELISM=false
 # uid/gid 10001 as in the cloud image: both write the shared fleet volume.

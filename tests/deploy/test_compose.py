@@ -77,7 +77,8 @@ def test_no_version_key() -> None:
 
 
 def test_the_stack_has_the_services_of_the_design() -> None:
-    assert set(services()) == {"postgres", "init", "mosquitto", *CLOUD_SERVICES[1:], "edge-sim"}
+    assert set(services()) == {"postgres", "init", "mosquitto", *CLOUD_SERVICES[1:], "edge-sim",
+                               "prometheus"}
 
 
 # ------------------------------------------------------------------------------ images, builds
@@ -187,10 +188,11 @@ def test_replicated_services_publish_no_fixed_port() -> None:
             assert not service.get("ports"), f"{name}: replicas would fight over a host port"
 
 
-def test_only_tls_and_the_api_are_published() -> None:
+def test_only_tls_the_api_and_prometheus_on_loopback_are_published() -> None:
     published = {name: published_host_ports(s) for name, s in services().items()
                  if s.get("ports")}
-    assert published == {"mosquitto": [8883], "api": [8000]}
+    assert published == {"mosquitto": [8883], "api": [8000], "prometheus": [9090]}
+    assert all(str(p).startswith("127.0.0.1:") for p in services()["prometheus"]["ports"])
 
 
 @pytest.mark.parametrize("devices", [None, "9"])

@@ -14,7 +14,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from tests.deploy.deploy_support import DOCKER_DIR, ROOT, pip_installs, stages
+from tests.deploy.deploy_support import (
+    DOCKER_DIR,
+    ROOT,
+    dockerfile_instructions,
+    pip_installs,
+    stages,
+)
 
 CLOUD = DOCKER_DIR / "cloud.Dockerfile"
 EDGE = DOCKER_DIR / "edge.Dockerfile"
@@ -53,13 +59,31 @@ def no_deps_packages(command: str) -> set[str]:
 # ------------------------------------------------------------------------------ lint
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The defaults of the ARGs declared before the first FROM (usable in FROM lines)."""
+    found: dict[str, str] = {}
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            found[name] = default
+    return found
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_every_base_image_is_pinned(path: Path) -> None:
+def test_every_base_image_is_pinned_by_default(path: Path) -> None:
+    defaults = global_args(path)
     for stage in stages(path):
         _, args = stage[0]
-        image = args.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), "$?"), args.split()[0])
         assert ":" in image and not image.endswith(":latest"), f"{path.name}: FROM {image}"
-        assert "$" not in image, f"{path.name}: FROM {image} depends on a build argument"
+        assert "$" not in image, f"{path.name}: FROM {args} has a build argument with no default"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_default_base_is_the_official_python_image(path: Path) -> None:
+    assert global_args(path)["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
