@@ -1,0 +1,506 @@
+"""Run the docker-compose stack for real, check it, tear it down (``scripts/stack-run.sh``).
+
+Steps, each timed:
+
+1. build every image (``scripts/build-images.sh``, ``--offline``: no registry, no index);
+2. secrets and certificates (``docker/gen-secrets.sh``), a clean project (``down -v``);
+3. ``up -d``: PostgreSQL, the one-shot init (migrations, base build -- minutes -- or a seeded
+   base, bundle export, device registration, broker files), Mosquitto (TLS listener, one
+   password per device), the API, the coordinator, LLM worker replicas, Prometheus and the
+   simulated devices;
+4. an operator token, then rounds through the REST API (``POST /api/v1/rounds``) until
+   each closes;
+5. a round during which one LLM worker and then the coordinator are ``docker kill``-ed (the
+   coordinator while the devices' updates are arriving, so the broker holds them); the
+   coordinator is started again and the round must close with every update;
+6. nothing acknowledged lost: every task a device recorded as done (its durable state in the
+   fleet volume, written only after the broker's PUBACK) has its update row in PostgreSQL,
+   counted with SQL, and the rounds' accepted updates equal their participants;
+7. Prometheus: every target up (API, coordinator, each LLM worker) and the update, round,
+   aggregation and LLM batch metrics non-zero, through its HTTP API;
+8. the broker's TLS listener with a device's own credentials (accepted) and a wrong password
+   (refused), from inside the network;
+9. ``down -v`` (unless ``--keep``).
+
+Exit 0 when every check passed. Python standard library only; talks to Docker through the
+``docker`` and compose command lines. The API and Prometheus are reached on the host's loopback
+through their published ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEET_MOUNT = "/var/lib/fednano-fleet"
+
+
+class CheckFailed(RuntimeError):
+    """A check of the run failed; the message says which and what was seen."""
+
+
+@dataclass
+class Run:
+    """The run's options, compose command line and what it measured."""
+
+    args: argparse.Namespace
+    compose_cmd: list[str]
+    started: float = field(default_factory=time.monotonic)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+    token: str = ""
+
+    @property
+    def project(self) -> str:
+        return str(self.args.project)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.args.api_port}"
+
+    @property
+    def prometheus(self) -> str:
+        return f"http://127.0.0.1:{self.args.prometheus_port}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FEDNANO_SIM_DEVICES": str(self.args.devices),
+                "FEDNANO_LLM_WORKERS": str(self.args.workers),
+                "FEDNANO_API_PORT": str(self.args.api_port),
+                "FEDNANO_PROMETHEUS_PORT": str(self.args.prometheus_port),
+                "FEDNANO_MQTTS_PORT": str(self.args.mqtts_port),
+                "FEDNANO_LOG_FORMAT": "json", "FEDNANO_TAG": self.args.tag}
+
+    def compose(self, *argv: str, check: bool = True, capture: bool = False,
+                timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        files = ["-f", "docker-compose.yml"]
+        if self.args.offline:
+            files += ["-f", "docker-compose.offline.yml"]
+        return sh([*self.compose_cmd, "-p", self.project, *files, *argv], env=self.env(),
+                  check=check, capture=capture, timeout=timeout)
+
+    def say(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[stack-run {int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {message}",
+              flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.say(f"{name} ...")
+        began = time.monotonic()
+        yield
+        took = time.monotonic() - began
+        self.timings.append((name, took))
+        self.say(f"{name}: done in {took:.0f} s")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def sh(argv: Sequence[str], *, env: dict[str, str] | None = None, check: bool = True,
+       capture: bool = False, timeout: float | None = None,
+       stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` from the repository root; output to ours unless ``capture``."""
+    done = subprocess.run(list(argv), cwd=ROOT, env=env, text=True, timeout=timeout,
+                          capture_output=capture, input=stdin, check=False)
+    if check and done.returncode != 0:
+        detail = f":\n{(done.stderr or '')[-3000:]}" if capture else ""
+        raise CheckFailed(f"`{shlex.join(argv)}` exited {done.returncode}{detail}")
+    return done
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2) when it is there, else Debian's ``docker-compose`` (1.29)."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True,
+                      check=False).returncode == 0:
+        return ["docker", "compose"]
+    if subprocess.run(["docker-compose", "version"], capture_output=True,
+                      check=False).returncode == 0:
+        return ["docker-compose"]
+    raise CheckFailed("neither `docker compose` nor `docker-compose` runs: install one "
+                      "(Debian: apt-get install docker-compose)")
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float,
+             every: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def http_json(url: str, *, token: str = "", method: str = "GET",
+              body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def build(run: Run) -> None:
+    if run.args.no_build:
+        run.say("--no-build: using the images there are")
+        return
+    sh(["bash", "scripts/build-images.sh", "--tag", run.args.tag,
+        *(["--offline"] if run.args.offline else [])])
+
+
+def fresh_project(run: Run) -> None:
+    sh(["bash", "docker/gen-secrets.sh"])
+    run.compose("down", "-v", "--remove-orphans", check=False, capture=True)
+
+
+def seed_base(run: Run) -> None:
+    """Copy an already built base into the cloud-home volume, so init skips the build."""
+    source = Path(run.args.seed_base).expanduser().resolve()
+    if not (source / "bases").is_dir():
+        raise CheckFailed(f"--seed-base {source}: no bases/ folder (a FEDNANO_HOME with a base)")
+    run.compose("create", "init", capture=True)  # creates the volumes with the image's owners
+    volume = f"{run.project}_cloud-home"
+    sh(["docker", "run", "--rm", "--network", "none", "-v", f"{volume}:/home",
+        "-v", f"{source}:/seed:ro", "--entrypoint", "/bin/sh", f"fednano-cloud:{run.args.tag}",
+        "-c", "cp -a /seed/bases /home/ && ls /home/bases"], env=run.env())
+    run.facts.append(f"base seeded from {source} (init skipped the base build)")
+
+
+def start(run: Run) -> None:
+    run.compose("up", "-d")
+    wait_for("the API", lambda: reachable(f"{run.api}/api/v1/ready"), 300)
+    token = run.compose("exec", "-T", "api", "fednano", "cloud", "token", "create",
+                        "stack-run", capture=True).stdout.strip().splitlines()
+    run.token = token[-1].strip()
+
+
+def devices_online(run: Run) -> int:
+    page = http_json(f"{run.api}/api/v1/devices?limit=100", token=run.token)
+    return sum(1 for d in page["items"] if d["online"])
+
+
+def start_round(run: Run) -> int:
+    overrides = {"min_participants": run.args.devices, "quorum_fraction": 1.0,
+                 "deadline_s": run.args.round_timeout,
+                 "hparams": {"steps": run.args.steps, "batch_size": 8, "fisher_samples": 16}}
+    created = http_json(f"{run.api}/api/v1/rounds", token=run.token, method="POST",
+                        body={"overrides": overrides})
+    return int(created["id"])
+
+
+def round_detail(run: Run, round_id: int) -> dict[str, Any]:
+    detail: dict[str, Any] = http_json(f"{run.api}/api/v1/rounds/{round_id}", token=run.token)
+    return detail
+
+
+def finished(run: Run, round_id: int) -> dict[str, Any] | None:
+    try:
+        detail = round_detail(run, round_id)
+    except (urllib.error.URLError, OSError):
+        return None  # the API may restart with its dependencies
+    return detail if detail["state"] in ("closed", "failed") else None
+
+
+def check_closed(run: Run, detail: dict[str, Any]) -> None:
+    accepted = [u for u in detail["updates"] if u["status"] == "accepted"]
+    participants = len(detail["participations"])
+    if detail["state"] != "closed" or len(accepted) != participants:
+        raise CheckFailed(f"round {detail['id']}: {detail['state']} "
+                          f"({detail.get('failure_reason')}), {len(accepted)} accepted updates "
+                          f"of {participants} participants")
+
+
+def one_round(run: Run, number: int) -> None:
+    round_id = start_round(run)
+    detail = wait_for(f"round {round_id} to finish", lambda: finished(run, round_id),
+                      run.args.round_timeout)
+    check_closed(run, detail)
+    run.facts.append(f"round {round_id}: closed, {len(detail['updates'])} updates accepted "
+                     f"from {len(detail['participations'])} devices")
+
+
+def container_ids(run: Run, service: str) -> list[str]:
+    return run.compose("ps", "-q", service, capture=True).stdout.split()
+
+
+def running(container: str) -> bool:
+    done = sh(["docker", "inspect", "-f", "{{.State.Running}}", container], capture=True,
+              check=False)
+    return done.stdout.strip() == "true"
+
+
+def device_done_tasks(run: Run) -> dict[str, list[str]]:
+    """Each simulated device's finished task ids from its durable state (fleet volume)."""
+    script = ("import json,pathlib,sys; f=pathlib.Path(sys.argv[1]); out={}\n"
+              "for d in sorted(f.glob('sim-*')):\n"
+              "    p=d/'state'/'agent'/'done.json'\n"
+              "    out[d.name]=json.loads(p.read_text())['tasks'] if p.exists() else []\n"
+              "print(json.dumps(out))")
+    done = sh(["docker", "run", "--rm", "--network", "none", "-v",
+               f"{run.project}_fleet:{FLEET_MOUNT}:ro", "--entrypoint", "python",
+               f"fednano-edge:{run.args.tag}", "-c", script, FLEET_MOUNT], capture=True,
+              env=run.env())
+    result: dict[str, list[str]] = json.loads(done.stdout)
+    return result
+
+
+def round_with_kills(run: Run) -> int:
+    """Kill an LLM worker, then the coordinator while updates arrive; restart it; wait."""
+    round_id = start_round(run)
+    wait_for(f"round {round_id} collecting",
+             lambda: round_detail(run, round_id)["state"] == "collecting", 120, every=1)
+    workers = container_ids(run, "llm-worker")
+    sh(["docker", "kill", workers[0]], capture=True)
+    run.facts.append(f"round {round_id}: docker kill llm-worker {workers[0][:12]} "
+                     f"({len(workers) - 1} left) while the devices train")
+    time.sleep(run.args.kill_gap)
+    coordinator = container_ids(run, "coordinator")[0]
+    sh(["docker", "kill", coordinator], capture=True)
+    killed_at = time.monotonic()
+    task = f"task-{round_id}-"
+    wait_for("every device to send its update of the round (coordinator down)",
+             lambda: all(any(t.startswith(task) for t in tasks)
+                         for tasks in device_done_tasks(run).values()),
+             run.args.round_timeout, every=2)
+    rows = sql(run, f"SELECT count(*) FROM updates WHERE round_id = {round_id}")
+    run.facts.append(f"round {round_id}: docker kill coordinator; all {run.args.devices} devices "
+                     f"then sent their updates (PUBACK from the broker) while it was down; "
+                     f"update rows in the database at that time: {rows}")
+    restarted_by_policy = wait_or_false(lambda: running(coordinator), 10)
+    if not restarted_by_policy:
+        run.compose("start", "coordinator", capture=True)
+    run.facts.append(f"coordinator back after {time.monotonic() - killed_at:.0f} s "
+                     f"({'restart policy' if restarted_by_policy else 'compose start'})")
+    detail = wait_for(f"round {round_id} to finish", lambda: finished(run, round_id),
+                      run.args.round_timeout)
+    check_closed(run, detail)
+    run.facts.append(f"round {round_id}: closed with all {len(detail['updates'])} updates")
+    return round_id
+
+
+def wait_or_false(predicate: Callable[[], bool], timeout: float) -> bool:
+    try:
+        wait_for("", predicate, timeout, every=1)
+    except CheckFailed:
+        return False
+    return True
+
+
+def sql(run: Run, query: str) -> str:
+    done = run.compose("exec", "-T", "postgres", "psql", "-U", "fednano", "-d", "fednano",
+                       "-AtF", "|", "-c", query, capture=True)
+    return done.stdout.strip()
+
+
+def update_id_for(device_id: str, task_id: str) -> str:
+    """As ``edge.state.update_id_for`` (this script imports nothing of the project)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{device_id}\n{task_id}".encode()).hexdigest()
+    return f"u-{digest[:32]}"
+
+
+def check_nothing_lost(run: Run) -> None:
+    done = device_done_tasks(run)
+    stored = dict(line.split("|") for line in sql(
+        run, "SELECT update_id, status FROM updates").splitlines() if line)
+    missing = [(device, task) for device, tasks in done.items() for task in tasks
+               if update_id_for(device, task) not in stored]
+    acked = sum(len(tasks) for tasks in done.values())
+    if missing:
+        raise CheckFailed(f"{len(missing)} of {acked} acknowledged updates have no row in the "
+                          f"database: {missing[:5]}")
+    per_round = sql(run, "SELECT r.id, r.state, count(DISTINCT p.device_id), "
+                         "count(DISTINCT u.update_id) FILTER (WHERE u.status = 'accepted') "
+                         "FROM rounds r JOIN participations p ON p.round_id = r.id "
+                         "LEFT JOIN updates u ON u.round_id = r.id GROUP BY r.id, r.state "
+                         "ORDER BY r.id")
+    for line in per_round.splitlines():
+        round_id, state, participants, accepted = line.split("|")
+        if state != "closed" or participants != accepted:
+            raise CheckFailed(f"round {round_id}: {state}, {accepted} accepted of "
+                              f"{participants} participants")
+    run.facts.append(f"nothing lost: {acked} updates acknowledged to the devices (their "
+                     f"done.json), {acked} rows in PostgreSQL; per round (id|state|participants"
+                     f"|accepted): {', '.join(per_round.splitlines())}")
+
+
+def check_prometheus(run: Run) -> None:
+    time.sleep(12)  # one more scrape after the last round
+    targets = http_json(f"{run.prometheus}/api/v1/targets")["data"]["activeTargets"]
+    up = [(t["labels"]["job"], t["labels"]["instance"], t["health"]) for t in targets]
+    jobs = {job for job, _, health in up if health == "up"}
+    workers = sum(1 for job, _, health in up if job == "llm-worker" and health == "up")
+    if not {"api", "coordinator", "llm-worker"} <= jobs or workers < run.args.workers - 1:
+        raise CheckFailed(f"Prometheus targets: {up}")
+    values = {}
+    for name, query in (("updates accepted", 'sum(fednano_updates_total{outcome="accepted"})'),
+                        ("rounds closed", 'sum(fednano_round_transitions_total{state="closed"})'),
+                        ("aggregations", "sum(fednano_aggregation_seconds_count)"),
+                        ("LLM batches", "sum(fednano_llm_batch_seconds_count)"),
+                        ("devices online", "sum(fednano_devices_online)")):
+        result = http_json(f"{run.prometheus}/api/v1/query?"
+                           f"{urllib.parse.urlencode({'query': query})}")["data"]["result"]
+        values[name] = float(result[0]["value"][1]) if result else 0.0
+    if min(values.values()) <= 0:
+        raise CheckFailed(f"Prometheus has zero for some metrics: {values}")
+    names = ", ".join(sorted(f"{job} {instance}" for job, instance, _ in up))
+    run.facts.append(f"Prometheus: {len(up)} targets up ({names}); "
+                     + ", ".join(f"{k} {v:g}" for k, v in values.items()))
+
+
+TLS_PROBE = """
+import pathlib, sys, time
+import paho.mqtt.client as mqtt
+user, secret, want, ca = sys.argv[1:5]
+password = pathlib.Path(secret).read_text().strip() if secret.startswith("/") else secret
+result = {}
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user + "-tls-probe",
+                protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs=ca)
+c.username_pw_set(user, password)
+c.on_connect = lambda cl, ud, fl, rc, pr: result.setdefault("rc", rc)
+c.connect("mosquitto", 8883)
+c.loop_start()
+for _ in range(100):
+    if "rc" in result:
+        break
+    time.sleep(0.1)
+c.loop_stop()
+rc = result.get("rc")
+print(f"{user} over TLS: {rc} ({getattr(rc, 'value', None)})")
+sys.exit(0 if rc is not None and ((rc.value == 0) == (want == "accept")) else 1)
+"""
+
+
+def check_tls(run: Run) -> None:
+    """A device's own credentials over TLS on 8883 (accepted), a wrong password (refused)."""
+    outputs = []
+    for secret, want in ((f"{FLEET_MOUNT}/sim-000/password", "accept"),
+                         ("wrong-password", "refuse")):
+        done = sh(["docker", "run", "--rm", "--network", f"{run.project}_default",
+                   "-v", f"{run.project}_fleet:{FLEET_MOUNT}:ro",
+                   "-v", f"{ROOT / 'docker' / 'certs' / 'ca.crt'}:/tmp/ca.crt:ro",
+                   "--entrypoint", "python", f"fednano-edge:{run.args.tag}", "-c", TLS_PROBE,
+                   "sim-000", secret, want, "/tmp/ca.crt"], capture=True, check=False,
+                  env=run.env())
+        outputs.append(done.stdout.strip())
+        if done.returncode != 0:
+            raise CheckFailed(f"TLS probe ({want}) failed: {done.stdout} {done.stderr[-1500:]}")
+    run.facts.append("broker TLS listener 8883, the stack's CA: " + "; ".join(outputs))
+
+
+def diagnose(run: Run) -> None:
+    run.compose("ps", check=False)
+    run.compose("logs", "--tail", "40", check=False)
+
+
+def summary(run: Run) -> None:
+    print("\n## stack-run summary", flush=True)
+    for name, took in run.timings:
+        print(f"- {name}: {took:.0f} s")
+    print(f"- total: {time.monotonic() - run.started:.0f} s")
+    for fact in run.facts:
+        print(f"- {fact}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/stack-run.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--offline", action="store_true",
+                        help="images from Debian packages and a wheelhouse (no registry)")
+    parser.add_argument("--no-build", action="store_true", help="use the images there are")
+    parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
+    parser.add_argument("--seed-base", metavar="HOME",
+                        help="copy HOME/bases into the stack (init skips the base build)")
+    parser.add_argument("--devices", type=int, default=3, help="simulated devices (3)")
+    parser.add_argument("--workers", type=int, default=2, help="LLM worker replicas (2)")
+    parser.add_argument("--rounds", type=int, default=2, help="plain rounds first (2)")
+    parser.add_argument("--steps", type=int, default=4, help="local steps per round (4)")
+    parser.add_argument("--round-timeout", type=float, default=1200.0)
+    parser.add_argument("--kill-gap", type=float, default=5.0,
+                        help="seconds between killing the worker and the coordinator")
+    parser.add_argument("--project", default="fednano-stackrun")
+    parser.add_argument("--tag", default="dev")
+    parser.add_argument("--api-port", type=int, default=18000)
+    parser.add_argument("--prometheus-port", type=int, default=19090)
+    parser.add_argument("--mqtts-port", type=int, default=18883)
+    args = parser.parse_args(argv)
+    if args.devices < 1 or args.workers < 2 or args.rounds < 0:
+        parser.error("need --devices >= 1 and --workers >= 2 (one is killed)")
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    run = Run(args, compose_command())
+    run.say(f"compose: {' '.join(run.compose_cmd)}; project {run.project}; "
+            f"{'offline' if args.offline else 'default'} images")
+    ok = False
+    try:
+        with run.step("build images"):
+            build(run)
+        with run.step("clean project, secrets"):
+            fresh_project(run)
+        if args.seed_base:
+            with run.step("seed the base"):
+                seed_base(run)
+        with run.step("up -d (init, broker, API, services)"):
+            start(run)
+        with run.step(f"{args.devices} devices online"):
+            wait_for("the devices online", lambda: devices_online(run) >= args.devices, 900)
+        for number in range(1, args.rounds + 1):
+            with run.step(f"round {number} via the REST API"):
+                one_round(run, number)
+        with run.step("round with an LLM worker and the coordinator killed"):
+            round_with_kills(run)
+        with run.step("nothing acknowledged lost (SQL)"):
+            check_nothing_lost(run)
+        with run.step("Prometheus scraped every service"):
+            check_prometheus(run)
+        with run.step("broker TLS and per-device credentials"):
+            check_tls(run)
+        ok = True
+    except (CheckFailed, subprocess.TimeoutExpired, urllib.error.URLError, KeyError) as err:
+        run.say(f"FAILED: {err}")
+        diagnose(run)
+    finally:
+        if not args.keep:
+            with run.step("down -v"):
+                run.compose("down", "-v", "--remove-orphans", check=False)
+        summary(run)
+    run.say("all checks passed" if ok else "the run failed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
