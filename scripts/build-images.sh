@@ -92,12 +92,16 @@ wheelhouse() {
   find "$dir" -name '*.whl' -delete
   # torch first and pinned, as in scripts/setup.sh: a looser spec pulls the CUDA build. pip
   # must find the CPU wheel (elsewhere: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
-  pip wheel -q --wheel-dir "$dir" torch==2.13.0 "setuptools>=77"
+  # One resolve with torch pinned, or the project's torch>=2.3 brings the newest CUDA build
+  # and its nvidia-* wheels (gigabytes) into the wheelhouse.
+  pip wheel -q --wheel-dir "$dir" torch==2.13.0 "setuptools>=77" ".[cloud,edge,data]"
   case $(find "$dir" -name 'torch-*.whl') in
     *+cpu*) ;;
     *) die "pip found no CPU build of torch 2.13.0 (see the comment above this line)" ;;
   esac
-  pip wheel -q --wheel-dir "$dir" ".[cloud,edge,data]"
+  if find "$dir" -name 'nvidia_*' -o -name 'triton-*' | grep -q .; then
+    die "CUDA wheels got into $dir: the wheelhouse is for CPU images"
+  fi
   # shellcheck disable=SC2086
   pip wheel -q --no-deps --wheel-dir "$dir" $NO_DEPS_PACKAGES
   rm -f "$dir"/fednano-*.whl  # the images install the project from its source tree

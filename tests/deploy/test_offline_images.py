@@ -1,0 +1,114 @@
+"""The offline image path and the Prometheus service, checked without a Docker engine: the
+images ``scripts/build-images.sh --offline`` builds are the ones ``docker-compose.offline.yml``
+names, the offline Dockerfiles keep the interface of the official images the stack relies on,
+Prometheus scrapes the services on the ports they serve, and the scripts parse.
+(``scripts/stack-run.sh`` runs all of it for real where a Docker engine is; docs/deploy.md.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.deploy.deploy_support import COMPOSE_FILE, DOCKER_DIR, ROOT, environment, services
+
+OFFLINE = DOCKER_DIR / "offline"
+OVERRIDE = ROOT / "docker-compose.offline.yml"
+BUILD_SCRIPT = ROOT / "scripts" / "build-images.sh"
+PROMETHEUS = DOCKER_DIR / "prometheus" / "prometheus.yml"
+
+
+def offline_images_built() -> dict[str, str]:
+    """image tag -> Dockerfile, from the build script's offline_base lines."""
+    text = BUILD_SCRIPT.read_text()
+    variables = dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, re.MULTILINE))
+    found = re.findall(r"offline_base\s+(\S+)\s+(\S+\.Dockerfile)", text)
+    return {variables.get(name.strip('"$'), name): dockerfile for name, dockerfile in found}
+
+
+def test_the_override_names_the_images_the_offline_build_makes() -> None:
+    built = offline_images_built()
+    override = yaml.safe_load(OVERRIDE.read_text())["services"]
+    named = {s["image"] for s in override.values() if "image" in s}
+    assert named and named <= set(built)
+    assert {"postgres", "mosquitto", "prometheus"} <= set(override)
+    for name in ("init", "api", "coordinator", "llm-worker", "edge-sim"):
+        args = override[name]["build"]["args"]
+        assert args["WHEELHOUSE"] == "/wheelhouse"
+        assert args["PYTHON_IMAGE"] in built, name
+    assert set(override) <= set(services()), "the override names a service the stack lacks"
+
+
+def test_every_offline_dockerfile_exists_and_starts_from_the_debian_base() -> None:
+    for dockerfile in offline_images_built().values():
+        text = (OFFLINE / dockerfile).read_text()
+        assert "FROM ${DEBIAN_IMAGE}" in text, dockerfile
+        assert "ARG DEBIAN_IMAGE=fednano-debian:bookworm" in text, dockerfile
+        for copied in re.findall(r"^COPY\s+(\S+)\s", text, re.MULTILINE):
+            assert (OFFLINE / copied).is_file(), f"{dockerfile}: COPY {copied}"
+
+
+def test_the_offline_mosquitto_keeps_the_official_images_interface() -> None:
+    """uid/gid 1883 (the cloud image's group for the broker files), /docker-entrypoint.sh
+    (docker/mosquitto/start.sh hands over to it), the paths the compose file mounts."""
+    text = (OFFLINE / "mosquitto.Dockerfile").read_text()
+    assert "--gid 1883 mosquitto" in text and "--uid 1883" in text
+    assert "/docker-entrypoint.sh" in text and "mosquitto-clients" in text
+    start = (DOCKER_DIR / "mosquitto" / "start.sh").read_text()
+    assert "/docker-entrypoint.sh" in start
+    for target in ("/mosquitto/config", "/mosquitto/data"):
+        assert target in text
+
+
+def test_the_offline_postgres_honours_the_variables_the_stack_sets() -> None:
+    entrypoint = (OFFLINE / "postgres-entrypoint.sh").read_text()
+    postgres = services()["postgres"]
+    for name in environment(postgres):
+        assert name in entrypoint, name
+    assert "scram-sha-256" in entrypoint and "listen_addresses = '*'" in entrypoint
+    subprocess.run(["sh", "-n", str(OFFLINE / "postgres-entrypoint.sh")], check=True)
+    subprocess.run(["sh", "-n", str(OFFLINE / "mosquitto-entrypoint.sh")], check=True)
+
+
+def test_prometheus_scrapes_every_service_on_the_port_it_serves() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"api", "coordinator", "llm-worker"}
+    stack = services()
+    assert jobs["api"]["static_configs"][0]["targets"] == ["api:8000"]
+    for name in ("coordinator", "llm-worker"):
+        port = int(environment(stack[name])["FEDNANO_METRICS_PORT"])
+        job = jobs[name]
+        if name == "coordinator":
+            assert job["static_configs"][0]["targets"] == [f"coordinator:{port}"]
+        else:  # every replica, found through Docker's DNS
+            sd = job["dns_sd_configs"][0]
+            assert (sd["names"], sd["type"], sd["port"]) == (["llm-worker"], "A", port)
+    mounted = stack["prometheus"]["volumes"][0].split(":")
+    assert (ROOT / mounted[0]).resolve() == PROMETHEUS.resolve()
+    assert mounted[1] == "/etc/prometheus/prometheus.yml"
+
+
+def test_the_scripts_parse_and_explain_themselves() -> None:
+    for script in ("build-images.sh", "stack-run.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
+    helped = subprocess.run(["bash", str(BUILD_SCRIPT), "--help"], capture_output=True,
+                            text=True, check=False)
+    assert helped.returncode == 0 and "--offline" in helped.stdout
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "stack_run.py"), "--help"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "--seed-base" in run.stdout
+    assert COMPOSE_FILE.name in (ROOT / "scripts" / "stack_run.py").read_text()
+
+
+def test_the_wheelhouse_folder_is_kept_but_its_wheels_are_not() -> None:
+    assert (DOCKER_DIR / "wheelhouse" / "README.md").is_file()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/wheelhouse/x.whl"],
+                             cwd=ROOT, check=False)
+    kept = subprocess.run(["git", "check-ignore", "-q", "docker/wheelhouse/README.md"],
+                          cwd=ROOT, check=False)
+    assert ignored.returncode == 0 and kept.returncode == 1
+    assert Path(ROOT / ".dockerignore").read_text().count("docker/wheelhouse") == 0
