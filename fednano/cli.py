@@ -132,8 +132,12 @@ def footprint(
 
 @app.command()
 def simulate(
-    strategy: Annotated[str, typer.Option(
-        help="fednano | fedavg | fedprox | local | centralized")] = "fednano",
+    strategy: Annotated[list[str] | None, typer.Option(
+        help="A method: a strategy name (fednano, fedavg, fedprox, fedmedian, fisher-raw, "
+             "fisher-norm, fisher-global) or 'local' / 'centralized', optionally with strategy "
+             "options as NAME:KEY=VALUE,... (e.g. 'fisher-norm:ffa=true,server_lr=2'). Repeat "
+             "it for a paired run: every method on the same data, seed and held-out questions, "
+             "one report each under --out/<method>/.")] = None,
     clients: Annotated[int, typer.Option(help="Number of simulated devices.", min=1)] = 5,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")]
     = 0.5,
@@ -173,6 +177,9 @@ def simulate(
     llm_device: Annotated[str, typer.Option(
         help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
     = "cpu",
+    lockstep: Annotated[bool, typer.Option(
+        help="Batch the devices' LLM calls of a round into one (same result up to rounding).")]
+    = True,
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
     home: Home = DEFAULT_HOME,
@@ -182,12 +189,13 @@ def simulate(
     from pydantic import ValidationError
 
     from edge.trainer import TrainConfig
-    from fednano.simulate import SimConfig
+    from fednano.simulate import SimConfig, parse_method
 
+    methods = [parse_method(spec) for spec in (strategy or ["fednano"])]
     try:
-        config = SimConfig(
-            strategy=strategy, task=task, clients=clients, alpha=alpha, partition=partition,
-            rounds=rounds,
+        configs = [SimConfig(
+            strategy=name, strategy_options=options, task=task, clients=clients, alpha=alpha,
+            partition=partition, rounds=rounds,
             seed=seed, prox_mu=prox_mu, fisher_normalize=fisher_normalize,
             eval_questions=eval_questions,
             round_eval_questions=round_eval_questions, max_client_samples=max_client_samples,
@@ -196,12 +204,15 @@ def simulate(
             train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                               fisher_samples=fisher_samples),
             adapter_rank=rank, llm_device=llm_device, delta_codec=delta_codec,
-            fisher_codec=fisher_codec,
-        )
+            fisher_codec=fisher_codec, lockstep=lockstep,
+        ) for name, options in methods]
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err
     _threads(threads)
-    run_simulation(config, home, out)
+    if len(configs) == 1:
+        run_simulation(configs[0], home, out)
+        return
+    run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
 
 
 def run_simulation(config: object, home: Path, out: Path | None) -> None:
@@ -214,16 +225,45 @@ def run_simulation(config: object, home: Path, out: Path | None) -> None:
     console.print(f"saved {json_path} and {md_path}")
 
 
+def run_paired(configs: list[Any], home: Path, out: Path) -> None:
+    from fednano.simulate import method_spec, run_methods
+
+    for report in run_methods(configs, home, out):
+        console.print(f"{method_spec(report.config):<40} accuracy {report.final['accuracy']:.3f} "
+                      f"({report.seconds:.0f} s)")
+    console.print(f"saved under {out}")
+
+
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (searched for report.json).")],
+    reference: Annotated[str, typer.Option(
+        help="The method every other one is paired against, per cell and seed.")] = "fedavg",
+    margin: Annotated[float, typer.Option(
+        help="Non-inferiority margin, in accuracy (0.01 = one point).", min=0)] = 0.01,
+    update: Annotated[Path | None, typer.Option(
+        help="Refresh the '<!-- generated: NAME -->' blocks of this markdown file (accuracy, "
+             "verdicts, bytes, per-type) instead of printing.")] = None,
 ) -> None:
-    """Markdown table of finished runs: accuracy mean ± spread over seeds per setting."""
-    from fednano.compare import comparison_markdown, load_reports, pivot_markdown
+    """Accuracy per method and setting, and each method's paired verdict against a reference.
+
+    Runs with the same seed in the same setting are paired; per setting the mean difference,
+    its 95 % CI, a one-sided paired t-test and a Wilcoxon signed-rank test, Holm-corrected
+    across settings, give superior / non-inferior / inconclusive / worse.
+    """
+    from fednano.compare import load_reports, pivot_markdown, update_document, verdict_markdown
 
     try:
         reports = load_reports(runs)
-        print(pivot_markdown(reports), "", comparison_markdown(reports), sep="\n")
+        if update is not None:
+            update.write_text(update_document(update.read_text(), reports, reference))
+            console.print(f"updated {update}")
+            return
+        print(pivot_markdown(reports), "", sep="\n")
+        try:
+            print(verdict_markdown(reports, reference, margin))
+        except ValueError as err:  # nothing paired with the reference: the table alone
+            print(f"({err})")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 
