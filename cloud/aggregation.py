@@ -121,7 +121,8 @@ class Aggregator:
         carried = self._carried_over(session, round_, config, strategy, global_state)
         rows += [row for row, _ in carried]
         updates += [update for _, update in carried]
-        merged = self._merge(round_, strategy, global_state, updates)
+        previous = self._previous_step(session, round_, global_state, strategy)
+        merged = self._merge(round_, strategy, global_state, updates, previous)
         blob = store_state(self.blobs, merged)
         weights = sample_weights([u.n_samples for u in updates])
         version = crud.create_adapter_version(
@@ -153,12 +154,26 @@ class Aggregator:
             carried.append((row, dataclasses.replace(update, n_samples=n_samples)))
         return carried
 
+    def _previous_step(self, session: Session, round_: Round, global_state: AdapterState,
+                       strategy: Strategy) -> AdapterState | None:
+        """θ_base − θ_parent: the step that produced this round's base version, which is the
+        whole state of the server momentum (None for the first version or without momentum)."""
+        base = round_.base_version
+        if not strategy.uses_previous_step or base is None or base.parent_id is None:
+            return None
+        parent = crud.get_adapter_version(session, version_id=base.parent_id)
+        if parent is None:
+            return None
+        before = load_state(self.blobs, parent)
+        return {key: global_state[key] - before[key] for key in global_state}
+
     def _merge(self, round_: Round, strategy: Strategy, global_state: AdapterState,
-               updates: Sequence[AdapterUpdate]) -> AdapterState:
+               updates: Sequence[AdapterUpdate],
+               previous: AdapterState | None = None) -> AdapterState:
         if not updates:
             raise AggregationError(f"round {round_.id} has no accepted updates")
         try:
-            merged = strategy.aggregate(global_state, updates)
+            merged = strategy.aggregate(global_state, updates, previous)
         except ValueError as err:
             raise AggregationError(f"strategy {strategy.name} refused the updates: {err}") from err
         if merged is None:

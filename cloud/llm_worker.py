@@ -8,12 +8,8 @@ CorrelationData, carrying ``input_grads`` + ``sample_losses`` (op ``step``) or `
 (op ``score``). A bad request gets ``LLMResponse(ok=False, error=...)`` and the worker goes on.
 
 **Dynamic batching.** Requests from different devices are collected for up to ``max_wait_ms``
-(from the first one's arrival) or ``max_batch_rows`` rows, right-padded to a common length
-(attention mask 0, labels ``IGNORE_INDEX``) and run as one forward/backward. Rows do not
-interact inside the LLM and right padding leaves the real tokens' causal context unchanged, so
-each request's rows come out as they would alone, except for the gradient's ``1/B`` factor:
-the batch scales each row by ``1/B_total``, a request alone by ``1/B_request``, hence the
-``B_total / B_request`` rescale in ``split_step``.
+(from the first one's arrival) or ``max_batch_rows`` rows and run as one forward/backward
+(``shared.llm_batching``: right-padded, each request's rows come out as they would alone).
 
 paho's thread only enqueues (``shared.mqtt.Inbox``); parsing, compute and replies run in the
 worker's own thread.
@@ -21,7 +17,6 @@ worker's own thread.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -35,6 +30,7 @@ from cloud.background import BackgroundService
 from cloud.llm_backend import InProcessLLM
 from shared import topics
 from shared.backend import StepResult, check_step_inputs
+from shared.llm_batching import pad_batch, split_score, split_step
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     LLMError,
@@ -186,49 +182,6 @@ def _check_answer_tokens(labels: torch.Tensor) -> None:
 def _llm_dtype(llm: InProcessLLM) -> torch.dtype:
     param = next(iter(llm.decoder.parameters()), None)
     return torch.float32 if param is None else param.dtype
-
-
-# --- Batching maths (pure) ----------------------------------------------------------------------
-
-
-def pad_batch(jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Concatenate the jobs' rows, right-padded to the longest: (B, L, d), (B, L), (B, L)."""
-    length = max(job.length for job in jobs)
-    embeds = torch.cat([_pad(job.embeds, length, 0.0) for job in jobs])  # (B, L, d)
-    mask = torch.cat([_pad(job.mask, length, 0) for job in jobs])  # (B, L)
-    if any(job.labels is None for job in jobs):
-        return embeds, mask, None
-    labels = torch.cat([_pad(job.labels, length, IGNORE_INDEX) for job in jobs  # type: ignore[arg-type]
-                        ])  # (B, L)
-    return embeds, mask, labels
-
-
-def _pad(tensor: torch.Tensor, length: int, value: float) -> torch.Tensor:
-    missing = length - tensor.shape[1]
-    if missing == 0:
-        return tensor
-    shape = (tensor.shape[0], missing, *tensor.shape[2:])
-    return torch.cat([tensor, tensor.new_full(shape, value)], dim=1)
-
-
-def split_step(result: StepResult, jobs: list[Job]) -> list[StepResult]:
-    """Each job's share of a batched step, as if it had been run alone."""
-    total = sum(job.rows for job in jobs)
-    out, start = [], 0
-    for job in jobs:
-        losses = result.sample_losses[start:start + job.rows]  # (B_r,)
-        grads = result.input_grads[start:start + job.rows, :job.length]  # (B_r, L_r, d)
-        if job.rows != total:
-            grads = grads * (total / job.rows)  # the batch's 1/B_total -> this request's 1/B_r
-        out.append(StepResult(float(losses.mean()), losses.clone(), grads.contiguous()))
-        start += job.rows
-    return out
-
-
-def split_score(logprobs: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
-    """Each job's rows of a batched score (B, vocab)."""
-    bounds = torch.tensor([0] + [job.rows for job in jobs]).cumsum(0).tolist()
-    return [logprobs[a:b].contiguous() for a, b in itertools.pairwise(bounds)]
 
 
 def run_step(llm: InProcessLLM, jobs: list[Job]) -> list[StepResult]:

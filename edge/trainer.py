@@ -4,17 +4,27 @@ A round reads top to bottom: load the global adapters -> local steps (AdamW, opt
 term) -> Δθ -> diagonal Fisher -> an ``AdapterUpdate``. Each LLM call goes through an
 ``LLMBackend``, so the same code trains against an in-process LLM or a remote one.
 
-Fisher estimator: the empirical diagonal Fisher at θ_local,
-``F = 1/M Σ_i (∇θ log p(y_i | x_i))²``, over ``M = min(fisher_samples, n_local)`` local samples,
-with ``log p(y | x)`` the summed log-likelihood of the answer tokens. Per-sample gradients cost
+Fisher estimator: the diagonal Fisher ``F = 1/M Σ_i (∇θ log p(y_i | x_i))²`` over
+``M = min(fisher_samples, n_local)`` local samples. ``fisher_labels="empirical"`` uses the true
+answers (``log p(y | x)`` summed over the answer tokens); ``"sampled"`` draws each ``y_i`` from the
+model's own next-token distribution at the first answer position (the "true" Fisher of Kunstner
+et al. 2019: one extra forward-only LLM call per batch). ``fisher_point`` says where: at the
+device's trained model (``"local"``, the paper's choice) or at the global model it received
+(``"global"``, before local training, the same point for every device). Per-sample gradients cost
 one LLM call per batch: samples do not interact inside the LLM, so row i of the returned input
 gradient is sample i's own gradient (scaled by 1/B and by 1/#answer tokens, which we undo).
+
+``train_a=False`` is FFA-LoRA (Sun et al. 2024): every device keeps each adapter's A at the
+shared global value and trains only B, so the adapter B·A is linear in what the server merges
+and A's delta and Fisher are exactly zero (they compress to almost nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +51,9 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     fisher_samples: int = Field(64, ge=0)  # 0: no Fisher (FedAvg/FedProx)
     fisher_batch_size: int = Field(32, ge=1)
+    fisher_labels: Literal["empirical", "sampled"] = "empirical"
+    fisher_point: Literal["local", "global"] = "local"
+    train_a: bool = True  # False: FFA-LoRA, only B trains
 
 
 @dataclass
@@ -57,15 +70,28 @@ def run_round(
     """One device round: θ_global -> local steps -> (Δθ, Fisher)."""
     edge.adapters.load_adapter_state_dict(global_state)
     generator = torch.Generator().manual_seed(seed)
+    fisher = None
+    if config.fisher_samples > 0 and config.fisher_point == "global":
+        fisher = round_fisher(edge, backend, batcher, samples, config, generator)
     losses = local_steps(edge, backend, batcher, samples, global_state, config, generator)
     delta = compute_delta(edge.adapters.adapter_state_dict(), global_state)
-    fisher = None
-    if config.fisher_samples > 0:
-        fisher_set = _subsample(samples, config.fisher_samples, generator)
-        fisher = estimate_fisher(edge, backend, batcher, fisher_set, config.fisher_batch_size)
+    if config.fisher_samples > 0 and config.fisher_point == "local":
+        fisher = round_fisher(edge, backend, batcher, samples, config, generator)
     metrics = {"loss_first": losses[0], "loss_last": losses[-1], "steps": float(len(losses))}
     update = AdapterUpdate(client_id, delta, len(samples), fisher, base_version, metrics)
     return RoundResult(update, losses)
+
+
+def round_fisher(
+    edge: NanoEdge, backend: LLMBackend, batcher: VQABatcher, samples: Sequence[VQASample],
+    config: TrainConfig, generator: torch.Generator,
+) -> AdapterState:
+    """The round's Fisher on ``fisher_samples`` of the device's samples, as configured."""
+    fisher_set = _subsample(samples, config.fisher_samples, generator)
+    return estimate_fisher(
+        edge, backend, batcher, fisher_set, config.fisher_batch_size, train_a=config.train_a,
+        labels=config.fisher_labels, generator=generator,
+    )
 
 
 def local_steps(
@@ -73,7 +99,7 @@ def local_steps(
     global_state: AdapterState, config: TrainConfig, generator: torch.Generator,
 ) -> list[float]:
     """``config.steps`` optimizer steps on random local batches; returns the loss per step."""
-    named = _named_parameters(edge)
+    named = _named_parameters(edge, train_a=config.train_a)
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     anchors = [global_state[k] for k in named] if config.prox_mu else []
@@ -127,21 +153,52 @@ def compute_delta(local: AdapterState, global_state: AdapterState) -> AdapterSta
 
 def estimate_fisher(
     edge: NanoEdge, backend: LLMBackend, batcher: VQABatcher,
-    samples: Sequence[VQASample], batch_size: int = 32,
+    samples: Sequence[VQASample], batch_size: int = 32, *, train_a: bool = True,
+    labels: str = "empirical", generator: torch.Generator | None = None,
 ) -> AdapterState:
-    """Empirical diagonal Fisher of the adapter parameters (see the module docstring)."""
+    """Diagonal Fisher of the adapter parameters (see the module docstring).
+
+    Parameters that do not train (A with ``train_a=False``) get an all-zero Fisher.
+    """
     if not samples:
         raise ValueError("cannot estimate a Fisher from zero samples")
-    named = _named_parameters(edge)
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    everything = _named_parameters(edge)
+    named = _named_parameters(edge, train_a=train_a)
     names, params = list(named), list(named.values())
     fisher = [torch.zeros_like(p) for p in params]
     edge.eval()  # no dropout: the Fisher of the model as it will be merged
     for start in range(0, len(samples), batch_size):
         visual, batch = batcher.batch(samples[start : start + batch_size])
+        if labels == "sampled":
+            batch = _sampled_labels(edge, backend, batcher, samples[start : start + batch_size],
+                                    visual, batch, generator)
         for grads in _per_sample_grads(edge, backend, visual, batch, params):
             for acc, g in zip(fisher, grads, strict=True):
                 acc.add_(g.square())
-    return {name: acc / len(samples) for name, acc in zip(names, fisher, strict=True)}
+    estimated = {name: acc / len(samples) for name, acc in zip(names, fisher, strict=True)}
+    return {key: estimated.get(key, torch.zeros_like(p)) for key, p in everything.items()}
+
+
+@torch.no_grad()
+def _sampled_labels(
+    edge: NanoEdge, backend: LLMBackend, batcher: VQABatcher, samples: Sequence[VQASample],
+    visual: torch.Tensor, batch: EncodedBatch, generator: torch.Generator | None,
+) -> EncodedBatch:
+    """``batch`` with one label per row: a token drawn from the model at the first answer slot.
+
+    The logits that predict the first answer token see only the prompt before it, so the
+    answered batch's layout gives ``log p(y | prompt)`` for the drawn y with its labels rewritten.
+    """
+    _, open_batch = batcher.batch(samples, with_answers=False)
+    logprobs = backend.score(edge(visual, open_batch), open_batch.attention_mask)  # (B, vocab)
+    drawn = torch.multinomial(logprobs.float().exp(), 1, generator=generator).squeeze(1)  # (B,)
+    answer = batch.labels != IGNORE_INDEX  # (B, L)
+    first = answer.int().argmax(dim=1)  # (B,) first answer position per row
+    labels = torch.full_like(batch.labels, IGNORE_INDEX)
+    labels[torch.arange(batch.size), first] = drawn
+    return dataclasses.replace(batch, labels=labels)
 
 
 def _per_sample_grads(
@@ -165,10 +222,14 @@ def _per_sample_grads(
     return out
 
 
-def _named_parameters(edge: NanoEdge) -> dict[str, torch.nn.Parameter]:
-    """Adapter parameters keyed by their protocol key (``ADAPTER_KEYS`` order), by name."""
+def _named_parameters(edge: NanoEdge, train_a: bool = True) -> dict[str, torch.nn.Parameter]:
+    """Adapter parameters keyed by their protocol key (``ADAPTER_KEYS`` order); without A's
+    when ``train_a`` is False (chosen by module: each adapter's ``lora_A``)."""
+    frozen = set() if train_a else {
+        id(adapter.lora_A.weight) for adapter in (edge.adapters.image, edge.adapters.text)}
     named = dict(edge.adapters.named_parameters())
-    return {key: named[key] for key in edge.adapters.adapter_state_dict()}
+    return {key: named[key] for key in edge.adapters.adapter_state_dict()
+            if id(named[key]) not in frozen}
 
 
 def _subsample(

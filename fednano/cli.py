@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from fednano.choices import strategy_help, strategy_parser
+from fednano.choices import strategy_help
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
 
@@ -158,10 +158,11 @@ def footprint(
 
 @app.command()
 def simulate(
-    strategy: Annotated[str, typer.Option(
-        parser=strategy_parser(BASELINES),
-        help=f"Aggregation strategy, {strategy_help(BASELINES)} (the baselines: 'local' "
-        "trains without federation, 'centralized' on all data in one place).")] = "fednano",
+    strategy: Annotated[list[str] | None, typer.Option(
+        help=f"A method: a strategy name, {strategy_help(BASELINES)}, optionally with "
+             "strategy options as NAME:KEY=VALUE,... (e.g. 'fisher-norm:ffa=true,server_lr=2'). "
+             "Repeat it for a paired run: every method on the same data, seed and held-out "
+             "questions, one report each under --out/<method>/.")] = None,
     clients: Annotated[int, typer.Option(help="Number of simulated devices.", min=1)] = 5,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")]
     = 0.5,
@@ -201,6 +202,9 @@ def simulate(
     llm_device: Annotated[str, typer.Option(
         help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
     = "cpu",
+    lockstep: Annotated[bool, typer.Option(
+        help="Batch the devices' LLM calls of a round into one (same result up to rounding).")]
+    = True,
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
     home: Home = DEFAULT_HOME,
@@ -210,12 +214,13 @@ def simulate(
     from pydantic import ValidationError
 
     from edge.trainer import TrainConfig
-    from fednano.simulate import SimConfig
+    from fednano.simulate import SimConfig, parse_method
 
+    methods = [parse_method(spec) for spec in (strategy or ["fednano"])]
     try:
-        config = SimConfig(
-            strategy=strategy, task=task, clients=clients, alpha=alpha, partition=partition,
-            rounds=rounds,
+        configs = [SimConfig(
+            strategy=name, strategy_options=options, task=task, clients=clients, alpha=alpha,
+            partition=partition, rounds=rounds,
             seed=seed, prox_mu=prox_mu, fisher_normalize=fisher_normalize,
             eval_questions=eval_questions,
             round_eval_questions=round_eval_questions, max_client_samples=max_client_samples,
@@ -224,12 +229,15 @@ def simulate(
             train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                               fisher_samples=fisher_samples),
             adapter_rank=rank, llm_device=llm_device, delta_codec=delta_codec,
-            fisher_codec=fisher_codec,
-        )
+            fisher_codec=fisher_codec, lockstep=lockstep,
+        ) for name, options in methods]
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err
     _threads(threads)
-    run_simulation(config, home, out)
+    if len(configs) == 1:
+        run_simulation(configs[0], home, out)
+        return
+    run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
 
 
 def run_simulation(config: object, home: Path, out: Path | None) -> None:
@@ -242,16 +250,45 @@ def run_simulation(config: object, home: Path, out: Path | None) -> None:
     console.print(f"saved {json_path} and {md_path}")
 
 
+def run_paired(configs: list[Any], home: Path, out: Path) -> None:
+    from fednano.simulate import method_spec, run_methods
+
+    for report in run_methods(configs, home, out):
+        console.print(f"{method_spec(report.config):<40} accuracy {report.final['accuracy']:.3f} "
+                      f"({report.seconds:.0f} s)")
+    console.print(f"saved under {out}")
+
+
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (searched for report.json).")],
+    reference: Annotated[str, typer.Option(
+        help="The method every other one is paired against, per cell and seed.")] = "fedavg",
+    margin: Annotated[float, typer.Option(
+        help="Non-inferiority margin, in accuracy (0.01 = one point).", min=0)] = 0.01,
+    update: Annotated[Path | None, typer.Option(
+        help="Refresh the '<!-- generated: NAME -->' blocks of this markdown file (accuracy, "
+             "verdicts, bytes, per-type) instead of printing.")] = None,
 ) -> None:
-    """Markdown table of finished runs: accuracy mean ± spread over seeds per setting."""
-    from fednano.compare import comparison_markdown, load_reports, pivot_markdown
+    """Accuracy per method and setting, and each method's paired verdict against a reference.
+
+    Runs with the same seed in the same setting are paired; per setting the mean difference,
+    its 95 % CI, a one-sided paired t-test and a Wilcoxon signed-rank test, Holm-corrected
+    across settings, give superior / non-inferior / inconclusive / worse.
+    """
+    from fednano.compare import load_reports, pivot_markdown, update_document, verdict_markdown
 
     try:
         reports = load_reports(runs)
-        print(pivot_markdown(reports), "", comparison_markdown(reports), sep="\n")
+        if update is not None:
+            update.write_text(update_document(update.read_text(), reports, reference))
+            console.print(f"updated {update}")
+            return
+        print(pivot_markdown(reports), "", sep="\n")
+        try:
+            print(verdict_markdown(reports, reference, margin))
+        except ValueError as err:  # nothing paired with the reference: the table alone
+            print(f"({err})")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 

@@ -1,23 +1,32 @@
-"""Side-by-side tables from simulation reports: mean and spread over seeds per setting.
+"""Tables from simulation reports: accuracy per method and the paired verdict against a reference.
 
-``python -m fednano.compare RUN_DIR...`` (or ``fednano compare``) reads each ``report.json`` and
-prints one markdown row per (strategy, clients, alpha, partition), seeds pooled.
+``fednano compare RUN_DIR...`` reads every ``report.json`` below the folders. A *cell* is one
+setting (task, devices, α, partition, rounds × local steps, ...); a *method* is a strategy with
+its options (``fednano.simulate.method_spec``), plus the upload codec when one was used. Runs of
+two methods with the same seed in the same cell are paired (same partition, initialisation,
+batches and held-out questions), and ``fednano.stats`` turns the pairs into a verdict per cell.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SETTING = ("strategy", "fisher_normalize", "clients", "alpha", "partition", "rounds")
+from fednano.stats import DEFAULT_MARGIN, PairedTest, describe, judge, paired_test
+
+CELL = ("task", "clients", "alpha", "partition", "rounds")
+TRAIN = ("steps", "batch_size", "lr")
+Report = dict[str, Any]
+Cell = tuple[Any, ...]
 
 
-def load_reports(paths: Sequence[Path]) -> list[dict[str, Any]]:
+def load_reports(paths: Sequence[Path]) -> list[Report]:
     """Every ``report.json`` in the given folders (searched recursively) or files."""
     reports = []
     for path in paths:
@@ -28,91 +37,170 @@ def load_reports(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return reports
 
 
+def cell_of(report: Report) -> Cell:
+    """The setting a run belongs to: everything but the method and the seed."""
+    config = report["config"]
+    train = config.get("train", {})
+    return (*(config.get(k) for k in CELL), *(train.get(k) for k in TRAIN),
+            config.get("eval_questions"), config.get("eval_seed", 0))
+
+
+def cell_label(cell: Cell) -> str:
+    task, clients, alpha, _partition, rounds, steps = cell[:6]
+    return f"{task} K={clients} α={alpha} {rounds}×{steps}"
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """The method: strategy and options, and the upload codec when one was used."""
+    from fednano.simulate import method_spec
+
+    options = dict(config.get("strategy_options") or {})
+    if config["strategy"] == "fedprox":
+        options.setdefault("mu", config.get("prox_mu", 0.01))
+    label = method_spec({**config, "strategy_options": options})
+    codec = config.get("delta_codec")
+    return f"{label} [{codec}]" if codec else label
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, str]]:
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    for r in reports:
-        key = (*(r["config"].get(k) for k in SETTING), _steps(r["config"]))
-        groups[key].append(r)
-    rows = []
-    for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        last = [r["rounds"][-1] for r in runs if r["rounds"]]
-        rows.append({
-            **{k: str(v) for k, v in zip((*SETTING, "steps"), key, strict=True)
-               if k not in ("strategy", "fisher_normalize")},
-            "seeds": ",".join(str(r["config"]["seed"]) for r in runs),
-            "method": method_label(runs[0]["config"]),
-            "accuracy": _mean_spread([r["final"]["accuracy"] for r in runs]),
-            "zero-shot": _mean_spread([r["zero_shot"]["accuracy"] for r in runs]),
-            "n eval": str(runs[0]["final"]["n"]),
-            "params up/dev/round": _kib(last[0]["param_bytes_up"]) if last else "0 (local)",
-            "activations up/dev/round": _kib(last[0]["activation_bytes_up"]) if last else "",
-        })
-    return rows
+def by_cell_method(reports: list[Report]) -> dict[Cell, dict[str, dict[int, Report]]]:
+    """``{cell: {method: {seed: report}}}``; a repeated (cell, method, seed) is an error."""
+    table: dict[Cell, dict[str, dict[int, Report]]] = defaultdict(lambda: defaultdict(dict))
+    for report in reports:
+        cell, method = cell_of(report), method_label(report["config"])
+        seed = int(report["config"]["seed"])
+        if seed in table[cell][method]:
+            raise ValueError(f"two reports for {method} seed {seed} in {cell_label(cell)}")
+        table[cell][method][seed] = report
+    return table
 
 
-def comparison_markdown(reports: list[dict[str, Any]]) -> str:
-    rows = comparison_rows(reports)
-    if not rows:
-        raise ValueError("no reports to compare")
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
-    return "\n".join(lines)
+def _accuracy(runs: dict[int, Report]) -> dict[int, float]:
+    return {seed: float(r["final"]["accuracy"]) for seed, r in runs.items()}
 
 
-def method_label(config: dict[str, Any]) -> str:
-    """The strategy, with the FedNano Fisher normalisation and the upload codec when used."""
-    norm, codec = config.get("fisher_normalize"), config.get("delta_codec")
-    label = f"{config['strategy']} (Fisher/{norm})" if norm else str(config["strategy"])
-    return f"{label} [{codec}]" if codec else label
-
-
-def pivot_markdown(reports: list[dict[str, Any]]) -> str:
-    """Accuracy as mean ± spread (seeds): one row per (clients, alpha), one column per method."""
+def pivot_markdown(reports: list[Report]) -> str:
+    """Accuracy as mean ± spread (seeds): one row per cell, one column per method."""
     if not reports:
         raise ValueError("no reports to compare")
-    cells: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in reports:
-        c = r["config"]
-        key = (c["clients"], c["alpha"], c["rounds"], _steps(c))
-        cells[key][method_label(c)].append(r["final"]["accuracy"])
-    methods = sorted({m for row in cells.values() for m in row}, key=_method_order)
-    lines = ["| devices | alpha | rounds × local steps | " + " | ".join(methods) + " |"]
-    lines.append("|---|---|---|" + "---|" * len(methods))
-    for (clients, alpha, rounds, steps), row in sorted(cells.items()):
-        values = [f"{_mean_spread(row[m])} (n={len(row[m])})" if m in row else "—" for m in methods]
-        lines.append(f"| {clients} | {alpha} | {rounds} × {steps} | " + " | ".join(values) + " |")
+    table = by_cell_method(reports)
+    methods = sorted({m for row in table.values() for m in row}, key=_method_order)
+    lines = ["| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for cell, row in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        values = [f"{_mean_spread(list(_accuracy(row[m]).values()))} (n={len(row[m])})"
+                  if m in row else "—" for m in methods]
+        lines.append(f"| {cell_label(cell)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def _steps(config: dict[str, Any]) -> Any:
-    return config.get("train", {}).get("steps")
+def paired_tests(reports: list[Report], reference: str = "fedavg",
+                 margin: float = DEFAULT_MARGIN) -> dict[str, dict[Cell, PairedTest]]:
+    """``{method: {cell: test}}`` against ``reference``, Holm-corrected per method over cells."""
+    table = by_cell_method(reports)
+    tests: dict[str, dict[Cell, PairedTest]] = defaultdict(dict)
+    for cell, row in table.items():
+        if reference not in row:
+            continue
+        for method, runs in row.items():
+            if method == reference or not set(runs) & set(row[reference]):
+                continue
+            tests[method][cell] = paired_test(_accuracy(runs), _accuracy(row[reference]), margin)
+    for per_cell in tests.values():
+        judge(list(per_cell.values()))
+    return dict(tests)
+
+
+def verdict_markdown(reports: list[Report], reference: str = "fedavg",
+                     margin: float = DEFAULT_MARGIN) -> str:
+    """One row per (method, cell): accuracies, paired difference with CI, tests, verdict."""
+    tests = paired_tests(reports, reference, margin)
+    if not tests:
+        raise ValueError(f"no method shares a seed with the reference {reference!r}")
+    table = by_cell_method(reports)
+    lines = [f"| method | setting | n | accuracy | {reference} | difference [95 % CI], wins/losses,"
+             " Holm p (t / Wilcoxon) | verdict |", "|---|---|---|---|---|---|---|"]
+    for method in sorted(tests, key=_method_order):
+        for cell, test in sorted(tests[method].items(), key=lambda kv: tuple(map(str, kv[0]))):
+            seeds = set(table[cell][method]) & set(table[cell][reference])
+            mine = [_accuracy(table[cell][method])[s] for s in seeds]
+            ref = [_accuracy(table[cell][reference])[s] for s in seeds]
+            lines.append(f"| {method} | {cell_label(cell)} | {test.n} | "
+                         f"{statistics.fmean(mine):.3f} | {statistics.fmean(ref):.3f} | "
+                         f"{describe(test)} | **{test.verdict}** |")
+    return "\n".join(lines)
+
+
+def bytes_markdown(reports: list[Report]) -> str:
+    """Bytes per device per round (last round, mean over runs) for each method."""
+    sums: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
+    for report in reports:
+        if report["rounds"]:
+            last = report["rounds"][-1]
+            sums[method_label(report["config"])].append(
+                (last["param_bytes_up"], last["param_bytes_down"],
+                 last["activation_bytes_up"], last["activation_bytes_down"]))
+    lines = ["| method | parameters up | parameters down | activations up | activations down |",
+             "|---|---|---|---|---|"]
+    for method in sorted(sums, key=_method_order):
+        cols = [statistics.fmean(v[i] for v in sums[method]) for i in range(4)]
+        lines.append(f"| {method} | " + " | ".join(_kib(int(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def per_type_markdown(reports: list[Report], alpha: float | None = 0.1) -> str:
+    """Accuracy per question type (mean over seeds) per method, in cells with ``alpha``."""
+    table = by_cell_method(reports)
+    lines = []
+    for cell, row in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if alpha is not None and not math.isclose(float(cell[2]), alpha):
+            continue
+        types = sorted({t for runs in row.values() for r in runs.values()
+                        for t in r["final"].get("per_type", {})})
+        if not types:
+            continue
+        lines += [f"**{cell_label(cell)}**", "", "| method | " + " | ".join(types) + " |",
+                  "|---|" + "---|" * len(types)]
+        for method in sorted(row, key=_method_order):
+            cols = [statistics.fmean(r["final"]["per_type"].get(t, math.nan)
+                                     for r in row[method].values()) for t in types]
+            lines.append(f"| {method} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+SECTIONS = {"accuracy": pivot_markdown, "verdicts": verdict_markdown, "bytes": bytes_markdown,
+            "per-type": per_type_markdown}
+_MARKER = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n).*?(<!-- end generated -->)",
+                     re.DOTALL)
+
+
+def update_document(text: str, reports: list[Report], reference: str = "fedavg") -> str:
+    """Refresh every ``<!-- generated: NAME -->`` ... ``<!-- end generated -->`` block.
+
+    NAME is one of ``SECTIONS``; the hand-written text around the blocks stays as it is.
+    """
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in SECTIONS:
+            raise ValueError(f"unknown generated section {name!r}; known: {sorted(SECTIONS)}")
+        body = verdict_markdown(reports, reference) if name == "verdicts" else \
+            SECTIONS[name](reports)
+        return f"{match[1]}{body}\n{match[3]}"
+
+    return _MARKER.sub(fill, text)
 
 
 def _method_order(label: str) -> tuple[int, str]:
-    order = ["fednano", "fedavg", "fedprox", "local", "centralized"]
-    head = label.split(" ")[0]
+    order = ["fednano", "fedavg", "fedprox", "fisher-raw", "fisher-norm", "fisher-global",
+             "fedmedian", "local", "centralized"]
+    head = re.split(r"[ :\[]", label)[0]
     return (order.index(head) if head in order else len(order), label)
 
 
 def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB"
-
-
-def main(argv: Sequence[str]) -> int:
-    if not argv:
-        print("usage: python -m fednano.compare RUN_DIR [RUN_DIR ...]", file=sys.stderr)
-        return 2
-    reports = load_reports([Path(a) for a in argv])
-    print(pivot_markdown(reports), "", comparison_markdown(reports), sep="\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -8,12 +8,14 @@ paper counts) and split-training activations per round (what it does not).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
+import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,16 +26,18 @@ from tqdm.auto import tqdm
 
 from cloud.base.build import LoadedBase
 from cloud.strategies import STRATEGIES, make_strategy
-from edge.trainer import RoundResult, TrainConfig, run_round
+from edge.trainer import RoundResult, TrainConfig, local_steps, run_round
+from fednano.lockstep import run_rounds_lockstep
 from shared.adapters import AdapterState
-from shared.backend import CountingBackend, Traffic
+from shared.backend import CountingBackend, LLMBackend, Traffic
 from shared.batches import VisualLookup, VQABatcher
 from shared.codec import ErrorFeedback, Scheme, compression_report, decode, encode
 from shared.data.base import VQASample, VQATask
 from shared.data.partition import partition_samples, split_holdout
 from shared.evaluation import EvalResult, evaluate
+from shared.nanoedge import NanoEdge
 
-BASELINES = ("local", "centralized")
+BASELINES = ("local", "centralized", "feddpa-f")
 # Schemes measured on real deltas for the report when a run compresses its uploads.
 CODEC_SCHEMES = [Scheme.parse(s) for s in (
     "fp32", "fp16", "bf16", "int8/b64", "int8/b64+zstd", "int8/brow+zstd",
@@ -54,7 +58,12 @@ class SimConfig(BaseModel):
     seed: int = 0
     train: TrainConfig = TrainConfig()
     prox_mu: float = Field(0.01, ge=0)
-    fisher_normalize: Literal["mean", "max"] | None = None  # FedNano: per-client Fisher scaling
+    fisher_normalize: Literal["mean", "max", "l2"] | None = None  # Fisher strategies' scaling
+    # More keyword arguments of the strategy (e.g. {"ffa": true, "server_momentum": 0.9}).
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    # Batch the devices' LLM calls of a round into one (fednano.lockstep): same result up to
+    # float rounding, K devices for about the LLM time of one on a GPU.
+    lockstep: bool = True
     adapter_rank: int = Field(8, ge=1)
     min_samples: int = Field(32, ge=1)
     max_client_samples: int | None = Field(None, ge=1)  # subsample each device's data (quick runs)
@@ -83,7 +92,19 @@ class SimConfig(BaseModel):
         if self.strategy not in BASELINES and self.strategy not in STRATEGIES:
             known = sorted([*STRATEGIES, *BASELINES])
             raise ValueError(f"unknown strategy {self.strategy!r}; known: {known}")
+        if self.strategy not in BASELINES:
+            make_strategy(self.strategy, **strategy_options(self))  # ValueError if they don't fit
         return self
+
+
+def strategy_options(config: SimConfig) -> dict[str, Any]:
+    """The keyword arguments the run's strategy is built with."""
+    options: dict[str, Any] = {}
+    if config.strategy == "fedprox":
+        options["mu"] = config.prox_mu
+    if config.fisher_normalize is not None:
+        options["normalize"] = config.fisher_normalize
+    return options | config.strategy_options
 
 
 @dataclass
@@ -167,10 +188,12 @@ def eval_split(task: VQATask, n: int, seed: int) -> list[VQASample]:
 class Simulation:
     """Runs one ``SimConfig`` on a loaded base and a task."""
 
-    def __init__(self, base: LoadedBase, task: VQATask, config: SimConfig) -> None:
+    def __init__(self, base: LoadedBase, task: VQATask, config: SimConfig,
+                 cache: RoundCache | None = None) -> None:
         self.base = base
         self.task = task
         self.config = config
+        self.cache = cache or RoundCache()
         self.backend = CountingBackend(base.backend)
         self.clients = split_clients(task, config)
         self.eval_set = eval_split(task, config.eval_questions, config.eval_seed)
@@ -255,6 +278,8 @@ class Simulation:
         report.storage = self.storage()
         if self.config.strategy == "local":
             self._run_local(initial, report)
+        elif self.config.strategy == "feddpa-f":
+            self._run_feddpa(initial, report)
         else:
             self._run_federated(initial, report)
         report.seconds = time.perf_counter() - started
@@ -263,36 +288,7 @@ class Simulation:
     def _run_federated(self, initial: AdapterState, report: SimReport) -> None:
         cfg = self.config
         centralized = cfg.strategy == "centralized"
-        strategy = make_strategy("fedavg" if centralized else cfg.strategy,
-                                 **self._strategy_options())
-        train_cfg = cfg.train.model_copy(update={
-            **strategy.client_hparams(),
-            "fisher_samples": cfg.train.fisher_samples if strategy.requires_fisher else 0,
-            # Centralized: one "device" with all the data does the fleet's steps per round.
-            "steps": cfg.train.steps * (cfg.clients if centralized else 1),
-        })
-        clients = [_pooled(self.clients)] if centralized else self.clients
-        state = initial
-        for r in range(1, cfg.rounds + 1):
-            t0 = time.perf_counter()
-            before = _snapshot(self.backend.training)
-            results = [
-                run_round(self.base.edge, self.backend, self.batcher, c.train, state, train_cfg,
-                          client_id=c.client_id, seed=cfg.seed * 1000 + r * 100 + k,
-                          base_version=r - 1)
-                for k, c in enumerate(tqdm(clients, desc=f"round {r}/{cfg.rounds}", leave=False))
-            ]
-            upload = self._upload(results, report) if cfg.delta_codec else None
-            merged = strategy.aggregate(state, [res.update for res in results])
-            if merged is None:
-                raise RuntimeError(f"round {r}: strategy {strategy.name} could not aggregate")
-            state = merged
-            acc = self.evaluate(state, self.round_eval).accuracy if self.round_eval else None
-            losses = [x for res in results for x in res.losses]
-            record = self._round_record(r, acc, losses, results, before, t0, len(clients))
-            if upload is not None:
-                record.param_bytes_up = upload
-            report.rounds.append(record)
+        state = self._federated_rounds(initial, report, "fedavg" if centralized else cfg.strategy)
         report.final = self.evaluate(state, self.eval_set).as_dict()
         report.final["kind"] = "centralized model" if centralized else "global model"
         report.per_client = {
@@ -300,6 +296,115 @@ class Simulation:
             for c in self.clients if c.holdout
         }
         report.final |= _holdout_summary(report.per_client)
+
+    def _federated_rounds(self, initial: AdapterState, report: SimReport,
+                          strategy_name: str) -> AdapterState:
+        """The run's rounds with ``strategy_name``; returns the last global state."""
+        cfg = self.config
+        centralized = cfg.strategy == "centralized"
+        strategy = make_strategy(strategy_name,
+                                 **(strategy_options(cfg) if strategy_name == cfg.strategy
+                                    else {}))
+        train_cfg = cfg.train.model_copy(update={
+            **strategy.client_hparams(),
+            "fisher_samples": cfg.train.fisher_samples if strategy.requires_fisher else 0,
+            # Centralized: one "device" with all the data does the fleet's steps per round.
+            "steps": cfg.train.steps * (cfg.clients if centralized else 1),
+        })
+        clients = [_pooled(self.clients)] if centralized else self.clients
+        state, previous_step = initial, None
+        for r in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            before = _snapshot(self.backend.training)
+            results = self._device_rounds(clients, state, train_cfg, r)
+            upload = self._upload(results, report) if cfg.delta_codec else None
+            merged = strategy.aggregate(state, [res.update for res in results], previous_step)
+            if merged is None:
+                raise RuntimeError(f"round {r}: strategy {strategy.name} could not aggregate")
+            previous_step = {k: merged[k] - state[k] for k in state}
+            state = merged
+            acc = self.evaluate(state, self.round_eval).accuracy if self.round_eval else None
+            losses = [x for res in results for x in res.losses]
+            record = self._round_record(r, acc, losses, results, before, t0, len(clients))
+            if upload is not None:
+                record.param_bytes_up = upload
+            report.rounds.append(record)
+        return state
+
+    def _run_feddpa(self, initial: AdapterState, report: SimReport) -> None:
+        """FedDPA-F: FedAvg rounds for the global pair, then each device trains its local pair
+        (``train.steps`` more steps) and is evaluated with both (``fednano.feddpa``)."""
+        from fednano.feddpa import DualNanoEdge
+
+        cfg = self.config
+        state = self._federated_rounds(initial, report, "fedavg")
+        global_accuracy = self.evaluate(state, self.eval_set)
+        train_cfg = cfg.train.model_copy(update={"fisher_samples": 0, "prox_mu": 0.0})
+        finals: list[EvalResult] = []
+        for k, client in enumerate(self.clients):
+            torch.manual_seed(cfg.seed * 1000 + 900 + k)  # the local pair's random A
+            dual = DualNanoEdge(self.base.edge, self.base.edge.adapters.config, state)
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + 900 + k)
+            local_steps(dual, self.backend.inner, self.batcher, client.train,
+                        dual.adapters.adapter_state_dict(), train_cfg, generator)
+            dual.reference = torch.cat([dual.representation(*self.batcher.batch(
+                client.train[i:i + 64])) for i in range(0, len(client.train), 64)])
+            finals.append(evaluate(dual, self.backend.inner, self.batcher, self.eval_set,
+                                   self.task.answers))
+            report.per_client[client.client_id] = {"test_accuracy": finals[-1].accuracy}
+            if client.holdout:
+                report.per_client[client.client_id]["holdout_accuracy"] = evaluate(
+                    dual, self.backend.inner, self.batcher, client.holdout,
+                    self.task.answers).accuracy
+        accs = [f.accuracy for f in finals]
+        report.final = {
+            "accuracy": statistics.fmean(accs), "n": finals[0].n,
+            "kind": "mean of personalised models (global + weighted local pair)",
+            "client_spread": statistics.pstdev(accs), "per_type": _mean_per_type(finals),
+            "global_accuracy": global_accuracy.accuracy, **_holdout_summary(report.per_client),
+        }
+
+    def _device_rounds(self, clients: Sequence[ClientData], state: AdapterState,
+                       train_cfg: TrainConfig, r: int) -> list[RoundResult]:
+        """Every device's round from ``state``: side by side (lockstep) or one after another.
+
+        Each device counts its own LLM traffic; the totals join ``self.backend``'s counters.
+        A round another method of the same run already trained (same global state, data, seed
+        and settings: round 1, typically) comes from ``self.cache`` with its traffic.
+        """
+        seed = self.config.seed * 1000 + r * 100
+        keys = [self.cache.key(state, c.client_id, train_cfg, seed + k, r)
+                for k, c in enumerate(clients)]
+        todo = [k for k, key in enumerate(keys) if key not in self.cache]
+        counters = {k: CountingBackend(self.backend.inner) for k in todo}
+
+        def device(k: int) -> Callable[[NanoEdge, LLMBackend], RoundResult]:
+            def go(edge: NanoEdge, llm: LLMBackend) -> RoundResult:
+                counters[k].inner = llm
+                return run_round(edge, counters[k], self.batcher, clients[k].train, state,
+                                 train_cfg, client_id=clients[k].client_id, seed=seed + k,
+                                 base_version=r - 1)
+            return go
+
+        rounds = [device(k) for k in todo]
+        if self.config.lockstep and len(rounds) > 1:
+            fresh, _ = run_rounds_lockstep(self.base.edge, self.backend.inner, rounds)
+        else:
+            label = f"round {r}/{self.config.rounds}"
+            fresh = [go(self.base.edge, self.backend.inner)
+                     for go in tqdm(rounds, desc=label, leave=False)]
+        for k, result in zip(todo, fresh, strict=True):
+            traffic = Traffic()
+            _add_traffic(traffic, counters[k].training)
+            _add_traffic(traffic, counters[k].scoring)  # the sampled-label Fisher's calls
+            self.cache.put(keys[k], result, traffic)
+        self.cache.hits += len(keys) - len(todo)
+        results = []
+        for key in keys:
+            result, traffic = self.cache.get(key)
+            _add_traffic(self.backend.training, traffic)
+            results.append(result)
+        return results
 
     def _upload(self, results: list[RoundResult], report: SimReport) -> int:
         """Replace each update by what the server decodes from the device's frames.
@@ -326,13 +431,6 @@ class Simulation:
                 size += len(frame)
             sizes.append(size)
         return sum(sizes) // len(sizes)
-
-    def _strategy_options(self) -> dict[str, object]:
-        if self.config.strategy == "fedprox":
-            return {"mu": self.config.prox_mu}
-        if self.config.strategy == "fednano":
-            return {"normalize": self.config.fisher_normalize}
-        return {}
 
     def _run_local(self, initial: AdapterState, report: SimReport) -> None:
         """Each client trains alone for all rounds' steps; no communication of parameters."""
@@ -375,6 +473,54 @@ class Simulation:
         )
 
 
+class RoundCache:
+    """Device rounds already trained in this process, for the other methods of a paired run.
+
+    A device round is a pure function of the global state, the device's data, the training
+    settings, the seed and the round number, so methods that start a round from the same global
+    state (every method's round 1, unless it changes what devices train) can share it. Entries
+    are stored and handed out as copies: a method may compress (replace) its update's tensors.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[RoundResult, Traffic]] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(state: AdapterState, client_id: str, config: TrainConfig, seed: int,
+            r: int) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+        digest.update(f"|{client_id}|{config.model_dump_json()}|{seed}|{r}".encode())
+        return digest.hexdigest()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def put(self, key: str, result: RoundResult, traffic: Traffic) -> None:
+        self._entries[key] = (_copy_result(result), traffic)
+
+    def get(self, key: str) -> tuple[RoundResult, Traffic]:
+        result, traffic = self._entries[key]
+        return _copy_result(result), traffic
+
+
+def _copy_result(result: RoundResult) -> RoundResult:
+    update = result.update
+    fisher = None if update.fisher is None else {k: v.clone() for k, v in update.fisher.items()}
+    copy = dataclasses.replace(update, delta={k: v.clone() for k, v in update.delta.items()},
+                               fisher=fisher, metrics=dict(update.metrics))
+    return RoundResult(copy, list(result.losses))
+
+
+def _mean_per_type(results: Sequence[EvalResult]) -> dict[str, float]:
+    types = sorted({t for r in results for t in r.per_type})
+    return {t: statistics.fmean(r.per_type[t] for r in results if t in r.per_type)
+            for t in types}
+
+
 def _holdout_summary(per_client: dict[str, dict[str, float]]) -> dict[str, float]:
     accs = [v["holdout_accuracy"] for v in per_client.values() if "holdout_accuracy" in v]
     if not accs:
@@ -409,12 +555,89 @@ def _pooled(clients: Sequence[ClientData]) -> ClientData:
     return ClientData("centralized", [s for c in clients for s in c.train], [])
 
 
+def _add_traffic(total: Traffic, part: Traffic) -> None:
+    total.up += part.up
+    total.down += part.down
+    total.steps += part.steps
+    total.per_step += part.per_step
+
+
 def _snapshot(traffic: Traffic) -> tuple[int, int]:
     return traffic.up, traffic.down
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fisher-norm:ffa=true,server_lr=2"`` -> ``("fisher-norm", {"ffa": True, ...})``.
+
+    Values are read as JSON where they parse (numbers, true/false, null), else as strings.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def method_spec(config: SimConfig | dict[str, Any]) -> str:
+    """The method of a run as a spec ``parse_method`` reads back (strategy and its options)."""
+    data = config if isinstance(config, dict) else config.model_dump()
+    options = dict(data.get("strategy_options") or {})
+    if data.get("fisher_normalize"):
+        options = {"normalize": data["fisher_normalize"], **options}
+    if not options:
+        return str(data["strategy"])
+    body = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+    return f"{data['strategy']}:{body}"
+
+
+def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = None,
+                ) -> list[SimReport]:
+    """Run several methods on the same setting and seed in one process (a paired run).
+
+    They share the loaded base, the data partition, the held-out questions and every device
+    round that starts from the same global state (``RoundCache``). With ``out``, each report is
+    saved to ``out/<method spec>/`` as soon as it finishes, and a method whose report is there
+    already is skipped (so an interrupted grid resumes).
+    """
+    settings = {c.model_dump_json(exclude={"strategy", "strategy_options", "fisher_normalize",
+                                           "prox_mu"}) for c in configs}
+    if len(settings) > 1:
+        raise ValueError("a paired run needs the same settings for every method "
+                         "(only the strategy and its options may differ)")
+    base, task = load_base_and_task(configs[0], home)
+    cache = RoundCache()
+    reports = []
+    for config in configs:
+        folder = None if out is None else out / method_folder(config)
+        if folder is not None and (folder / "report.json").exists():
+            continue
+        report = Simulation(base, task, config, cache=cache).run()
+        if folder is not None:
+            save_report(report, folder)
+        reports.append(report)
+    return reports
+
+
+def method_folder(config: SimConfig) -> str:
+    """A file-system-safe folder name for a run's method spec."""
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", method_spec(config).replace(":", "+"))
+
+
 def load_and_run(config: SimConfig, home: Path, task: VQATask | None = None) -> SimReport:
     """Load (building it first if there is none) the base, load easy-VQA, run ``config``."""
+    base, task = load_base_and_task(config, home, task)
+    return Simulation(base, task, config).run()
+
+
+def load_base_and_task(config: SimConfig, home: Path, task: VQATask | None = None,
+                       ) -> tuple[LoadedBase, VQATask]:
+    """The base (built first if there is none) on ``config.llm_device``, and the task."""
     from cloud.base.build import build_base, load_base
     from cloud.base.manifest import BaseNotBuiltError
     from shared.adapters import AdapterConfig
@@ -429,7 +652,7 @@ def load_and_run(config: SimConfig, home: Path, task: VQATask | None = None) -> 
     base.backend.to(config.llm_device)
     task = task or load_task(config.task)
     check_alignment_data(task, base.manifest)
-    return Simulation(base, task, config).run()
+    return base, task
 
 
 def load_task(name: str) -> VQATask:

@@ -28,7 +28,7 @@ import torch
 
 from shared.adapters import AdapterState
 
-NORMALIZATIONS = (None, "mean", "max")
+NORMALIZATIONS = (None, "mean", "max", "l2")
 
 
 def sample_weights(n_samples: Sequence[int]) -> list[float]:
@@ -61,36 +61,90 @@ def fisher_weighted_merge(
     weights: Sequence[float],
     eps: float = 1e-8,
     normalize: str | None = None,
+    floor: float = 0.0,
+    fallback: float = 0.0,
 ) -> AdapterState:
     """FedNano's Fisher merge in delta space: ``θ_g + Σ λ F Δ / (Σ λ F + ε)`` elementwise.
 
     ``weights`` (λ_k, e.g. from ``sample_weights``) are normalised to sum to 1. ``eps`` is
     relative to the mean combined Fisher (see the module docstring). ``normalize`` divides each
-    client's Fisher by its own ``"mean"`` or ``"max"`` over all keys first, so that one client's
-    Fisher scale does not dominate; a client whose Fisher is all zeros stays all zeros.
+    client's Fisher by its own ``"mean"``, ``"max"`` or ``"l2"`` norm over all keys first, so
+    that one client's Fisher scale does not dominate; a client whose Fisher is all zeros stays
+    all zeros. ``floor`` raises each client's (normalised) Fisher to at least ``floor`` times its
+    own mean, so no client's weight on an element falls to ~0 from a noisy 32-sample estimate.
+    ``fallback``: where ``Σ λ F`` is below ``fallback`` times its mean, the merged step is the
+    plain weighted mean ``Σ λ Δ`` (FedAvg) instead of shrinking toward the global value.
     """
     if len(fishers) != len(deltas):
         raise ValueError(f"got {len(deltas)} deltas but {len(fishers)} fishers")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     lam = _normalized_weights(weights, len(deltas))
     _check_states([global_state], global_state, "global state")
-    _check_states(deltas, global_state, "delta")
-    _check_states(fishers, global_state, "fisher", nonnegative=True)
-    scaled = [_normalize_fisher(f, normalize) for f in fishers]
-    mass = {key: _combine(lam, [f[key] for f in scaled]) for key in global_state}  # Σ λ F
-    eps_abs = eps * _mean_over_keys(mass)
-    merged = {}
-    for key, theta in global_state.items():
-        products = [f[key] * d[key].double() for f, d in zip(scaled, deltas, strict=True)]
-        num = _combine(lam, products)  # Σ λ F Δ
-        den = mass[key] + eps_abs
-        # den == 0 only where every λF is 0, hence num == 0 too: the global value is kept.
-        step = num / torch.where(den > 0, den, torch.ones_like(den))
-        merged[key] = (theta.double() + step).to(theta.dtype)
-    return merged
+    merger = FisherAccumulator(global_state, normalize=normalize, floor=floor)
+    for index, (delta, fisher) in enumerate(zip(deltas, fishers, strict=True)):
+        merger.add(delta, fisher, float(lam[index]), name=f"client {index}")
+    return apply_delta(global_state, merger.merged_delta(eps=eps, fallback=fallback))
+
+
+class FisherAccumulator:
+    """Streaming Fisher merge: ``add`` one client at a time, memory flat in the client count.
+
+    Keeps ``Σ λ F̃ Δ``, ``Σ λ F̃`` and ``Σ λ Δ`` per key in float64 (F̃: the client's Fisher
+    after ``normalize`` and ``floor``, see ``fisher_weighted_merge``); weights need not sum to 1.
+    """
+
+    def __init__(
+        self, reference: AdapterState, *, normalize: str | None = None, floor: float = 0.0
+    ) -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if not (math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"floor must be finite and >= 0, got {floor!r}")
+        self.reference = reference
+        self.normalize = normalize
+        self.floor = floor
+        self.num = _zeros_like(reference)  # Σ λ F̃ Δ
+        self.mass = _zeros_like(reference)  # Σ λ F̃
+        self.plain = _zeros_like(reference)  # Σ λ Δ
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: AdapterState, fisher: AdapterState, weight: float,
+            name: str = "client") -> None:
+        """Fold one client's delta and Fisher in with weight λ (finite, >= 0)."""
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name}: weight must be finite and >= 0, got {weight!r}")
+        _check_states([delta], self.reference, f"{name} delta")
+        _check_states([fisher], self.reference, f"{name} fisher", nonnegative=True)
+        scaled = _floored(_normalize_fisher(fisher, self.normalize), self.floor)
+        for key in self.reference:
+            d = delta[key].double()
+            self.num[key].addcmul_(scaled[key], d, value=weight)
+            self.mass[key].add_(scaled[key], alpha=weight)
+            self.plain[key].add_(d, alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def merged_delta(self, eps: float = 1e-8, fallback: float = 0.0) -> AdapterState:
+        """The merged step ``Σ λ F̃ Δ / (Σ λ F̃ + ε)`` (FedAvg where the mass is below
+        ``fallback`` times its mean), in the reference's dtypes."""
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+        if not (math.isfinite(fallback) and fallback >= 0):
+            raise ValueError(f"fallback must be finite and >= 0, got {fallback!r}")
+        if self.count == 0 or self.total_weight <= 0:
+            raise ValueError("need at least one client update with a positive weight")
+        mean_mass = _mean_over_keys(self.mass)
+        eps_abs, low = eps * mean_mass, fallback * mean_mass
+        merged = {}
+        for key, ref in self.reference.items():
+            den = self.mass[key] + eps_abs
+            # den == 0 only where every λF is 0, hence num == 0 too: the global value is kept.
+            step = self.num[key] / torch.where(den > 0, den, torch.ones_like(den))
+            if fallback > 0:
+                step = torch.where(self.mass[key] < low, self.plain[key] / self.total_weight,
+                                   step)
+            merged[key] = step.to(ref.dtype)
+        return merged
 
 
 def apply_delta(global_state: AdapterState, delta: AdapterState) -> AdapterState:
@@ -98,6 +152,36 @@ def apply_delta(global_state: AdapterState, delta: AdapterState) -> AdapterState
     _check_states([global_state], global_state, "global state")
     _check_states([delta], global_state, "delta")
     return {k: (g.double() + delta[k].double()).to(g.dtype) for k, g in global_state.items()}
+
+
+def server_step(
+    merged: AdapterState, previous: AdapterState | None, *, lr: float = 1.0,
+    momentum: float = 0.0,
+) -> AdapterState:
+    """The server optimiser's step from the merged delta: ``lr · Δ + momentum · previous``.
+
+    Heavy-ball momentum (FedAvgM) written in steps: with ``previous`` = the last step actually
+    applied (θ_{t-1} − θ_{t-2}), its state is the version history. ``previous=None`` (first
+    round) or ``momentum=0`` gives ``lr · Δ``; ``lr=1, momentum=0`` returns ``merged`` as is.
+    """
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    use_previous = previous is not None and momentum > 0
+    if lr == 1.0 and not use_previous:
+        return merged
+    if use_previous:
+        assert previous is not None
+        _check_states([previous], merged, "previous step")
+    step = {}
+    for key, value in merged.items():
+        total = value.double() * lr
+        if use_previous:
+            assert previous is not None
+            total = total + momentum * previous[key].double()
+        step[key] = total.to(value.dtype)
+    return step
 
 
 def coordinate_median(deltas: Sequence[AdapterState]) -> AdapterState:
@@ -132,15 +216,30 @@ def _mean_over_keys(state: AdapterState) -> float:
 
 
 def _normalize_fisher(fisher: AdapterState, normalize: str | None) -> AdapterState:
-    """Divide one client's Fisher by its own mean or max over all keys (float64)."""
+    """Divide one client's Fisher by its own mean, max or L2 norm over all keys (float64)."""
     as64 = {k: v.double() for k, v in fisher.items()}
     if normalize is None:
         return as64
     if normalize == "mean":
         scale = _mean_over_keys(as64)
+    elif normalize == "l2":
+        scale = math.sqrt(sum(float(v.square().sum()) for v in as64.values()))
     else:
         scale = max((float(v.max()) for v in as64.values() if v.numel()), default=0.0)
     return as64 if scale == 0.0 else {k: v / scale for k, v in as64.items()}
+
+
+def _floored(fisher: AdapterState, floor: float) -> AdapterState:
+    """Each element at least ``floor`` times the client's own mean Fisher (float64 in/out)."""
+    if floor == 0.0:
+        return fisher
+    low = floor * _mean_over_keys(fisher)
+    return {k: v.clamp(min=low) for k, v in fisher.items()}
+
+
+def _zeros_like(reference: AdapterState) -> AdapterState:
+    return {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+            for k, v in reference.items()}
 
 
 def _normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:

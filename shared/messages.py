@@ -119,6 +119,10 @@ class TaskHParams(BaseModel):
     lr: float = Field(2e-3, gt=0, le=1.0)
     prox_mu: float = Field(0.0, ge=0)
     fisher_samples: int = Field(32, ge=0, le=100_000)
+    # How the device estimates its Fisher and which factors it trains (set by the strategy).
+    fisher_labels: Literal["empirical", "sampled"] = "empirical"
+    fisher_point: Literal["local", "global"] = "local"
+    train_a: bool = True  # False: FFA-LoRA (only B trains)
 
 
 class UpdateCodec(BaseModel):

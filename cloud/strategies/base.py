@@ -3,6 +3,17 @@
 Modelled on Flower's server strategies: ``aggregate`` returns ``None`` when it cannot aggregate
 (no updates, or fewer than ``min_updates``), the merge maths live in ``shared.merge`` as pure
 functions, and the round service persists whatever a round needs to remember.
+
+Two options apply to every strategy:
+
+- **FFA-LoRA** (``ffa=True``, Sun et al. 2024): devices keep each adapter's A at the shared
+  global value and train only B (``train_a=False`` in their task), so the merged B·A is exactly
+  the weighted combination of the devices' products and A's delta is zero on the wire.
+- **A server optimiser** on the merged step Δ (Reddi et al. 2021; FedAvgM, Hsu et al. 2019):
+  ``step_t = server_lr · Δ_t + server_momentum · step_{t-1}``, where ``step_{t-1}`` is the
+  previous global version's own step (θ_{t-1} − θ_{t-2}): heavy-ball momentum whose whole state
+  is the last two versions, which the cloud already stores. ``server_lr=1, server_momentum=0``
+  is plain aggregation.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from shared.adapters import AdapterState
+from shared.merge import apply_delta, server_step
 from shared.update import AdapterUpdate
 
 
@@ -22,36 +34,56 @@ class Strategy(ABC):
     name: ClassVar[str]
     requires_fisher: ClassVar[bool] = False
 
-    def __init__(self, *, min_updates: int = 1) -> None:
+    def __init__(self, *, min_updates: int = 1, ffa: bool = False, server_lr: float = 1.0,
+                 server_momentum: float = 0.0) -> None:
         if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
             raise ValueError(f"min_updates must be an integer >= 1, got {min_updates!r}")
+        if not isinstance(ffa, bool):
+            raise ValueError(f"ffa must be true or false, got {ffa!r}")
         self.min_updates = min_updates
+        self.ffa = ffa
+        self.server_lr = positive("server_lr", server_lr)
+        self.server_momentum = non_negative("server_momentum", server_momentum)
+        if self.server_momentum >= 1:
+            raise ValueError(f"server_momentum must be < 1, got {server_momentum!r}")
 
-    def client_hparams(self) -> dict[str, float]:
+    def client_hparams(self) -> dict[str, object]:
         """Hyper-parameters every device gets in its round task (no proximal term by default)."""
-        return {"prox_mu": 0.0}
+        return {"prox_mu": 0.0, "train_a": not self.ffa}
 
     def config(self) -> dict[str, object]:
         """Constructor arguments: ``make_strategy(s.name, **s.config())`` rebuilds ``s``."""
-        return {"min_updates": self.min_updates}
+        return {"min_updates": self.min_updates, "ffa": self.ffa, "server_lr": self.server_lr,
+                "server_momentum": self.server_momentum}
+
+    @property
+    def uses_previous_step(self) -> bool:
+        """True when ``aggregate`` needs the previous version's step (server momentum)."""
+        return self.server_momentum > 0
 
     def aggregate(
-        self, global_state: AdapterState, updates: Sequence[AdapterUpdate]
+        self, global_state: AdapterState, updates: Sequence[AdapterUpdate],
+        previous_step: AdapterState | None = None,
     ) -> AdapterState | None:
         """The new global state, or ``None`` when there are fewer than ``min_updates`` updates.
 
-        Raises ``ValueError`` (naming the client) for an update that does not fit: wrong keys or
-        shapes, non-finite values, or a missing Fisher when ``requires_fisher``.
+        ``previous_step`` (θ_{t-1} − θ_{t-2}; None in the first round) feeds the server
+        momentum. Raises ``ValueError`` (naming the client) for an update that does not fit:
+        wrong keys or shapes, non-finite values, or a missing Fisher when ``requires_fisher``.
         """
         if len(updates) == 0 or len(updates) < self.min_updates:
             return None
         if self.requires_fisher:
             _require_fisher(self.name, updates)
-        return self.merge(global_state, updates)
+        merged = self.merge_delta(global_state, updates)
+        step = server_step(merged, previous_step, lr=self.server_lr,
+                           momentum=self.server_momentum)
+        return apply_delta(global_state, step)
 
     @abstractmethod
-    def merge(self, global_state: AdapterState, updates: Sequence[AdapterUpdate]) -> AdapterState:
-        """Combine a non-empty list of updates (already checked by ``aggregate``)."""
+    def merge_delta(self, global_state: AdapterState,
+                    updates: Sequence[AdapterUpdate]) -> AdapterState:
+        """The merged step Δ of a non-empty list of updates (already checked by ``aggregate``)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -69,3 +101,10 @@ def non_negative(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def positive(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number > 0, else ``ValueError``."""
+    if non_negative(name, value) == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]

@@ -7,15 +7,16 @@ from typing import ClassVar
 
 from cloud.strategies.base import Strategy
 from shared.adapters import AdapterState
-from shared.merge import apply_delta, sample_weights, weighted_average
+from shared.merge import sample_weights, weighted_average
 from shared.update import AdapterUpdate
 
 
 class FedAvg(Strategy):
-    """``θ_g + Σ_k λ_k Δ_k`` with ``λ_k = n_k / N``; Fishers, if sent, are ignored."""
+    """``Δ = Σ_k λ_k Δ_k`` with ``λ_k = n_k / N``; Fishers, if sent, are ignored."""
 
     name: ClassVar[str] = "fedavg"
 
-    def merge(self, global_state: AdapterState, updates: Sequence[AdapterUpdate]) -> AdapterState:
+    def merge_delta(self, global_state: AdapterState,
+                    updates: Sequence[AdapterUpdate]) -> AdapterState:
         weights = sample_weights([u.n_samples for u in updates])
-        return apply_delta(global_state, weighted_average([u.delta for u in updates], weights))
+        return weighted_average([u.delta for u in updates], weights)

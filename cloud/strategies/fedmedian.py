@@ -7,12 +7,12 @@ from typing import ClassVar
 
 from cloud.strategies.base import Strategy
 from shared.adapters import AdapterState
-from shared.merge import apply_delta, coordinate_median
+from shared.merge import coordinate_median
 from shared.update import AdapterUpdate
 
 
 class FedMedian(Strategy):
-    """``θ_g + median_k Δ_k`` per coordinate; sample counts are ignored (they can be forged).
+    """``Δ = median_k Δ_k`` per coordinate; sample counts are ignored (they can be forged).
 
     Tolerates fewer than half of the updates being arbitrary finite garbage, at the cost of
     statistical efficiency on honest, non-IID clients; use ``min_updates`` >= 3 for it to matter.
@@ -20,5 +20,6 @@ class FedMedian(Strategy):
 
     name: ClassVar[str] = "fedmedian"
 
-    def merge(self, global_state: AdapterState, updates: Sequence[AdapterUpdate]) -> AdapterState:
-        return apply_delta(global_state, coordinate_median([u.delta for u in updates]))
+    def merge_delta(self, global_state: AdapterState,
+                    updates: Sequence[AdapterUpdate]) -> AdapterState:
+        return coordinate_median([u.delta for u in updates])

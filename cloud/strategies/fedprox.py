@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from cloud.strategies.base import non_negative
 from cloud.strategies.fedavg import FedAvg
@@ -13,11 +13,11 @@ class FedProx(FedAvg):
 
     name: ClassVar[str] = "fedprox"
 
-    def __init__(self, *, mu: float = 0.01, min_updates: int = 1) -> None:
-        super().__init__(min_updates=min_updates)
+    def __init__(self, *, mu: float = 0.01, **common: Any) -> None:
+        super().__init__(**common)
         self.mu = non_negative("mu", mu)
 
-    def client_hparams(self) -> dict[str, float]:
+    def client_hparams(self) -> dict[str, object]:
         return {**super().client_hparams(), "prox_mu": self.mu}
 
     def config(self) -> dict[str, object]:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud.strategies import STRATEGIES, FedAvg, FedMedian, FedProx, FisherMerge, make_strategy
+from cloud.strategies import (
+    STRATEGIES,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FisherGlobal,
+    FisherNorm,
+    FisherRaw,
+    make_strategy,
+)
 from cloud.strategies.base import Strategy
 from shared.update import AdapterUpdate
 
@@ -31,7 +40,8 @@ def close(state: dict[str, torch.Tensor] | None, *expected: float) -> None:
 
 
 def test_registry_names_match_classes() -> None:
-    assert set(STRATEGIES) == {"fednano", "fedavg", "fedprox", "fedmedian"}
+    assert set(STRATEGIES) == {"fednano", "fedavg", "fedprox", "fedmedian", "fisher-raw",
+                               "fisher-norm", "fisher-global"}
     for name, cls in STRATEGIES.items():
         assert cls.name == name
         assert isinstance(make_strategy(name), cls)
@@ -50,7 +60,9 @@ def test_bad_keyword_is_a_value_error_naming_the_arguments() -> None:
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [
-        ("fednano", {"eps": 1e-4, "normalize": "max", "min_updates": 2}),
+        ("fisher-raw", {"eps": 1e-4, "normalize": "max", "min_updates": 2}),
+        ("fisher-norm", {"floor": 0.3, "fallback": 0.0, "ffa": True, "server_lr": 1.5}),
+        ("fednano", {"server_momentum": 0.5}),
         ("fedprox", {"mu": 0.1}),
         ("fedavg", {}),
         ("fedmedian", {"min_updates": 3}),
@@ -63,17 +75,40 @@ def test_config_rebuilds_the_strategy(name: str, kwargs: dict) -> None:
     assert repr(strategy).startswith(f"{type(strategy).__name__}(min_updates=")
 
 
-def test_fednano_merges_by_fisher() -> None:
-    strategy = FisherMerge()
+def test_fisher_raw_merges_by_the_raw_fisher() -> None:
+    strategy = FisherRaw()
     assert strategy.requires_fisher
     close(strategy.aggregate(GLOBAL, updates()), 3.5, 2.0, 4.6)  # see test_merge.py
 
 
-def test_fednano_needs_a_fisher_from_everyone() -> None:
+def test_fisher_norm_normalises_floors_and_falls_back() -> None:
+    # F1/√2, F2/√10 floored at 0.1 x their means: element 2 (no Fisher anywhere) is
+    # weighted by the floors alone, λ_k x 0.1 x mean_k: 0.25 x (2/3)/√2 vs 0.75 x (4/3)/√10.
+    merged = FisherNorm().aggregate(GLOBAL, updates())
+    assert merged is not None
+    low1, low2 = 0.25 * (2 / 3) / 2**0.5, 0.75 * (4 / 3) / 10**0.5
+    assert float(merged["w"][1]) == pytest.approx(2 + 4 * low2 / (low1 + low2), rel=1e-5)
+    # Without a floor that element falls back to FedAvg's 0.75 x 4.
+    no_floor = FisherNorm(floor=0.0).aggregate(GLOBAL, updates())
+    assert no_floor is not None and float(no_floor["w"][1]) == pytest.approx(5.0)
+    close(FisherNorm(floor=0.0, fallback=0.0, normalize=None).aggregate(GLOBAL, updates()),
+          3.5, 2.0, 4.6)
+
+
+@pytest.mark.parametrize("cls", [FisherRaw, FisherNorm, FisherGlobal])
+def test_fisher_strategies_need_a_fisher_from_everyone(cls: type) -> None:
     batch = updates()
     batch[1].fisher = None
     with pytest.raises(ValueError, match=r"needs a Fisher.*\['b'\]"):
-        FisherMerge().aggregate(GLOBAL, batch)
+        cls().aggregate(GLOBAL, batch)
+
+
+def test_server_momentum_adds_the_previous_step() -> None:
+    # FedAvg's Δ = (2.5, 3, 1); step = 2 Δ + 0.5 (1, -1, 0)
+    strategy = FedAvg(server_lr=2.0, server_momentum=0.5)
+    assert strategy.uses_previous_step
+    close(strategy.aggregate(GLOBAL, updates(), vec(1.0, -1.0, 0.0)), 6.5, 7.5, 5.0)
+    close(strategy.aggregate(GLOBAL, updates()), 6.0, 8.0, 5.0)  # round 1: no previous step
 
 
 def test_fedavg_and_fedprox_average_deltas() -> None:
@@ -88,9 +123,12 @@ def test_fedmedian_ignores_an_outlier() -> None:
 
 
 def test_client_hparams() -> None:
-    assert FedProx(mu=0.25).client_hparams() == {"prox_mu": 0.25}
-    assert FedAvg().client_hparams() == {"prox_mu": 0.0}
-    assert FisherMerge().client_hparams() == {"prox_mu": 0.0}
+    assert FedProx(mu=0.25).client_hparams() == {"prox_mu": 0.25, "train_a": True}
+    assert FedAvg().client_hparams() == {"prox_mu": 0.0, "train_a": True}
+    assert FisherNorm(ffa=True).client_hparams() == {"prox_mu": 0.0, "train_a": False}
+    assert FisherGlobal().client_hparams() == {"prox_mu": 0.0, "train_a": True,
+                                               "fisher_point": "global",
+                                               "fisher_labels": "sampled"}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -107,7 +145,7 @@ def test_aggregate_rejects_mismatched_updates(name: str) -> None:
 
 
 def test_strategies_hold_no_state_between_rounds() -> None:
-    strategy = FisherMerge()
+    strategy = FisherNorm()
     first = strategy.aggregate(GLOBAL, updates())
     second = strategy.aggregate(GLOBAL, updates())
     assert first is not None and second is not None
@@ -120,8 +158,12 @@ def test_strategies_hold_no_state_between_rounds() -> None:
     [
         ("fedprox", {"mu": -0.1}, "mu must be"),
         ("fedprox", {"mu": float("nan")}, "mu must be"),
-        ("fednano", {"eps": -1.0}, "eps must be"),
-        ("fednano", {"normalize": "l2"}, "normalize must be"),
+        ("fisher-raw", {"eps": -1.0}, "eps must be"),
+        ("fisher-norm", {"normalize": "l1"}, "normalize must be"),
+        ("fisher-norm", {"floor": -0.5}, "floor must be"),
+        ("fedavg", {"server_momentum": 1.0}, "server_momentum must be"),
+        ("fedavg", {"server_lr": 0.0}, "server_lr must be"),
+        ("fedavg", {"ffa": "yes"}, "ffa must be"),
         ("fedavg", {"min_updates": 0}, "min_updates must be"),
     ],
 )

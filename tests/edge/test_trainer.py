@@ -132,3 +132,52 @@ def test_config_errors_name_the_field() -> None:
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lrr"):
         TrainConfig(lrr=1.0)  # type: ignore[call-arg]
+
+
+def test_ffa_trains_only_b_and_sends_zero_a(tiny_llm, tiny_edge, batcher, samples) -> None:
+    _, backend = tiny_llm
+    start = tiny_edge.adapters.adapter_state_dict()
+    cfg = TrainConfig(steps=4, batch_size=8, lr=5e-2, fisher_samples=8, train_a=False)
+    res = run_round(tiny_edge, backend, batcher, samples, start, cfg, client_id="c", seed=2)
+    fisher = res.update.fisher
+    assert fisher is not None
+    for key, delta in res.update.delta.items():
+        if "lora_A" in key:
+            assert torch.equal(delta, torch.zeros_like(delta)), key
+            assert torch.equal(fisher[key], torch.zeros_like(fisher[key])), key
+        else:
+            assert delta.abs().max() > 0, key
+            assert fisher[key].sum() > 0, key
+
+
+def test_sampled_label_fisher_draws_labels_from_the_model(
+    tiny_llm, tiny_edge, batcher, samples
+) -> None:
+    _, backend = tiny_llm
+    torch.nn.init.normal_(tiny_edge.adapters.image.lora_B.weight, std=0.1)
+    draw = torch.Generator().manual_seed(0)
+    sampled = estimate_fisher(tiny_edge, backend, batcher, samples[:8], batch_size=4,
+                              labels="sampled", generator=draw)
+    again = estimate_fisher(tiny_edge, backend, batcher, samples[:8], batch_size=4,
+                            labels="sampled", generator=torch.Generator().manual_seed(0))
+    empirical = estimate_fisher(tiny_edge, backend, batcher, samples[:8], batch_size=4)
+    for key in sampled:
+        assert torch.isfinite(sampled[key]).all() and (sampled[key] >= 0).all()
+        torch.testing.assert_close(sampled[key], again[key])  # same draws, same Fisher
+    # An untrained tiny model almost never predicts the true answer: different labels.
+    assert any(not torch.allclose(sampled[k], empirical[k]) for k in sampled)
+
+
+def test_global_point_fisher_is_taken_before_training(
+    tiny_llm, tiny_edge, batcher, samples
+) -> None:
+    _, backend = tiny_llm
+    torch.nn.init.normal_(tiny_edge.adapters.text.lora_B.weight, std=0.1)
+    start = tiny_edge.adapters.adapter_state_dict()
+    cfg = TrainConfig(steps=3, batch_size=8, lr=5e-2, fisher_samples=24, fisher_point="global")
+    res = run_round(tiny_edge, backend, batcher, samples, start, cfg, client_id="c", seed=3)
+    tiny_edge.adapters.load_adapter_state_dict(start)
+    at_start = estimate_fisher(tiny_edge, backend, batcher, samples, batch_size=32)
+    assert res.update.fisher is not None
+    for key, value in at_start.items():  # all 24 samples: no subsampling, same point
+        torch.testing.assert_close(res.update.fisher[key], value)

@@ -14,7 +14,7 @@ from torch import nn
 
 from cloud.base.features import FeatureStore
 from edge.trainer import TrainConfig
-from fednano.compare import comparison_markdown, load_reports
+from fednano.compare import load_reports, pivot_markdown
 from fednano.simulate import SimConfig, Simulation, report_markdown, save_report
 from shared.adapters import AdapterConfig
 from shared.connector import PoolingConnector
@@ -68,12 +68,13 @@ def config(strategy: str, **overrides: object) -> SimConfig:
     return SimConfig(**(settings | overrides))
 
 
-@pytest.mark.parametrize("strategy", ["fednano", "fedavg", "fedprox", "local", "centralized"])
+@pytest.mark.parametrize("strategy", ["fednano", "fedavg", "fedprox", "fisher-raw",
+                                      "fisher-global", "local", "centralized", "feddpa-f"])
 def test_every_method_runs_and_reports(tiny_base, strategy: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     report = Simulation(tiny_base, colour_task(), config(strategy)).run()
     assert report.final["n"] == 30
     # A share of the 30 held-out questions (local: the mean over the 3 clients' models).
-    answers = 30 * (3 if strategy == "local" else 1)
+    answers = 30 * (3 if strategy in ("local", "feddpa-f") else 1)
     correct = report.final["accuracy"] * answers
     assert 0 <= correct <= answers and abs(correct - round(correct)) < 1e-9
     assert set(report.per_client) == {"client-00", "client-01", "client-02"}
@@ -83,13 +84,15 @@ def test_every_method_runs_and_reports(tiny_base, strategy: str, tmp_path: Path)
     else:
         assert [r.round for r in report.rounds] == [1, 2]
         params = tiny_base.edge.adapters.num_parameters() * 4
-        fisher = 2 if strategy == "fednano" else 1
+        fisher = 2 if strategy.startswith("fisher") or strategy == "fednano" else 1
         assert report.rounds[0].param_bytes_up == fisher * params
         assert report.rounds[0].activation_bytes_up > 0
     json_path, md_path = save_report(report, tmp_path / strategy)
     assert json.loads(json_path.read_text())["config"]["strategy"] == strategy
     assert strategy in md_path.read_text()
-    assert strategy in comparison_markdown(load_reports([tmp_path / strategy]))
+    assert strategy in pivot_markdown(load_reports([tmp_path / strategy]))
+    if strategy == "feddpa-f":  # personalised: both pairs on each device's own holdout
+        assert "holdout_mean" in report.final and "global_accuracy" in report.final
 
 
 def test_zero_shot_is_cached_per_base_and_eval_set(tiny_base) -> None:  # type: ignore[no-untyped-def]
@@ -167,3 +170,34 @@ def test_compressed_uploads_shrink_bytes_and_fp32_changes_nothing(tiny_base) -> 
 def test_bad_codec_names_the_problem() -> None:
     with pytest.raises(ValueError, match="does not apply to 'fp16'"):
         config("fednano", delta_codec="fp16/b64")
+
+
+def test_paired_run_shares_round_one_and_matches_separate_runs(tiny_base) -> None:  # type: ignore[no-untyped-def]
+    from fednano.simulate import RoundCache
+
+    cache = RoundCache()
+    fedavg = Simulation(tiny_base, colour_task(), config("fedavg"), cache=cache).run()
+    momentum = config("fedavg", strategy_options={"server_momentum": 0.5, "server_lr": 2.0})
+    shared = Simulation(tiny_base, colour_task(), momentum, cache=cache).run()
+    assert cache.hits == 3  # round 1 of each device came from the first method
+    alone = Simulation(tiny_base, colour_task(), momentum).run()  # no cache
+    assert shared.final["accuracy"] == alone.final["accuracy"]
+    assert shared.rounds[0].activation_bytes_up == alone.rounds[0].activation_bytes_up
+    assert shared.rounds[0].activation_bytes_up == fedavg.rounds[0].activation_bytes_up
+
+
+def test_run_methods_writes_one_report_per_method_and_resumes(  # type: ignore[no-untyped-def]
+    tiny_base, tmp_path: Path, monkeypatch
+) -> None:
+    from fednano import simulate
+
+    monkeypatch.setattr(simulate, "load_base_and_task",
+                        lambda config, home, task=None: (tiny_base, colour_task()))
+    configs = [config("fedavg"), config("fisher-norm", strategy_options={"ffa": True})]
+    reports = simulate.run_methods(configs, tmp_path, tmp_path / "pair")
+    assert [r.config["strategy"] for r in reports] == ["fedavg", "fisher-norm"]
+    assert (tmp_path / "pair" / "fedavg" / "report.json").exists()
+    assert (tmp_path / "pair" / "fisher-norm+ffa=true" / "report.json").exists()
+    assert simulate.run_methods(configs, tmp_path, tmp_path / "pair") == []  # all done
+    with pytest.raises(ValueError, match="same settings"):
+        simulate.run_methods([config("fedavg"), config("fedavg", alpha=1.0)], tmp_path)

@@ -9,10 +9,12 @@ from hypothesis import strategies as st
 
 from shared.adapters import ADAPTER_KEYS
 from shared.merge import (
+    FisherAccumulator,
     apply_delta,
     coordinate_median,
     fisher_weighted_merge,
     sample_weights,
+    server_step,
     weighted_average,
 )
 
@@ -187,3 +189,65 @@ def test_merged_step_is_a_shrunk_convex_combination(deltas: list, data: st.DataO
     high = torch.maximum(stacked.max(dim=0).values, torch.zeros(4))
     assert bool(torch.isfinite(merged).all())
     assert bool((merged >= low - 1e-3).all()) and bool((merged <= high + 1e-3).all())
+
+
+def test_fisher_merge_l2_normalisation_by_hand() -> None:
+    # |F1| = sqrt(2), |F2| = sqrt(10): F1' = (1, 0, 1)/sqrt2, F2' = (1, 0, 3)/sqrt10
+    a, b = 0.25 / 2**0.5, 0.75 / 10**0.5
+    first = (a * 1 + b * 3) / (a + b)  # Δ_1 = 1, Δ_2 = 3
+    third = (a * -2 + b * 3 * 2) / (a + b * 3)
+    merged = fisher_weighted_merge(GLOBAL, DELTAS, FISHERS, LAMBDA, eps=0.0, normalize="l2")
+    close(merged, 1 + first, 2.0, 3 + third)
+
+
+def test_floor_lifts_each_clients_fisher_to_a_share_of_its_mean() -> None:
+    # floor 0.5: F1 mean 2/3 -> min 1/3: (1, 1/3, 1); F2 mean 4/3 -> min 2/3: (1, 2/3, 3)
+    merged = fisher_weighted_merge(GLOBAL, DELTAS, FISHERS, LAMBDA, eps=0.0, floor=0.5)
+    second = (0.75 * (2 / 3) * 4) / (0.25 / 3 + 0.75 * 2 / 3)
+    close(merged, 3.5, 2 + second, 4.6)
+
+
+def test_fallback_merges_by_fedavg_where_no_client_has_fisher() -> None:
+    # Element 2 has Σ λF = 0 < fallback * mean: FedAvg's 0.25*0 + 0.75*4 = 3 instead of 0.
+    merged = fisher_weighted_merge(GLOBAL, DELTAS, FISHERS, LAMBDA, eps=0.0, fallback=1e-3)
+    close(merged, 3.5, 5.0, 4.6)
+
+
+def test_streaming_accumulator_equals_the_batch_merge() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (4, 3), "b": (3, 4)}
+    ref = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    deltas = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(7)]
+    fishers = [{k: torch.rand(s, generator=gen) ** 3 for k, s in shapes.items()}
+               for _ in range(7)]
+    weights = [float(w) for w in torch.rand(7, generator=gen) + 0.1]
+    merger = FisherAccumulator(ref, normalize="l2", floor=0.2)
+    for d, f, w in zip(deltas, fishers, weights, strict=True):
+        merger.add(d, f, w * 10)  # unnormalised weights: only ratios matter
+    streamed = apply_delta(ref, merger.merged_delta(eps=1e-6, fallback=1e-3))
+    batch = fisher_weighted_merge(ref, deltas, fishers, weights, eps=1e-6, normalize="l2",
+                                  floor=0.2, fallback=1e-3)
+    for key in ref:
+        torch.testing.assert_close(streamed[key], batch[key])
+
+
+def test_accumulator_refuses_bad_input_naming_the_client() -> None:
+    merger = FisherAccumulator(GLOBAL)
+    with pytest.raises(ValueError, match=r"dev-7 fisher.*>= 0"):
+        merger.add(DELTAS[0], vec(1.0, -1.0, 0.0), 1.0, name="dev-7")
+    with pytest.raises(ValueError, match="weight"):
+        merger.add(DELTAS[0], FISHERS[0], float("nan"))
+    with pytest.raises(ValueError, match="at least one"):
+        merger.merged_delta()
+
+
+def test_server_step_is_heavy_ball_momentum_in_steps() -> None:
+    step = vec(1.0, -2.0, 0.5)
+    previous = vec(2.0, 2.0, -4.0)
+    close(server_step(step, None, lr=1.0, momentum=0.9), 1.0, -2.0, 0.5)  # first round
+    close(server_step(step, previous, lr=2.0, momentum=0.5), 3.0, -3.0, -1.0)
+    assert server_step(step, previous) is step  # lr 1, no momentum: nothing to do
+    with pytest.raises(ValueError, match="momentum"):
+        server_step(step, previous, momentum=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        server_step(step, previous, lr=0.0)
