@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from fednano.choices import strategy_help
+from fednano.choices import simulation_baselines, strategy_help
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
 
@@ -62,7 +62,6 @@ Home = Annotated[
                  "(env FEDNANO_HOME).", show_default=True),
 ]
 DEFAULT_HOME = Path(os.path.expanduser("~/.cache/fednano"))
-BASELINES = ("local", "centralized")  # fednano.simulate.BASELINES (imports torch)
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)]
 
 
@@ -159,8 +158,9 @@ def footprint(
 @app.command()
 def simulate(
     strategy: Annotated[list[str] | None, typer.Option(
-        help=f"A method: a strategy name, {strategy_help(BASELINES)}, optionally with "
-             "strategy options as NAME:KEY=VALUE,... (e.g. 'fisher-norm:ffa=true,server_lr=2'). "
+        help=f"A method: a strategy name, {strategy_help(simulation_baselines())}, "
+             "optionally with strategy options as NAME:KEY=VALUE,... (e.g. "
+             "'fisher-norm:ffa=true,server_lr=2'). "
              "Repeat it for a paired run: every method on the same data, seed and held-out "
              "questions, one report each under --out/<method>/.")] = None,
     clients: Annotated[int, typer.Option(help="Number of simulated devices.", min=1)] = 5,

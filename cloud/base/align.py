@@ -126,6 +126,9 @@ def align_connector(
                 pooled = features[idx]  # (B, V, C)
                 losses.append(_step(edge, backend, tokenizer, pooled, middles, answers, optimizer))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if len(losses) % 20 == 0:  # also in logs, where a progress bar is not redrawn
+                    log.info("align connector: step %d/%d, loss %.3f", len(losses),
+                             config.steps, losses[-1])
     finally:
         connector.projector.requires_grad_(False)
     log.info("alignment: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))

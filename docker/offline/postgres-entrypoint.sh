@@ -6,6 +6,7 @@
 # server runs in the foreground as postgres.
 set -eu
 : "${PGDATA:=/var/lib/postgresql/data}"
+bin=/usr/lib/postgresql/15/bin  # absolute: runuser need not keep PATH
 user=${POSTGRES_USER:-postgres}
 db=${POSTGRES_DB:-$user}
 
@@ -29,20 +30,22 @@ if [ "$(id -u)" = "0" ]; then
     pwfile=$(mktemp)
     printf '%s\n' "$secret" > "$pwfile"
     chown postgres "$pwfile"
-    runuser -u postgres -- initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" \
+    runuser -u postgres -- "$bin/initdb" -D "$PGDATA" -U "$user" --pwfile="$pwfile" \
       --auth-local=trust --auth-host=scram-sha-256 >/dev/null
     rm -f "$pwfile"
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     if [ "$db" != "postgres" ]; then
-      runuser -u postgres -- pg_ctl -D "$PGDATA" -w -o "-c listen_addresses=''" start >/dev/null
-      runuser -u postgres -- createdb -U "$user" "$db"
-      runuser -u postgres -- pg_ctl -D "$PGDATA" -w -m fast stop >/dev/null
+      runuser -u postgres -- "$bin/pg_ctl" -D "$PGDATA" -w -o "-c listen_addresses=''" start \
+        >/dev/null
+      runuser -u postgres -- "$bin/createdb" -U "$user" "$db"
+      runuser -u postgres -- "$bin/pg_ctl" -D "$PGDATA" -w -m fast stop >/dev/null
     fi
     echo "postgres-entrypoint: initialised $PGDATA (user $user, database $db)"
   fi
   if [ "$1" = "postgres" ]; then
-    exec runuser -u postgres -- "$@"
+    shift
+    exec runuser -u postgres -- "$bin/postgres" -D "$PGDATA" "$@"
   fi
 fi
 exec "$@"

@@ -84,10 +84,16 @@ def test_version() -> None:
 
 def test_strategy_lists_every_registered_strategy() -> None:
     from cloud.strategies import STRATEGIES
-    from fednano.choices import strategy_names
+    from fednano.choices import simulation_baselines, strategy_names
+    from fednano.simulate import BASELINES
 
     assert sorted(strategy_names()) == sorted(STRATEGIES)
-    done = fednano("simulate", "--strategy", "nope", env={})
+    assert simulation_baselines() == list(BASELINES)
+    helped = fednano("simulate", "--help", env={"COLUMNS": "400"})
+    line = next(x for x in helped.stdout.splitlines() if "--strategy" in x)
+    for name in (*STRATEGIES, *BASELINES):
+        assert name in line, name
+    done = fednano("fleet", "simulate", "--strategy", "nope", env={})
     assert done.returncode == 2
-    for name in (*STRATEGIES, "local", "centralized"):
+    for name in STRATEGIES:
         assert name in done.stderr
