@@ -185,13 +185,16 @@ def fresh_project(run: Run) -> None:
 def seed_base(run: Run) -> None:
     """Copy an already built base into the cloud-home volume, so init skips the build."""
     source = Path(run.args.seed_base).expanduser().resolve()
-    if not (source / "bases").is_dir():
-        raise CheckFailed(f"--seed-base {source}: no bases/ folder (a FEDNANO_HOME with a base)")
+    if not (source / "base" / "current").is_file():
+        raise CheckFailed(f"--seed-base {source}: no base/current (a FEDNANO_HOME with a base)")
+    folders = " ".join(f"/seed/{name}" for name in ("base", "llm", "features")
+                       if (source / name).is_dir())
     run.compose("create", "init", capture=True)  # creates the volumes with the image's owners
     volume = f"{run.project}_cloud-home"
-    sh(["docker", "run", "--rm", "--network", "none", "-v", f"{volume}:/home",
+    sh(["docker", "run", "--rm", "--network", "none", "-v", f"{volume}:/var/lib/fednano",
         "-v", f"{source}:/seed:ro", "--entrypoint", "/bin/sh", f"fednano-cloud:{run.args.tag}",
-        "-c", "cp -a /seed/bases /home/ && ls /home/bases"], env=run.env())
+        "-c", f"cp -r {folders} /var/lib/fednano/ && cat /var/lib/fednano/base/current"],
+       env=run.env())
     run.facts.append(f"base seeded from {source} (init skipped the base build)")
 
 
@@ -441,7 +444,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-build", action="store_true", help="use the images there are")
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
     parser.add_argument("--seed-base", metavar="HOME",
-                        help="copy HOME/bases into the stack (init skips the base build)")
+                        help="copy the base built under HOME (base/, llm/, features/) into the "
+                             "stack, so init skips the base build")
     parser.add_argument("--devices", type=int, default=3, help="simulated devices (3)")
     parser.add_argument("--workers", type=int, default=2, help="LLM worker replicas (2)")
     parser.add_argument("--rounds", type=int, default=2, help="plain rounds first (2)")
