@@ -373,6 +373,8 @@ class Coordinator:
         crud.record_audit(session, actor=self.actor, action="round.transition",
                           subject=f"round:{round_id}", details={"to": state.value, **details})
         metrics.round_transition(round_id, state.value)
+        log.info("round %d: %s %s", round_id, state.value, details or "",
+                 extra={"round_id": round_id})
 
     # --- the schedule ---------------------------------------------------------------------------
 

@@ -357,7 +357,8 @@ class EdgeAgent:
         assert self._current is not None
         task, parts = self._current
         log.info("%s: round %d: training (task %s, %d samples, %d steps)", self.device_id,
-                 task.round_id, task.task_id, len(self.samples), task.hparams.steps)
+                 task.round_id, task.task_id, len(self.samples), task.hparams.steps,
+                 extra={"round_id": task.round_id, "task_id": task.task_id})
         try:
             encoded = execute_task(
                 task, parts, self.model, backend, self.samples,
@@ -381,7 +382,8 @@ class EdgeAgent:
             return
         pending = self.state.save_pending(encoded.payload, encoded.residual)  # commit
         log.info("%s: round %d: update %s committed (%d bytes), publishing", self.device_id,
-                 task.round_id, pending.update_id, len(pending.payload))
+                 task.round_id, pending.update_id, len(pending.payload),
+                 extra={"round_id": task.round_id, "update_id": pending.update_id})
         self._deliver(pending)
 
     def _stop_reason(self, task: TrainTask) -> str | None:
@@ -450,7 +452,9 @@ class EdgeAgent:
             if self._current is not None and self._current[0].task_id == pending.message.task_id:
                 self._current = None
             log.info("%s: round %d: update %s delivered", self.device_id,
-                     pending.message.round_id, pending.update_id)
+                     pending.message.round_id, pending.update_id,
+                     extra={"round_id": pending.message.round_id,
+                            "update_id": pending.update_id})
             return
 
     def _publish_update(self, payload: bytes) -> bool:

@@ -405,6 +405,7 @@ def run(
                                     profiles_dir=profiles_dir)
     except ConfigError as err:
         _fail(err)
+    logs.configure(log_format, log_level.upper(), fields={"device_id": device.device_id})
     _run_agent(device, _data_spec(data), bundle, llm_timeout)
 
 

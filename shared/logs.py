@@ -39,11 +39,30 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def configure(log_format: str = "text", level: int | str = logging.INFO) -> None:
-    """Send the root logger's records to stderr as ``log_format`` (text or json) lines."""
+class _Constant(logging.Filter):
+    """Adds the same fields to every record (e.g. a device's own id), unless a call site set
+    them."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self.fields.items():
+            if getattr(record, name, None) is None:
+                setattr(record, name, value)
+        return True
+
+
+def configure(log_format: str = "text", level: int | str = logging.INFO,
+              fields: dict[str, Any] | None = None) -> None:
+    """Send the root logger's records to stderr as ``log_format`` (text or json) lines;
+    ``fields`` (e.g. ``{"device_id": ...}``) go into every JSON line."""
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter() if log_format == "json"
                          else logging.Formatter(TEXT_FORMAT))
+    if fields:
+        handler.addFilter(_Constant(fields))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -124,6 +124,10 @@ def test_json_log_lines_carry_the_ids(capsys: pytest.CaptureFixture[str]) -> Non
     assert line["message"] == "update from dev-a: accepted"
     assert (line["device_id"], line["update_id"], line["round_id"]) == ("dev-a", "u-1", 7)
     assert line["level"] == "info" and line["ts"].endswith("+00:00")
+    logs.configure("json", fields={"device_id": "sim-000"})  # a device's own id on every line
+    logging.getLogger("edge.agent").info("connected", extra={"round_id": 3})
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (line["device_id"], line["round_id"], line["message"]) == ("sim-000", 3, "connected")
     logs.configure("text")
     with pytest.raises(ValueError, match="log format"):
         logs.configure("xml")
