@@ -191,10 +191,12 @@ def seed_base(run: Run) -> None:
                        if (source / name).is_dir())
     run.compose("create", "init", capture=True)  # creates the volumes with the image's owners
     volume = f"{run.project}_cloud-home"
-    sh(["docker", "run", "--rm", "--network", "none", "-v", f"{volume}:/var/lib/fednano",
-        "-v", f"{source}:/seed:ro", "--entrypoint", "/bin/sh", f"fednano-cloud:{run.args.tag}",
-        "-c", f"cp -r {folders} /var/lib/fednano/ && cat /var/lib/fednano/base/current"],
-       env=run.env())
+    # As root: a base build writes some files 0600; they are handed to the image's user.
+    sh(["docker", "run", "--rm", "--network", "none", "--user", "0:0",
+        "-v", f"{volume}:/var/lib/fednano", "-v", f"{source}:/seed:ro",
+        "--entrypoint", "/bin/sh", f"fednano-cloud:{run.args.tag}", "-c",
+        f"cp -r {folders} /var/lib/fednano/ && chown -R fednano:fednano /var/lib/fednano "
+        "&& cat /var/lib/fednano/base/current"], env=run.env())
     run.facts.append(f"base seeded from {source} (init skipped the base build)")
 
 
