@@ -6,7 +6,8 @@ exit) and again on every ``docker compose up``; each step is skipped when its re
 1. migrate the database (``cloud.db.migrate.upgrade``);
 2. build the frozen base when there is none (``fednano base build``: minutes on a CPU);
 3. export its NanoEdge bundle with an archive when the newest bundle is not of the current
-   base (``fednano bundle export --archive``);
+   base (``fednano bundle export --archive``; ``FEDNANO_BUNDLE_MIN_COSINE`` sets its quality
+   gate, the command's default otherwise);
 4. register the simulated devices ``sim-000`` ... (``fednano devices add --out``: device.yaml
    and password in the fleet volume) up to ``FEDNANO_SIM_DEVICES``;
 5. write ``fleet.json`` (device ids, bundle version, sha256 and URL) for the ``edge-sim``
@@ -37,7 +38,9 @@ from shared.bundle import sha256_file
 FLEET_DIR_ENV = "FEDNANO_FLEET_DIR"
 SIM_DEVICES_ENV = "FEDNANO_SIM_DEVICES"
 SIM_PROFILE_ENV = "FEDNANO_SIM_PROFILE"
-ENV_VARS = (FLEET_DIR_ENV, SIM_DEVICES_ENV, SIM_PROFILE_ENV)  # besides CloudSettings' fields
+MIN_COSINE_ENV = "FEDNANO_BUNDLE_MIN_COSINE"  # the bundle's quality gate (fednano bundle export)
+ENV_VARS = (FLEET_DIR_ENV, SIM_DEVICES_ENV, SIM_PROFILE_ENV,
+            MIN_COSINE_ENV)  # besides CloudSettings' fields
 FLEET_MANIFEST = "fleet.json"
 DEFAULT_PROFILE = "sim-cpu"
 
@@ -58,8 +61,10 @@ def base_build_argv(home: Path) -> list[str]:
     return ["fednano", "base", "build", "--home", str(home)]
 
 
-def bundle_export_argv(home: Path, out: Path) -> list[str]:
-    return ["fednano", "bundle", "export", "--out", str(out), "--archive", "--home", str(home)]
+def bundle_export_argv(home: Path, out: Path, min_cosine: str | None = None) -> list[str]:
+    gate = ["--min-cosine", min_cosine] if min_cosine else []
+    return ["fednano", "bundle", "export", "--out", str(out), "--archive", "--home", str(home),
+            *gate]
 
 
 def device_add_argv(device_id: str, profile: str, out: Path) -> list[str]:
@@ -90,15 +95,17 @@ def ensure_base(home: Path) -> str:
     return version
 
 
-def ensure_bundle(home: Path, bundle_dir: Path, base_version: str) -> BundleEntry:
-    """The newest bundle with an archive, exporting one when none is of ``base_version``."""
+def ensure_bundle(home: Path, bundle_dir: Path, base_version: str,
+                  min_cosine: str | None = None) -> BundleEntry:
+    """The newest bundle with an archive, exporting one when none is of ``base_version``
+    (``min_cosine``: the export's quality gate, the command's default when None)."""
     def current() -> BundleEntry | None:
         return next((e for e in list_bundles(bundle_dir)
                      if e.manifest.base_version == base_version and e.archive is not None), None)
 
     entry = current()
     if entry is None:
-        run(bundle_export_argv(home, bundle_dir))
+        run(bundle_export_argv(home, bundle_dir, min_cosine))
         entry = current()
     if entry is None:
         raise InitError(f"no bundle with an archive for base {base_version} in {bundle_dir}")
@@ -149,7 +156,8 @@ def main() -> int:
             raise InitError("set FEDNANO_BUNDLE_DIR: devices download their bundle from there")
         migrate.upgrade(settings.resolved_database_url)
         base_version = ensure_base(settings.home)
-        bundle = ensure_bundle(settings.home, settings.bundle_dir, base_version)
+        bundle = ensure_bundle(settings.home, settings.bundle_dir, base_version,
+                               os.environ.get(MIN_COSINE_ENV) or None)
         ids = ensure_devices(fleet_dir, count, profile)
         manifest = fleet_manifest(ids, bundle, settings.public_url)
         write_atomic(fleet_dir / FLEET_MANIFEST, json.dumps(manifest, indent=2) + "\n",

@@ -399,7 +399,6 @@ def run(
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise typer.BadParameter(f"expected debug, info, warning or error, got {log_level!r}",
                                  param_hint="--log-level")
-    logs.configure(log_format, log_level.upper())
     try:
         device = load_device_config(config, allow_inline_password=allow_inline_password,
                                     profiles_dir=profiles_dir)

@@ -82,7 +82,8 @@ class Run:
                 "FEDNANO_API_PORT": str(self.args.api_port),
                 "FEDNANO_PROMETHEUS_PORT": str(self.args.prometheus_port),
                 "FEDNANO_MQTTS_PORT": str(self.args.mqtts_port),
-                "FEDNANO_LOG_FORMAT": "json", "FEDNANO_TAG": self.args.tag}
+                "FEDNANO_LOG_FORMAT": "json", "FEDNANO_TAG": self.args.tag,
+                "FEDNANO_BUNDLE_MIN_COSINE": self.args.bundle_min_cosine or ""}
 
     def compose(self, *argv: str, check: bool = True, capture: bool = False,
                 timeout: float | None = None) -> subprocess.CompletedProcess[str]:
@@ -448,6 +449,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seed-base", metavar="HOME",
                         help="copy the base built under HOME (base/, llm/, features/) into the "
                              "stack, so init skips the base build")
+    parser.add_argument("--bundle-min-cosine", metavar="X",
+                        help="the bundle export's quality gate in init (default: the export's)")
     parser.add_argument("--devices", type=int, default=3, help="simulated devices (3)")
     parser.add_argument("--workers", type=int, default=2, help="LLM worker replicas (2)")
     parser.add_argument("--rounds", type=int, default=2, help="plain rounds first (2)")

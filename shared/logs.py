@@ -55,9 +55,11 @@ class _Constant(logging.Filter):
 
 
 def configure(log_format: str = "text", level: int | str = logging.INFO,
-              fields: dict[str, Any] | None = None) -> None:
+              fields: dict[str, Any] | None = None, *, force: bool = False) -> None:
     """Send the root logger's records to stderr as ``log_format`` (text or json) lines;
-    ``fields`` (e.g. ``{"device_id": ...}``) go into every JSON line."""
+    ``fields`` (e.g. ``{"device_id": ...}``) go into every JSON line. Like
+    ``logging.basicConfig``, nothing changes when the root logger has handlers already (a
+    host application's, or a test runner's) unless ``force``."""
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
@@ -65,4 +67,4 @@ def configure(log_format: str = "text", level: int | str = logging.INFO,
                          else logging.Formatter(TEXT_FORMAT))
     if fields:
         handler.addFilter(_Constant(fields))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=force)

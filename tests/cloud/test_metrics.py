@@ -4,7 +4,10 @@ devices on the wire; the coordinator's /metrics endpoint (``metrics.serve``) and
 
 from __future__ import annotations
 
+import json
+import logging
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,11 +115,22 @@ def scrape_app(app: object) -> Samples:
     return parse(response.text)
 
 
-def test_json_log_lines_carry_the_ids(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-    import logging
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger's handlers and level as they were before the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
 
-    logs.configure("json")
+
+def test_json_log_lines_carry_the_ids(capsys: pytest.CaptureFixture[str],
+                                      root_logging: None) -> None:
+    logs.configure("json", force=True)
     logging.getLogger("cloud.coordinator_mqtt").info(
         "update from %s: %s", "dev-a", "accepted",
         extra={"device_id": "dev-a", "update_id": "u-1", "round_id": 7})
@@ -124,10 +138,9 @@ def test_json_log_lines_carry_the_ids(capsys: pytest.CaptureFixture[str]) -> Non
     assert line["message"] == "update from dev-a: accepted"
     assert (line["device_id"], line["update_id"], line["round_id"]) == ("dev-a", "u-1", 7)
     assert line["level"] == "info" and line["ts"].endswith("+00:00")
-    logs.configure("json", fields={"device_id": "sim-000"})  # a device's own id on every line
+    logs.configure("json", fields={"device_id": "sim-000"}, force=True)  # on every line
     logging.getLogger("edge.agent").info("connected", extra={"round_id": 3})
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert (line["device_id"], line["round_id"], line["message"]) == ("sim-000", 3, "connected")
-    logs.configure("text")
     with pytest.raises(ValueError, match="log format"):
         logs.configure("xml")
