@@ -18,6 +18,8 @@ RUN groupadd --system --gid 1883 mosquitto \
  && ln -s /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so \
  && install -d -o mosquitto -g mosquitto /mosquitto/config /mosquitto/data /mosquitto/log
 COPY mosquitto-entrypoint.sh /docker-entrypoint.sh
+# executable: docker/mosquitto/start.sh execs it, as in the official image
+RUN chmod 0755 /docker-entrypoint.sh
 EXPOSE 1883 8883
 ENTRYPOINT ["/bin/sh", "/docker-entrypoint.sh"]
 CMD ["/usr/sbin/mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]
