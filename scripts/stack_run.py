@@ -204,8 +204,10 @@ def seed_base(run: Run) -> None:
 def start(run: Run) -> None:
     run.compose("up", "-d")
     wait_for("the API", lambda: reachable(f"{run.api}/api/v1/ready"), 300)
-    token = run.compose("exec", "-T", "api", "fednano", "cloud", "token", "create",
-                        "stack-run", capture=True).stdout.strip().splitlines()
+    # Through the entrypoint: `exec` does not run it, and it loads the secrets (_FILE).
+    token = run.compose("exec", "-T", "api", "/bin/sh", "/opt/fednano/docker/cloud-entrypoint.sh",
+                        "fednano", "cloud", "token", "create", "stack-run",
+                        capture=True).stdout.strip().splitlines()
     run.token = token[-1].strip()
 
 
