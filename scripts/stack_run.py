@@ -83,7 +83,9 @@ class Run:
                 "FEDNANO_PROMETHEUS_PORT": str(self.args.prometheus_port),
                 "FEDNANO_MQTTS_PORT": str(self.args.mqtts_port),
                 "FEDNANO_LOG_FORMAT": "json", "FEDNANO_TAG": self.args.tag,
-                "FEDNANO_BUNDLE_MIN_COSINE": self.args.bundle_min_cosine or ""}
+                "FEDNANO_BUNDLE_MIN_COSINE": self.args.bundle_min_cosine or "",
+                "FEDNANO_EVAL_QUESTIONS": str(self.args.eval_questions),
+                "FEDNANO_SIM_LLM_TIMEOUT": str(self.args.llm_timeout)}
 
     def compose(self, *argv: str, check: bool = True, capture: bool = False,
                 timeout: float | None = None) -> subprocess.CompletedProcess[str]:
@@ -219,7 +221,8 @@ def devices_online(run: Run) -> int:
 def start_round(run: Run) -> int:
     overrides = {"min_participants": run.args.devices, "quorum_fraction": 1.0,
                  "deadline_s": run.args.round_timeout,
-                 "hparams": {"steps": run.args.steps, "batch_size": 8, "fisher_samples": 16}}
+                 "hparams": {"steps": run.args.steps, "batch_size": run.args.batch_size,
+                             "fisher_samples": run.args.fisher_samples}}
     created = http_json(f"{run.api}/api/v1/rounds", token=run.token, method="POST",
                         body={"overrides": overrides})
     return int(created["id"])
@@ -456,7 +459,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=3, help="simulated devices (3)")
     parser.add_argument("--workers", type=int, default=2, help="LLM worker replicas (2)")
     parser.add_argument("--rounds", type=int, default=2, help="plain rounds first (2)")
-    parser.add_argument("--steps", type=int, default=4, help="local steps per round (4)")
+    parser.add_argument("--steps", type=int, default=2, help="local steps per round (2)")
+    parser.add_argument("--batch-size", type=int, default=4, help="local batch size (4)")
+    parser.add_argument("--fisher-samples", type=int, default=4)
+    parser.add_argument("--eval-questions", type=int, default=50,
+                        help="questions each new version is evaluated on (50)")
+    parser.add_argument("--llm-timeout", type=float, default=120.0,
+                        help="seconds a simulated device waits for the LLM per attempt (120)")
     parser.add_argument("--round-timeout", type=float, default=1200.0)
     parser.add_argument("--kill-gap", type=float, default=5.0,
                         help="seconds between killing the worker and the coordinator")
