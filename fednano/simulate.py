@@ -228,7 +228,8 @@ class Simulation:
     def evaluate(self, state: AdapterState, samples: Sequence[VQASample]) -> EvalResult:
         self.base.edge.adapters.load_adapter_state_dict(state)
         return evaluate(
-            self.base.edge, self.backend.inner, self.batcher, samples, self.task.answers
+            self.base.edge, self.backend.inner, self.batcher, samples, self.task.answers,
+            progress=f"evaluating {len(samples)} questions",
         )
 
     def storage(self) -> dict[str, float]:
