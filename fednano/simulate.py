@@ -62,8 +62,13 @@ class SimConfig(BaseModel):
     # More keyword arguments of the strategy (e.g. {"ffa": true, "server_momentum": 0.9}).
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     # Batch the devices' LLM calls of a round into one (fednano.lockstep): same result up to
-    # float rounding, K devices for about the LLM time of one on a GPU.
-    lockstep: bool = True
+    # float rounding, K devices for about the LLM time of one on a GPU. None: on a GPU only (on
+    # 2 CPU cores it was slower and the K-fold batch holds K times the activations).
+    lockstep: bool | None = None
+
+    @property
+    def use_lockstep(self) -> bool:
+        return self.lockstep if self.lockstep is not None else self.llm_device != "cpu"
     adapter_rank: int = Field(8, ge=1)
     min_samples: int = Field(32, ge=1)
     max_client_samples: int | None = Field(None, ge=1)  # subsample each device's data (quick runs)
@@ -388,7 +393,7 @@ class Simulation:
             return go
 
         rounds = [device(k) for k in todo]
-        if self.config.lockstep and len(rounds) > 1:
+        if self.config.use_lockstep and len(rounds) > 1:
             fresh, _ = run_rounds_lockstep(self.base.edge, self.backend.inner, rounds)
         else:
             label = f"round {r}/{self.config.rounds}"

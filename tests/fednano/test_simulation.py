@@ -214,3 +214,13 @@ def test_run_methods_writes_one_report_per_method_and_resumes(  # type: ignore[n
     assert simulate.run_methods(configs, tmp_path, tmp_path / "pair") == []  # all done
     with pytest.raises(ValueError, match="same settings"):
         simulate.run_methods([config("fedavg"), config("fedavg", alpha=1.0)], tmp_path)
+
+
+def test_lockstep_simulation_matches_the_sequential_one(tiny_base) -> None:  # type: ignore[no-untyped-def]
+    assert not config("fedavg").use_lockstep  # off on the CPU unless asked for
+    together = Simulation(tiny_base, colour_task(), config("fisher-norm", lockstep=True)).run()
+    alone = Simulation(tiny_base, colour_task(), config("fisher-norm", lockstep=False)).run()
+    assert together.final["accuracy"] == alone.final["accuracy"]
+    assert [r.mean_loss for r in together.rounds] == pytest.approx(
+        [r.mean_loss for r in alone.rounds], rel=1e-5)
+    assert together.rounds[1].activation_bytes_up == alone.rounds[1].activation_bytes_up
