@@ -202,9 +202,11 @@ def simulate(
     llm_device: Annotated[str, typer.Option(
         help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
     = "cpu",
-    lockstep: Annotated[bool, typer.Option(
-        help="Batch the devices' LLM calls of a round into one (same result up to rounding).")]
-    = True,
+    lockstep: Annotated[bool | None, typer.Option(
+        help="Batch the devices' LLM calls of a round into one (same result up to rounding). "
+             "Default: on with a GPU --llm-device, off on the CPU (slower there, K times the "
+             "memory).")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
     home: Home = DEFAULT_HOME,

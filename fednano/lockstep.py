@@ -53,7 +53,12 @@ class _Stats:
 
 
 class LockstepLLM:
-    """Gathers the calls of ``parties`` devices into one LLM call per op while they train."""
+    """Gathers the calls of ``parties`` devices into one LLM call per op while they train.
+
+    Devices call from their own threads and wait; ``serve`` (the caller's thread) runs each
+    batch, so every large LLM allocation happens in one thread (several threads allocating and
+    freeing big tensors fragment glibc's per-thread heaps and bloat the process by gigabytes).
+    """
 
     def __init__(self, inner: LLMBackend, parties: int) -> None:
         if parties < 1:
@@ -72,12 +77,13 @@ class LockstepLLM:
         """A device is done: the others no longer wait for its calls."""
         with self.cond:
             self.active -= 1
-            self._maybe_run()
+            self.cond.notify_all()
 
     def call(self, call: _Call) -> StepResult | torch.Tensor:
+        """A device's call: queued, answered by ``serve`` once every device has called."""
         with self.cond:
             self.pending.append(call)
-            self._maybe_run()
+            self.cond.notify_all()
             while not call.done:
                 self.cond.wait()
         if call.error is not None:
@@ -85,17 +91,25 @@ class LockstepLLM:
         assert call.result is not None
         return call.result
 
-    def _maybe_run(self) -> None:
-        # Called with the lock held: run once every device still training is waiting.
-        if not self.pending or len(self.pending) < self.active:
-            return
-        batch = sorted(self.pending, key=lambda c: c.party)
-        self.pending = []
-        for op in ("step", "score"):
-            group = [c for c in batch if c.op == op]
-            if group:
-                self._run(op, group)
-        self.cond.notify_all()
+    def serve(self) -> None:
+        """Run batches until every device has left (in the thread that owns the LLM)."""
+        while True:
+            with self.cond:
+                while self.active > 0 and (not self.pending
+                                           or len(self.pending) < self.active):
+                    self.cond.wait()
+                if not self.pending:
+                    return  # every device left
+                batch = sorted(self.pending, key=lambda c: c.party)
+                self.pending = []
+            for op in ("step", "score"):
+                group = [c for c in batch if c.op == op]
+                if group:
+                    self._run(op, group)
+            with self.cond:
+                for call in batch:
+                    call.done = True
+                self.cond.notify_all()
 
     def _run(self, op: str, group: list[_Call]) -> None:
         try:
@@ -111,8 +125,6 @@ class LockstepLLM:
         except Exception as err:  # noqa: BLE001 - handed to every waiting device, re-raised there
             for call in group:
                 call.error = err
-        for call in group:
-            call.done = True
         self.stats.calls += len(group)
         self.stats.batches += 1
         self.stats.rows.append(sum(c.rows for c in group))
@@ -169,6 +181,7 @@ def run_rounds_lockstep(
                for k in range(len(rounds))]
     for thread in threads:
         thread.start()
+    hub.serve()
     for thread in threads:
         thread.join()
     if errors:

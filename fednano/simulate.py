@@ -62,8 +62,13 @@ class SimConfig(BaseModel):
     # More keyword arguments of the strategy (e.g. {"ffa": true, "server_momentum": 0.9}).
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     # Batch the devices' LLM calls of a round into one (fednano.lockstep): same result up to
-    # float rounding, K devices for about the LLM time of one on a GPU.
-    lockstep: bool = True
+    # float rounding, K devices for about the LLM time of one on a GPU. None: on a GPU only (on
+    # 2 CPU cores it was slower and the K-fold batch holds K times the activations).
+    lockstep: bool | None = None
+
+    @property
+    def use_lockstep(self) -> bool:
+        return self.lockstep if self.lockstep is not None else self.llm_device != "cpu"
     adapter_rank: int = Field(8, ge=1)
     min_samples: int = Field(32, ge=1)
     max_client_samples: int | None = Field(None, ge=1)  # subsample each device's data (quick runs)
@@ -228,7 +233,8 @@ class Simulation:
     def evaluate(self, state: AdapterState, samples: Sequence[VQASample]) -> EvalResult:
         self.base.edge.adapters.load_adapter_state_dict(state)
         return evaluate(
-            self.base.edge, self.backend.inner, self.batcher, samples, self.task.answers
+            self.base.edge, self.backend.inner, self.batcher, samples, self.task.answers,
+            progress=f"evaluating {len(samples)} questions",
         )
 
     def storage(self) -> dict[str, float]:
@@ -373,9 +379,9 @@ class Simulation:
         and settings: round 1, typically) comes from ``self.cache`` with its traffic.
         """
         seed = self.config.seed * 1000 + r * 100
-        keys = [self.cache.key(state, c.client_id, train_cfg, seed + k, r)
-                for k, c in enumerate(clients)]
-        todo = [k for k, key in enumerate(keys) if key not in self.cache]
+        found = [self.cache.lookup(state, c.client_id, train_cfg, seed + k, r)
+                 for k, c in enumerate(clients)]
+        todo = [k for k, hit in enumerate(found) if hit is None]
         counters = {k: CountingBackend(self.backend.inner) for k in todo}
 
         def device(k: int) -> Callable[[NanoEdge, LLMBackend], RoundResult]:
@@ -387,23 +393,29 @@ class Simulation:
             return go
 
         rounds = [device(k) for k in todo]
-        if self.config.lockstep and len(rounds) > 1:
+        if self.config.use_lockstep and len(rounds) > 1:
             fresh, _ = run_rounds_lockstep(self.base.edge, self.backend.inner, rounds)
         else:
             label = f"round {r}/{self.config.rounds}"
             fresh = [go(self.base.edge, self.backend.inner)
                      for go in tqdm(rounds, desc=label, leave=False)]
         for k, result in zip(todo, fresh, strict=True):
-            traffic = Traffic()
+            traffic, training = Traffic(), Traffic()
             _add_traffic(traffic, counters[k].training)
             _add_traffic(traffic, counters[k].scoring)  # the sampled-label Fisher's calls
-            self.cache.put(keys[k], result, traffic)
-        self.cache.hits += len(keys) - len(todo)
+            if train_cfg.fisher_point == "local":  # local steps come first, then the Fisher
+                steps = counters[k].training.per_step[: train_cfg.steps]
+                training = Traffic(sum(u for u, _ in steps), sum(d for _, d in steps),
+                                   len(steps), list(steps))
+            self.cache.store(state, clients[k].client_id, train_cfg, seed + k, r, result,
+                             traffic, training)
+            found[k] = (result, traffic)
+        self.cache.hits += len(clients) - len(todo)
         results = []
-        for key in keys:
-            result, traffic = self.cache.get(key)
-            _add_traffic(self.backend.training, traffic)
-            results.append(result)
+        for hit in found:
+            assert hit is not None
+            _add_traffic(self.backend.training, hit[1])
+            results.append(hit[0])
         return results
 
     def _upload(self, results: list[RoundResult], report: SimReport) -> int:
@@ -473,38 +485,64 @@ class Simulation:
         )
 
 
+FISHER_FIELDS = ("fisher_samples", "fisher_batch_size", "fisher_labels", "fisher_point")
+
+
 class RoundCache:
     """Device rounds already trained in this process, for the other methods of a paired run.
 
     A device round is a pure function of the global state, the device's data, the training
     settings, the seed and the round number, so methods that start a round from the same global
-    state (every method's round 1, unless it changes what devices train) can share it. Entries
-    are stored and handed out as copies: a method may compress (replace) its update's tensors.
+    state (every method's round 1, unless it changes what devices train) can share it. A Fisher
+    taken after local training (``fisher_point="local"``) does not change the training, so a
+    method without a Fisher reuses a round trained for a Fisher method (minus the Fisher and its
+    LLM traffic). Entries are stored and handed out as copies: a method may compress (replace)
+    its update's tensors.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[RoundResult, Traffic]] = {}
+        # training key -> Fisher settings (None: no Fisher) -> (result, traffic, training only)
+        self._entries: dict[str, dict[str | None, tuple[RoundResult, Traffic, Traffic]]] = {}
         self.hits = 0
 
+    def lookup(self, state: AdapterState, client_id: str, config: TrainConfig, seed: int,
+               r: int) -> tuple[RoundResult, Traffic] | None:
+        variants = self._entries.get(self._train_key(state, client_id, config, seed, r), {})
+        sig = _fisher_signature(config)
+        if sig in variants:
+            result, traffic, _ = variants[sig]
+            return _copy_result(result), traffic
+        if sig is None and variants:  # a Fisher method trained it: drop its Fisher
+            result, _, training = next(iter(variants.values()))
+            copy = _copy_result(result)
+            copy.update.fisher = None
+            return copy, training
+        return None
+
+    def store(self, state: AdapterState, client_id: str, config: TrainConfig, seed: int,
+              r: int, result: RoundResult, traffic: Traffic, training: Traffic) -> None:
+        key = self._train_key(state, client_id, config, seed, r)
+        self._entries.setdefault(key, {})[_fisher_signature(config)] = (
+            _copy_result(result), traffic, training)
+
     @staticmethod
-    def key(state: AdapterState, client_id: str, config: TrainConfig, seed: int,
-            r: int) -> str:
+    def _train_key(state: AdapterState, client_id: str, config: TrainConfig, seed: int,
+                   r: int) -> str:
         digest = hashlib.sha256()
         for name in sorted(state):
             digest.update(name.encode())
             digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-        digest.update(f"|{client_id}|{config.model_dump_json()}|{seed}|{r}".encode())
+        # A Fisher at the global point draws its samples before training: not shareable.
+        shared = config.fisher_samples == 0 or config.fisher_point == "local"
+        train = config.model_dump(exclude=set(FISHER_FIELDS)) if shared else config.model_dump()
+        digest.update(f"|{client_id}|{json.dumps(train, sort_keys=True)}|{seed}|{r}".encode())
         return digest.hexdigest()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
 
-    def put(self, key: str, result: RoundResult, traffic: Traffic) -> None:
-        self._entries[key] = (_copy_result(result), traffic)
-
-    def get(self, key: str) -> tuple[RoundResult, Traffic]:
-        result, traffic = self._entries[key]
-        return _copy_result(result), traffic
+def _fisher_signature(config: TrainConfig) -> str | None:
+    if config.fisher_samples == 0:
+        return None
+    return json.dumps({f: getattr(config, f) for f in FISHER_FIELDS}, sort_keys=True)
 
 
 def _copy_result(result: RoundResult) -> RoundResult:
@@ -613,7 +651,8 @@ def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = Non
     base, task = load_base_and_task(configs[0], home)
     cache = RoundCache()
     reports = []
-    for config in configs:
+    # Methods with a Fisher first: the others can then reuse their rounds without the Fisher.
+    for config in sorted(configs, key=lambda c: not _needs_fisher(c)):
         folder = None if out is None else out / method_folder(config)
         if folder is not None and (folder / "report.json").exists():
             continue
@@ -622,6 +661,12 @@ def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = Non
             save_report(report, folder)
         reports.append(report)
     return reports
+
+
+def _needs_fisher(config: SimConfig) -> bool:
+    if config.strategy in BASELINES:
+        return False
+    return make_strategy(config.strategy, **strategy_options(config)).requires_fisher
 
 
 def method_folder(config: SimConfig) -> str:

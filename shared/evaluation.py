@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from shared.backend import LLMBackend
 from shared.batches import VQABatcher
@@ -34,13 +35,15 @@ class EvalResult:
 def predict(
     edge: NanoEdge, backend: LLMBackend, batcher: VQABatcher,
     samples: Sequence[VQASample], candidates: Sequence[str], batch_size: int = 64,
+    progress: str | None = None,
 ) -> list[str]:
-    """The highest-scoring candidate answer for each sample."""
+    """The highest-scoring candidate answer for each sample (``progress``: a bar's label)."""
     firsts = candidate_first_tokens(batcher.tokenizer, batcher.template, candidates)
     was_training = edge.training
     edge.eval()
     predictions: list[str] = []
-    for start in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc=progress, leave=False, disable=progress is None):
         visual, batch = batcher.batch(samples[start : start + batch_size], with_answers=False)
         logprobs = backend.score(edge(visual, batch), batch.attention_mask)  # (B, vocab)
         best = logprobs[:, firsts].argmax(dim=1)  # (B,)
@@ -52,11 +55,12 @@ def predict(
 def evaluate(
     edge: NanoEdge, backend: LLMBackend, batcher: VQABatcher,
     samples: Sequence[VQASample], candidates: Sequence[str], batch_size: int = 64,
+    progress: str | None = None,
 ) -> EvalResult:
-    """Accuracy overall and per question type."""
+    """Accuracy overall and per question type (``progress``: label of a progress bar)."""
     if not samples:
         raise ValueError("cannot evaluate on zero samples")
-    predictions = predict(edge, backend, batcher, samples, candidates, batch_size)
+    predictions = predict(edge, backend, batcher, samples, candidates, batch_size, progress)
     hits: dict[str, list[bool]] = defaultdict(list)
     for sample, predicted in zip(samples, predictions, strict=True):
         hits[sample.question_type].append(predicted == sample.answer)

@@ -380,3 +380,28 @@ def test_no_round_without_a_global_version(migrated_url: str) -> None:
     with make_session_factory(engine)() as session, pytest.raises(NoGlobalVersionError):
         open_round(session, config=TWO, actor="test")
     engine.dispose()
+
+
+def test_server_momentum_carries_the_last_versions_step(cloud: Cloud) -> None:
+    # FedAvg with server_lr 1 and momentum 0.5: round 1 steps by Δ1 = 0.1 everywhere, round 2 by
+    # Δ2 + 0.5 x (θ_1 − θ_0) = 0.2 + 0.05, the previous step read back from the stored versions.
+    add_devices(cloud, "dev-a")
+    config = RoundConfig(strategy="fedavg", strategy_options={"server_momentum": 0.5},
+                         deadline_s=60)
+    steps = []
+    for scale in (0.1, 0.2):
+        round_id = cloud.coordinator.open_round(config)
+        cloud.coordinator.tick()
+        assert _submit(cloud, "dev-a", scale=scale, n_samples=10) == "accepted"
+        cloud.coordinator.tick()
+        assert _round(cloud, round_id)[0].state is RoundState.CLOSED
+        with cloud.session() as session:
+            version = crud.latest_adapter_version(session)
+            assert version is not None and version.parent_id is not None
+            parent = crud.get_adapter_version(session, version_id=version.parent_id)
+            assert parent is not None
+            new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
+        steps.append({k: new[k] - old[k] for k in new})
+    for key in steps[0]:
+        torch.testing.assert_close(steps[0][key], torch.full_like(steps[0][key], 0.1))
+        torch.testing.assert_close(steps[1][key], torch.full_like(steps[1][key], 0.25))

@@ -186,6 +186,19 @@ def test_paired_run_shares_round_one_and_matches_separate_runs(tiny_base) -> Non
     assert shared.rounds[0].activation_bytes_up == fedavg.rounds[0].activation_bytes_up
 
 
+def test_a_method_without_fisher_reuses_a_fisher_methods_round(tiny_base) -> None:  # type: ignore[no-untyped-def]
+    from fednano.simulate import RoundCache
+
+    cache = RoundCache()
+    Simulation(tiny_base, colour_task(), config("fisher-norm"), cache=cache).run()
+    shared = Simulation(tiny_base, colour_task(), config("fedavg"), cache=cache).run()
+    assert cache.hits == 3
+    alone = Simulation(tiny_base, colour_task(), config("fedavg")).run()
+    assert shared.final["accuracy"] == alone.final["accuracy"]
+    # Its traffic is its own: the Fisher's LLM calls are not counted for FedAvg.
+    assert shared.rounds[0].activation_bytes_up == alone.rounds[0].activation_bytes_up
+
+
 def test_run_methods_writes_one_report_per_method_and_resumes(  # type: ignore[no-untyped-def]
     tiny_base, tmp_path: Path, monkeypatch
 ) -> None:
@@ -195,9 +208,19 @@ def test_run_methods_writes_one_report_per_method_and_resumes(  # type: ignore[n
                         lambda config, home, task=None: (tiny_base, colour_task()))
     configs = [config("fedavg"), config("fisher-norm", strategy_options={"ffa": True})]
     reports = simulate.run_methods(configs, tmp_path, tmp_path / "pair")
-    assert [r.config["strategy"] for r in reports] == ["fedavg", "fisher-norm"]
+    assert [r.config["strategy"] for r in reports] == ["fisher-norm", "fedavg"]  # Fisher first
     assert (tmp_path / "pair" / "fedavg" / "report.json").exists()
     assert (tmp_path / "pair" / "fisher-norm+ffa=true" / "report.json").exists()
     assert simulate.run_methods(configs, tmp_path, tmp_path / "pair") == []  # all done
     with pytest.raises(ValueError, match="same settings"):
         simulate.run_methods([config("fedavg"), config("fedavg", alpha=1.0)], tmp_path)
+
+
+def test_lockstep_simulation_matches_the_sequential_one(tiny_base) -> None:  # type: ignore[no-untyped-def]
+    assert not config("fedavg").use_lockstep  # off on the CPU unless asked for
+    together = Simulation(tiny_base, colour_task(), config("fisher-norm", lockstep=True)).run()
+    alone = Simulation(tiny_base, colour_task(), config("fisher-norm", lockstep=False)).run()
+    assert together.final["accuracy"] == alone.final["accuracy"]
+    assert [r.mean_loss for r in together.rounds] == pytest.approx(
+        [r.mean_loss for r in alone.rounds], rel=1e-5)
+    assert together.rounds[1].activation_bytes_up == alone.rounds[1].activation_bytes_up
