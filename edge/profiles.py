@@ -354,6 +354,9 @@ class TrainingDefaults(StrictModel):
     grad_clip: float = Field(1.0, gt=0)
     fisher_samples: int = Field(64, ge=0)
     fisher_batch_size: int = Field(32, ge=1)
+    fisher_labels: Literal["empirical", "sampled"] = "empirical"
+    fisher_point: Literal["local", "global"] = "local"
+    train_a: bool = True
 
     def to_train_config(self, **overrides: Any) -> TrainConfig:
         """A ``TrainConfig`` from these defaults; ``overrides`` (e.g. a round's task) win."""
