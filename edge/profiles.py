@@ -344,7 +344,12 @@ class FeatureCacheSettings(StrictModel):
 
 
 class TrainingDefaults(StrictModel):
-    """The device's defaults for ``edge.trainer.TrainConfig`` (same fields and bounds)."""
+    """The device's defaults for ``edge.trainer.TrainConfig`` (same fields and bounds).
+
+    ``batch_size`` is also the most rows the device puts through one step at once: a round
+    that asks for a larger batch is trained in micro-batches of this size with the gradients
+    accumulated (the same step), so a task never overrides the profile's memory budget.
+    """
 
     steps: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -357,12 +362,18 @@ class TrainingDefaults(StrictModel):
     fisher_labels: Literal["empirical", "sampled"] = "empirical"
     fisher_point: Literal["local", "global"] = "local"
     train_a: bool = True
+    micro_batch_size: int | None = Field(None, ge=1)
 
     def to_train_config(self, **overrides: Any) -> TrainConfig:
-        """A ``TrainConfig`` from these defaults; ``overrides`` (e.g. a round's task) win."""
+        """A ``TrainConfig`` from these defaults; ``overrides`` (e.g. a round's task) win,
+        except that a batch larger than the profile's is split into micro-batches of it."""
         from edge.trainer import TrainConfig  # torch is only needed once training starts
 
-        return TrainConfig(**{**self.model_dump(), **overrides})
+        merged = {**self.model_dump(), **overrides}
+        cap = min(self.batch_size, self.micro_batch_size or self.batch_size)
+        if merged["batch_size"] > cap:
+            merged["micro_batch_size"] = min(cap, merged.get("micro_batch_size") or cap)
+        return TrainConfig(**merged)
 
 
 # ---------------------------------------------------------------------------------- profile

@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     fisher_labels: Literal["empirical", "sampled"] = "empirical"
     fisher_point: Literal["local", "global"] = "local"
     train_a: bool = True  # False: FFA-LoRA, only B trains
+    # Rows per LLM call and backward (the device's memory cap); a larger batch is trained in
+    # micro-batches whose gradients add up to the whole batch's, so the step is the same.
+    micro_batch_size: int | None = Field(None, ge=1)
 
 
 @dataclass
@@ -108,7 +111,8 @@ def local_steps(
     losses = []
     for _ in range(config.steps):
         visual, batch = next(batches)
-        losses.append(train_step(edge, backend, optimizer, visual, batch))
+        losses.append(train_step(edge, backend, optimizer, visual, batch,
+                                 micro_batch_size=config.micro_batch_size))
         if config.prox_mu:
             _add_proximal_grad(params, anchors, config.prox_mu)
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -119,19 +123,39 @@ def local_steps(
 
 def train_step(
     edge: NanoEdge, backend: LLMBackend, optimizer: torch.optim.Optimizer,
-    visual: torch.Tensor, batch: EncodedBatch,
+    visual: torch.Tensor, batch: EncodedBatch, *, micro_batch_size: int | None = None,
 ) -> float:
     """Adapters forward, LLM loss and input grads from the backend, backward into the adapters.
 
-    Leaves the gradients in the adapters; the caller adds regularisers and steps.
+    Leaves the gradients in the adapters; the caller adds regularisers and steps. With
+    ``micro_batch_size`` below the batch's rows, the batch goes through in parts and each
+    part's gradient is weighted by its share of the rows: the backend's loss is a mean over
+    rows, so the sum is the whole batch's gradient (up to rounding) at a part's memory.
     """
     optimizer.zero_grad(set_to_none=True)
-    embeds = edge(visual, batch)  # (B, L, d)
-    result = backend.loss_and_input_grads(embeds.detach(), batch.attention_mask, batch.labels)
-    if not torch.isfinite(result.input_grads).all():
-        raise FloatingPointError(f"LLM returned non-finite input gradients (loss {result.loss})")
-    embeds.backward(result.input_grads)
-    return result.loss
+    rows = batch.size
+    size = min(micro_batch_size or rows, rows)
+    loss = 0.0
+    for start in range(0, rows, size):
+        part = _rows(batch, start, start + size)
+        embeds = edge(visual[start : start + size], part)  # (b, L, d)
+        result = backend.loss_and_input_grads(embeds.detach(), part.attention_mask, part.labels)
+        if not torch.isfinite(result.input_grads).all():
+            raise FloatingPointError(
+                f"LLM returned non-finite input gradients (loss {result.loss})")
+        share = part.size / rows
+        embeds.backward(result.input_grads * share if share < 1 else result.input_grads)
+        loss += result.loss * share
+    return loss
+
+
+def _rows(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
+    """Rows ``start:stop`` of a right-padded batch, trimmed to their own longest row."""
+    if start == 0 and stop >= batch.size:
+        return batch
+    width = int(batch.attention_mask[start:stop].sum(dim=1).max())
+    return EncodedBatch(*(t[start:stop, :width] for t in (
+        batch.input_ids, batch.image_mask, batch.attention_mask, batch.labels)))
 
 
 def _add_proximal_grad(

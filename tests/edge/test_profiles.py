@@ -445,3 +445,12 @@ def test_cli_help_names_the_commands() -> None:
     assert result.exit_code == 0
     for command in ("validate", "profiles", "schema"):
         assert command in result.output
+
+
+def test_a_task_batch_above_the_profile_is_split_not_imposed() -> None:
+    # jetson-orin-nano-8gb puts at most 8 rows through a step: a round asking for 16 keeps
+    # its batch of 16 (the same step) in micro-batches of 8 (the device's memory budget).
+    profile = load_profile("jetson-orin-nano-8gb")
+    config = profile.training.to_train_config(batch_size=16, steps=5)
+    assert (config.batch_size, config.micro_batch_size) == (16, 8)
+    assert profile.training.to_train_config(batch_size=4).micro_batch_size is None

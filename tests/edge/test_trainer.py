@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edge.trainer import TrainConfig, compute_delta, estimate_fisher, local_steps, run_round
+from shared.backend import CountingBackend
 from shared.batches import VQABatcher
 from shared.data.base import VQASample
 from shared.prompts import PromptTemplate
@@ -181,3 +182,27 @@ def test_global_point_fisher_is_taken_before_training(
     assert res.update.fisher is not None
     for key, value in at_start.items():  # all 24 samples: no subsampling, same point
         torch.testing.assert_close(res.update.fisher[key], value)
+
+
+def test_micro_batches_take_the_whole_batch_step(tiny_llm, tiny_edge, batcher) -> None:
+    # Rows of different lengths and uneven parts (3 + 3 + 2): each part is trimmed to its own
+    # longest row and weighted by its rows, and the step is the whole batch's.
+    _, backend = tiny_llm
+    torch.nn.init.normal_(tiny_edge.adapters.text.lora_B.weight, std=0.05)
+    varied = [VQASample(f"img/{i}", "what colour is the shape?" + " really" * (i % 4),
+                        ANSWERS[i % 3], "color") for i in range(24)]
+    start = tiny_edge.adapters.adapter_state_dict()
+    results = []
+    for micro in (None, 3):
+        cfg = TrainConfig(steps=3, batch_size=8, lr=5e-2, fisher_samples=0,
+                          micro_batch_size=micro)
+        counting = CountingBackend(backend)
+        tiny_edge.adapters.load_adapter_state_dict(start)
+        losses = local_steps(tiny_edge, counting, batcher, varied, start, cfg,
+                             torch.Generator().manual_seed(0))
+        results.append((losses, tiny_edge.adapters.adapter_state_dict(), counting.training.steps))
+    (whole, whole_state, whole_calls), (parts, parts_state, parts_calls) = results
+    assert (whole_calls, parts_calls) == (3, 9)
+    assert parts == pytest.approx(whole, rel=1e-5)
+    for key in whole_state:
+        torch.testing.assert_close(parts_state[key], whole_state[key], rtol=1e-4, atol=1e-6)
