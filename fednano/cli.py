@@ -283,7 +283,7 @@ def compare(
     try:
         reports = load_reports(runs)
         if update is not None:
-            update.write_text(update_document(update.read_text(), reports, reference))
+            update.write_text(update_document(update.read_text(), reports, reference, margin))
             console.print(f"updated {update}")
             return
         print(pivot_markdown(reports), "", sep="\n")

@@ -179,7 +179,8 @@ _MARKER = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n).*?(<!-- end gen
                      re.DOTALL)
 
 
-def update_document(text: str, reports: list[Report], reference: str = "fedavg") -> str:
+def update_document(text: str, reports: list[Report], reference: str = "fedavg",
+                    margin: float = DEFAULT_MARGIN) -> str:
     """Refresh every ``<!-- generated: NAME -->`` ... ``<!-- end generated -->`` block.
 
     NAME is one of ``SECTIONS``; the hand-written text around the blocks stays as it is.
@@ -188,7 +189,7 @@ def update_document(text: str, reports: list[Report], reference: str = "fedavg")
         name = match["name"]
         if name not in SECTIONS:
             raise ValueError(f"unknown generated section {name!r}; known: {sorted(SECTIONS)}")
-        body = verdict_markdown(reports, reference) if name == "verdicts" else \
+        body = verdict_markdown(reports, reference, margin) if name == "verdicts" else \
             SECTIONS[name](reports)
         return f"{match[1]}{body}\n{match[3]}"
 
