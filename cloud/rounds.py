@@ -74,8 +74,8 @@ class RoundConfig(BaseModel):
         return self
 
     def make_strategy(self) -> Strategy:
-        """The configured strategy object."""
-        return make_strategy(self.strategy, **self.strategy_options)
+        """The strategy that merges this round (the configured one, for its local steps)."""
+        return make_strategy(self.strategy, **self.strategy_options).for_round(self.hparams.steps)
 
     def quorum_for(self, participants: int) -> tuple[int, int]:
         """``(k, minimum)`` for ``participants`` sampled devices: 1 <= minimum <= k <= n."""

@@ -310,7 +310,7 @@ class Simulation:
         centralized = cfg.strategy == "centralized"
         strategy = make_strategy(strategy_name,
                                  **(strategy_options(cfg) if strategy_name == cfg.strategy
-                                    else {}))
+                                    else {})).for_round(cfg.train.steps)
         train_cfg = cfg.train.model_copy(update={
             **strategy.client_hparams(),
             "fisher_samples": cfg.train.fisher_samples if strategy.requires_fisher else 0,
@@ -666,7 +666,8 @@ def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = Non
 def _needs_fisher(config: SimConfig) -> bool:
     if config.strategy in BASELINES:
         return False
-    return make_strategy(config.strategy, **strategy_options(config)).requires_fisher
+    strategy = make_strategy(config.strategy, **strategy_options(config))
+    return strategy.for_round(config.train.steps).requires_fisher
 
 
 def method_folder(config: SimConfig) -> str:

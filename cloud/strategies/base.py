@@ -51,6 +51,14 @@ class Strategy(ABC):
         """Hyper-parameters every device gets in its round task (no proximal term by default)."""
         return {"prox_mu": 0.0, "train_a": not self.ffa}
 
+    def for_round(self, local_steps: int) -> Strategy:
+        """The strategy that merges a round whose devices train ``local_steps`` steps each.
+
+        Most strategies are the same in every round and return themselves; a strategy that
+        picks its merge by the training regime (``fednano``) returns the one it picked.
+        """
+        return self
+
     def config(self) -> dict[str, object]:
         """Constructor arguments: ``make_strategy(s.name, **s.config())`` rebuilds ``s``."""
         return {"min_updates": self.min_updates, "ffa": self.ffa, "server_lr": self.server_lr,

@@ -67,7 +67,8 @@ class FleetOptions(BaseModel):
 
     @model_validator(mode="after")
     def _fisher_when_needed(self) -> FleetOptions:
-        if self.fisher_samples == 0 and make_strategy(self.strategy).requires_fisher:
+        strategy = make_strategy(self.strategy).for_round(self.steps)
+        if self.fisher_samples == 0 and strategy.requires_fisher:
             raise ValueError(f"strategy {self.strategy!r} merges with the Fisher: "
                              "fisher_samples must be at least 1")
         return self

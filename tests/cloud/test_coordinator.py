@@ -209,7 +209,7 @@ def test_a_buffered_update_without_a_fisher_sits_out_a_fisher_merge(cloud: Cloud
     clock.advance(61)
     cloud.coordinator.tick()
     assert _submit(cloud, "dev-b", with_fisher=False) == "buffered"
-    second = cloud.coordinator.open_round(RoundConfig(strategy="fednano"))
+    second = cloud.coordinator.open_round(RoundConfig(strategy="fisher-norm"))
     cloud.coordinator.tick()
     _submit(cloud, "dev-a")
     _submit(cloud, "dev-b")

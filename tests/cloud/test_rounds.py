@@ -13,6 +13,7 @@ from cloud.rounds import (
     eligible_devices,
     sample_participants,
 )
+from shared.messages import TaskHParams
 
 POOL = [f"dev-{i:02d}" for i in range(20)]
 
@@ -62,7 +63,10 @@ def test_task_hparams_follow_the_strategy() -> None:
     assert RoundConfig(strategy="fedavg").task_hparams().fisher_samples == 0
     prox = RoundConfig(strategy="fedprox", strategy_options={"mu": 0.1}).task_hparams()
     assert prox.prox_mu == 0.1 and prox.fisher_samples == 0
-    assert RoundConfig().task_hparams().fisher_samples > 0
+    # The default (fednano) merges short rounds by FedAvg and long ones by the Fisher.
+    assert RoundConfig().task_hparams().fisher_samples == 0
+    long = RoundConfig(hparams=TaskHParams(steps=100, fisher_samples=32)).task_hparams()
+    assert long.fisher_samples == 32
 
 
 @pytest.mark.parametrize(("fields", "field"), [

@@ -175,3 +175,26 @@ def test_constructor_validation(name: str, kwargs: dict, message: str) -> None:
 def test_strategy_is_abstract() -> None:
     with pytest.raises(TypeError):
         Strategy()  # type: ignore[abstract]
+
+
+def test_fednano_merges_long_rounds_by_the_fisher_and_short_ones_by_fedavg() -> None:
+    strategy = make_strategy("fednano", fisher_from_steps=50, server_momentum=0.5, min_updates=2)
+    long, short = strategy.for_round(50), strategy.for_round(49)
+    assert long is strategy and long.requires_fisher
+    assert isinstance(short, FedAvg) and not short.requires_fisher
+    assert short.config() == {"min_updates": 2, "ffa": False, "server_lr": 1.0,
+                              "server_momentum": 0.5}
+    assert make_strategy("fedavg").for_round(1000).name == "fedavg"
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="fisher_from_steps must be an integer >= 1"):
+            make_strategy("fednano", fisher_from_steps=bad)
+
+
+def test_a_round_asks_devices_for_a_fisher_only_when_its_merge_uses_one() -> None:
+    from cloud.rounds import RoundConfig
+    from shared.messages import TaskHParams
+
+    short = RoundConfig(strategy="fednano", hparams=TaskHParams(steps=8, fisher_samples=32))
+    long = RoundConfig(strategy="fednano", hparams=TaskHParams(steps=100, fisher_samples=32))
+    assert short.task_hparams().fisher_samples == 0 and short.make_strategy().name == "fedavg"
+    assert long.task_hparams().fisher_samples == 32 and long.make_strategy().name == "fednano"

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 def test_one_fednano_round_learns_on_real_weights(real_base) -> None:  # type: ignore[no-untyped-def]
     config = SimConfig(
         strategy="fednano",
+        strategy_options={"fisher_from_steps": 40},  # this one-shot round merges by the Fisher
         clients=2,
         alpha=1.0,
         rounds=1,
