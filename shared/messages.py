@@ -203,6 +203,17 @@ class CancelTask(Message):
     reason: Annotated[str, Field(max_length=4000)]
 
 
+class Refusal(Message):
+    """cloud -> ``devices/{id}/tasks``: the cloud refused something the device sent (an update
+    or a presence message), with the code it recorded and a sentence for people."""
+
+    kind: ClassVar[str] = "refusal"
+    of: Literal["update", "presence"]
+    update_id: MessageId | None = None
+    code: Label
+    reason: Annotated[str, Field(max_length=4000)]
+
+
 class UpdateMessage(Message):
     """device -> ``devices/{id}/updates``. Parts ``delta`` and optional ``fisher``: codec frames.
 
@@ -262,7 +273,7 @@ class LLMResponse(Message):
 
 
 ENVELOPE_KINDS: dict[str, type[Message]] = {
-    m.kind: m for m in (TrainTask, CancelTask, UpdateMessage, LLMRequest, LLMResponse)
+    m.kind: m for m in (TrainTask, CancelTask, Refusal, UpdateMessage, LLMRequest, LLMResponse)
 }
 JSON_KINDS: dict[str, type[Message]] = {m.kind: m for m in (Presence, RoundAnnouncement)}
 M = TypeVar("M", bound=Message)
