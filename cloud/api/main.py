@@ -83,9 +83,9 @@ def create_app(settings: CloudSettings, *, engine: Engine | None = None,
         with sessions() as session:
             return operator_for(session, token) is not None
 
-    # Outermost last: the size limit, then the token, are checked before a body is read.
-    app.add_middleware(AuthBeforeBody, prefix=API_PREFIX, authorize=authorize)
+    # The last added runs first: the token, then the size, both before a body is read.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_request_bytes)
+    app.add_middleware(AuthBeforeBody, prefix=API_PREFIX, authorize=authorize)
     mount_dashboard(app)
     metrics.mount(app, app.state.fednano.sessions)
     app.add_exception_handler(RecordNotFoundError, _not_found)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -54,3 +55,10 @@ def retyped_tensors(tensors: dict[str, torch.Tensor], dtype: str, name: str) -> 
     raw = json.dumps(out).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + b"".join(blobs[k] for k in out)
+
+
+def rewrite_header(payload: bytes, edit: Callable[[bytes], bytes]) -> bytes:
+    """``payload`` (an envelope) with its header bytes passed through ``edit``, parts kept."""
+    (size,) = struct.unpack_from("<I", payload, 4)
+    header = edit(payload[8:8 + size])
+    return struct.pack("<4sI", ENVELOPE_MAGIC, len(header)) + header + payload[8 + size:]

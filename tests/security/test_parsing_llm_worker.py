@@ -4,6 +4,7 @@ and a device flooding it cannot starve an honest one."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -155,7 +156,7 @@ def test_a_flooding_device_cannot_starve_an_honest_one(  # type: ignore[no-untyp
     # the one before it in turn), never for the whole flood.
     before = [sum(1 for rid in order[:order.index(f"honest-{i:04d}")] if rid.startswith("flood"))
               for i in range(3)]
-    assert before[0] <= 2 and all(b - a <= 2 for a, b in zip(before, before[1:])), before
+    assert before[0] <= 2 and all(b - a <= 2 for a, b in itertools.pairwise(before)), before
     codes = _codes(flood.answers)
     assert len(codes) == 30 and set(codes.values()) <= {None, "busy"}  # every one answered
     assert list(codes.values()).count("busy") >= 15
