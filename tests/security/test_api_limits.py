@@ -4,7 +4,6 @@ hostile stored device data: 4xx, never 500; a body refused before it is read."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,27 +95,23 @@ def test_error_statuses_are_documented(client: TestClient) -> None:
 
 
 def _raw_post(url: str, path: str, headers: dict[str, str], declared: int,
-              sent: bytes) -> tuple[int, float]:
-    """POST declaring ``declared`` body bytes but sending only ``sent``: the status line and
-    how long it took (a server that waits for the whole body would time out)."""
+              sent: bytes) -> int:
+    """POST declaring ``declared`` body bytes but sending only ``sent``: the answer's status
+    (a server that waits for the whole body never answers: the socket times out)."""
     host, port = url.removeprefix("http://").split(":")
-    started = time.monotonic()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
                       f"\r\nContent-Length: {declared}\r\n{head}\r\n").encode() + sent)
         status = sock.recv(4096).split(b"\r\n", 1)[0]
-    return int(status.split()[1]), time.monotonic() - started
+    return int(status.split()[1])
 
 
 def test_a_100_mib_body_is_refused_before_it_is_read(settings: CloudSettings,
                                                       token: str) -> None:
     with LiveServer(settings) as server:
-        status, took = _raw_post(server.url, f"{API}/devices", {}, 100 * 2**20, b"{" * 1024)
-        assert status == 401 and took < 5
-        status, took = _raw_post(server.url, f"{API}/devices", {"Authorization": "Bearer nope"},
-                                 100 * 2**20, b"{" * 1024)
-        assert status == 401 and took < 5
-        status, took = _raw_post(server.url, f"{API}/devices",
-                                 {"Authorization": f"Bearer {token}"}, 100 * 2**20, b"{" * 1024)
-        assert status == 413 and took < 5
+        assert _raw_post(server.url, f"{API}/devices", {}, 100 * 2**20, b"{" * 1024) == 401
+        assert _raw_post(server.url, f"{API}/devices", {"Authorization": "Bearer nope"},
+                         100 * 2**20, b"{" * 1024) == 401
+        assert _raw_post(server.url, f"{API}/devices", {"Authorization": f"Bearer {token}"},
+                         100 * 2**20, b"{" * 1024) == 413
