@@ -10,6 +10,7 @@ Functions take the caller's session and flush; the caller commits.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -214,7 +215,7 @@ def record_round_metrics(session: Session, round_: Round, version: AdapterVersio
                    "eval_samples": evaluation.n}
     version_id = None if version is None else version.id
     for name, value in values.items():
-        if value is not None:
+        if value is not None and math.isfinite(value):  # JSON (the API) has no NaN/Infinity
             crud.record_metric(session, name=name, value=value, round_id=round_.id,
                                version_id=version_id)
 

@@ -27,11 +27,13 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud import aggregation, metrics
 from cloud.aggregation import AggregationError, Aggregator, Evaluation
-from cloud.blobs import BlobStore
+from cloud.blobs import BlobIntegrityError, BlobStore
 from cloud.db import crud
 from cloud.db.crud import ConflictError
 from cloud.db.models import (
@@ -72,7 +74,9 @@ from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CancelTask,
     MessageError,
+    MessageTooLarge,
     Presence,
+    Refusal,
     RoundAnnouncement,
     TrainTask,
     UpdateMessage,
@@ -81,6 +85,7 @@ from shared.messages import (
     to_json,
     unpack,
 )
+from shared.mqtt import MqttError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,12 @@ OUTSTANDING = (ParticipationStatus.SELECTED, ParticipationStatus.NOTIFIED)
 # Rejections that say nothing about the participant's own task (it may still submit).
 _KEEPS_PARTICIPATION = frozenset({RejectionCode.DUPLICATE, RejectionCode.LATE,
                                   RejectionCode.NOT_PARTICIPANT, RejectionCode.NOT_COLLECTING})
+# Failures of the database, the blob folder or the broker: retried later, nothing is lost.
+# Anything else raised while advancing a round is a fault of that round (bad data, a bug):
+# the round fails with the error as its reason and the other rounds go on.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError, InterfaceError, PoolTimeoutError, OSError, BlobIntegrityError,
+    MqttError, MessageTooLarge)
 
 
 class NoGlobalVersionError(ConflictError):
@@ -202,7 +213,14 @@ class Coordinator:
         with session_scope(self.sessions) as session:
             round_ids = [r.id for r in crud.unfinished_rounds(session)]
         for round_id in round_ids:
-            self._advance(round_id)
+            try:
+                self._advance(round_id)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as err:  # noqa: BLE001  (recorded as the round's failure reason, see
+                # TRANSIENT_ERRORS: one broken round must not stop the coordinator, nor
+                # every restart of it)
+                self._fail_broken_round(round_id, err)
         self._cancel_leftovers()
         if self._run_schedule():
             self.tick()
@@ -218,6 +236,17 @@ class Coordinator:
             state = self._aggregate(round_id)
         if state is RoundState.EVALUATING:
             self._evaluate(round_id)
+
+    def _fail_broken_round(self, round_id: int, err: Exception) -> None:
+        log.exception("round %d failed unexpectedly; marking it failed", round_id,
+                      extra={"round_id": round_id})
+        reason = f"internal error: {type(err).__name__}: {err}"[:1000]
+        with session_scope(self.sessions) as session:
+            if crud.require_round(session, round_id=round_id).state in TERMINAL_ROUND_STATES:
+                return
+            crud.transition_round(session, round_id=round_id, to=RoundState.FAILED,
+                                  reason=reason, at=self.clock())
+            self._audit_transition(session, round_id, RoundState.FAILED, reason=reason)
 
     def _state_of(self, round_id: int) -> RoundState:
         with session_scope(self.sessions) as session:
@@ -402,7 +431,29 @@ class Coordinator:
     # --- ingestion ------------------------------------------------------------------------------
 
     def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
-        """Ingest an update received on ``devices/{device_id}/updates`` exactly once."""
+        """Ingest an update received on ``devices/{device_id}/updates`` exactly once; a
+        refusal is recorded (with its code) and then answered on the device's tasks topic."""
+        result = self._ingest(device_id, payload)
+        if result.outcome == "rejected":
+            self.answer_refusal(device_id, result)
+        return result
+
+    def answer_refusal(self, device_id: str, result: IngestResult) -> None:
+        """Tell the device why its update was refused (``Refusal`` on its tasks topic)."""
+        self._answer(device_id, Refusal(of="update", update_id=result.update_id,
+                                        code=result.code or "rejected",
+                                        reason=(result.reason or "")[:1000],
+                                        created_at=self.clock().timestamp()))
+
+    def _answer(self, device_id: str, refusal: Refusal) -> None:
+        # Best effort once the refusal is recorded: a broker that does not take the answer
+        # leaves the record, which operators see, as the answer.
+        try:
+            self.publisher.publish(topics.tasks(device_id), pack(refusal))
+        except (MqttError, MessageTooLarge) as err:
+            log.warning("could not answer %s's refused %s: %s", device_id, refusal.of, err)
+
+    def _ingest(self, device_id: str, payload: bytes) -> IngestResult:
         try:
             message, parts = unpack(payload, UpdateMessage, max_bytes=self.max_message_bytes)
         except MessageError as err:
@@ -502,8 +553,16 @@ class Coordinator:
             crud.set_participation_status(session, round_id=round_id, device_id=device_id,
                                           status=ParticipationStatus.REJECTED, at=self.clock())
 
+    def refuse_failed(self, device_id: str, error: str) -> IngestResult:
+        """An update whose handling failed unexpectedly (not for storage reasons): recorded
+        as refused with code ``internal`` and answered, then acknowledged by the caller
+        (redelivered, it would fail again and hold up every message behind it)."""
+        result = self._refuse(device_id, None, RejectionCode.INTERNAL, error)
+        self.answer_refusal(device_id, result)
+        return result
+
     def record_dropped(self, topic: str, error: str) -> None:
-        """Audit a message whose handling failed (not for storage reasons) and was dropped."""
+        """Audit a message outside the device tree that could not be handled."""
         with session_scope(self.sessions) as session:
             crud.record_audit(session, actor=self.actor, action="message.dropped",
                               subject=topic[:128], details={"error": error[:1000]})
@@ -517,21 +576,31 @@ class Coordinator:
         try:
             presence = from_json(payload, Presence)
         except MessageError as err:
-            log.warning("presence from %s refused: %s", device_id, err)
-            return False
+            return self._refuse_presence(device_id, "malformed", str(err))
         if presence.device_id != device_id:
-            log.warning("presence on %s's topic names %r: ignored", device_id,
-                        presence.device_id)
-            return False
+            return self._refuse_presence(device_id, "identity", f"presence on {device_id}'s "
+                                         f"topic names {presence.device_id!r}")
         with session_scope(self.sessions) as session:
             device = crud.get_device(session, device_id=device_id)
             if device is None or device.status is not DeviceStatus.ACTIVE:
                 return False
             crud.set_presence(session, device_id=device_id, online=presence.state == "online",
                               at=self.clock())
-            if presence.capabilities:
-                device.capabilities = {**device.capabilities, **presence.capabilities}
+            if presence.capabilities:  # replaced: what the device reports now, bounded
+                device.capabilities = dict(presence.capabilities)
         return True
+
+    def _refuse_presence(self, device_id: str, code: str, reason: str) -> bool:
+        """A refused presence: audited with its code and answered on the device's tasks
+        topic (its retained message stays the device's to replace)."""
+        with session_scope(self.sessions) as session:
+            crud.record_audit(session, actor=f"device:{device_id}", action="presence.refused",
+                              subject=f"device:{device_id}",
+                              details={"code": code, "reason": reason[:500]})
+        log.warning("presence from %s refused (%s): %s", device_id, code, reason)
+        self._answer(device_id, Refusal(of="presence", code=code, reason=reason[:1000],
+                                        created_at=self.clock().timestamp()))
+        return False
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -5,7 +5,10 @@ and presence messages published while it is down wait in the broker and arrive w
 paho's thread only enqueues (``shared.mqtt.Inbox``); ``CoordinatorService.step`` handles the
 queued messages in order and then ticks the coordinator, all on the service's own thread.
 A message on a topic outside the device tree is logged and dropped; everything else is
-handled (and, for updates, recorded) by the coordinator.
+handled (and, for updates, recorded) by the coordinator. Device bytes are parsed strictly and
+with limits first (``shared.messages``), and every refusal is recorded with a code and answered
+on the device's tasks topic; an update whose handling still fails unexpectedly is refused with
+code ``internal`` (recorded, answered, acknowledged), so no message can stop the service.
 
 Acknowledgements are manual: a message is PUBACKed only once it is handled -- for an update,
 once its row (accepted or rejected) is committed. A coordinator that dies before that (a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -25,7 +29,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from cloud import metrics
 from cloud.background import BackgroundService
 from cloud.blobs import BlobIntegrityError
-from cloud.coordinator import Coordinator
+from cloud.coordinator import TRANSIENT_ERRORS, Coordinator
 from shared import topics
 from shared.messages import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge
 from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received
@@ -121,35 +125,55 @@ class CoordinatorService(BackgroundService):
                             received.topic, err)
                 time.sleep(max(0.0, deadline - time.monotonic()))
                 return handled
-            except Exception as err:  # noqa: BLE001  (logged in _dropped; one bad message
-                # must not stop every message behind it)
-                self._dropped(received, err)
+            except Exception as err:  # noqa: BLE001  (recorded and answered in _failed; one
+                # bad message must not stop every message behind it)
+                if not self._failed(received, err):
+                    self._held = received  # not even the refusal could be stored: retry
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                    return handled
             self.client.ack(received)
             handled += 1
             received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         self._tick()
         return handled
 
-    def _dropped(self, received: Received, err: Exception) -> None:
-        log.exception("handling the message on %s failed; it is dropped", received.topic)
+    def _failed(self, received: Received, err: Exception) -> bool:
+        """Record and answer a message whose handling failed unexpectedly; False if even that
+        could not be stored (then it stays unacknowledged)."""
+        log.exception("handling the message on %s failed; it is refused", received.topic)
+        error = f"{type(err).__name__}: {err}"
         try:
-            self.coordinator.record_dropped(received.topic, f"{type(err).__name__}: {err}")
-        except Exception:  # the log line above is the record then
-            log.warning("could not audit the dropped message on %s", received.topic,
-                        exc_info=True)
+            device_id = topics.device_of(received.topic)
+            if received.topic == topics.updates(device_id):
+                self.coordinator.refuse_failed(device_id, error)
+            else:
+                self.coordinator.record_dropped(received.topic, error)
+        except STORAGE_ERRORS:
+            log.warning("could not record the failed message on %s; it is kept",
+                        received.topic, exc_info=True)
+            return False
+        return True
 
-    def _tick(self) -> None:
+    def _tick(self, tick: Callable[[], None] | None = None) -> bool:
+        """Run ``tick`` (the coordinator's by default); False if it must be retried.
+        ``Coordinator.tick`` fails a round that breaks unexpectedly and re-raises only
+        ``TRANSIENT_ERRORS``, which are retried at the next step."""
         try:
-            self.coordinator.tick()
+            (tick or self.coordinator.tick)()
         except (MqttError, MessageTooLarge) as err:
             # Tasks not yet published stay "selected" and go out at the next tick.
             log.warning("coordinator tick could not publish (will retry): %s", err)
-        except OperationalError as err:  # rounds live in the database: nothing is lost
-            log.warning("coordinator tick: database unavailable (will retry): %s", err)
+            return False
+        except TRANSIENT_ERRORS as err:  # rounds live in the database: nothing is lost
+            log.warning("coordinator tick: storage unavailable (will retry): %s", err)
+            return False
+        return True
 
     def run(self) -> None:
-        """Subscribe, resume from the database, then loop until ``stop``."""
+        """Subscribe, resume from the database (retried while storage or broker are down),
+        then loop until ``stop``."""
         self.subscribe()
-        self.coordinator.resume()
+        while not self.stopping and not self._tick(self.coordinator.resume):
+            self._stop_event.wait(self.tick_interval_s)
         while not self.stopping:
             self.step(self.tick_interval_s)

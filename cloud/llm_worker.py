@@ -11,6 +11,17 @@ CorrelationData, carrying ``input_grads`` + ``sample_losses`` (op ``step``) or `
 (from the first one's arrival) or ``max_batch_rows`` rows and run as one forward/backward
 (``shared.llm_batching``: right-padded, each request's rows come out as they would alone).
 
+**Budget and fairness.** A request's cost is known from its tensors' shapes before any compute:
+more than ``max_request_tokens`` rows x tokens, or a reply that would exceed the message limit,
+is refused (``over_budget``). Received requests wait in one queue per device (at most
+``max_queued_per_device``; more are refused as ``busy``), and a batch takes at most one request
+per device, the devices in turn: a device that floods the worker gets one request per batch,
+like every other device, and cannot starve them.
+
+**Isolation.** Every refusal is an ``LLMResponse(ok=False)`` with a code, and counted. Whatever
+fails unexpectedly while one request is read or answered becomes an ``internal`` error reply to
+that request; the loop serving everyone goes on.
+
 paho's thread only enqueues (``shared.mqtt.Inbox``); parsing, compute and replies run in the
 worker's own thread.
 """
@@ -19,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +62,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_REQUEST_ID = "unparsed"  # the request_id of a reply to a request that could not be read
 _POLL_S = 0.1  # how often an idle worker checks for stop()
+_REPLY_OVERHEAD_BYTES = 4096  # envelope prefix, header and safetensors header of a reply
 
 
 class RequestError(Exception):
@@ -72,6 +84,8 @@ class WorkerConfig:
     max_wait_ms: float = 5.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     publish_timeout_s: float = 10.0
+    max_request_tokens: int = 4096  # rows x tokens of one request (its compute budget)
+    max_queued_per_device: int = 4  # requests of one device waiting; more are refused "busy"
 
     def __post_init__(self) -> None:
         if not self.base_version:
@@ -79,6 +93,10 @@ class WorkerConfig:
         if self.max_batch_rows < 1 or self.max_wait_ms < 0:
             raise ValueError(f"need max_batch_rows >= 1 and max_wait_ms >= 0, got "
                              f"{self.max_batch_rows!r} and {self.max_wait_ms!r}")
+        if self.max_request_tokens < 1 or self.max_queued_per_device < 1:
+            raise ValueError(f"need max_request_tokens >= 1 and max_queued_per_device >= 1, "
+                             f"got {self.max_request_tokens!r} and "
+                             f"{self.max_queued_per_device!r}")
 
 
 def worker_client_options(worker_id: str, username: str, password: str) -> ClientOptions:
@@ -150,8 +168,37 @@ def parse_request(received: Received, llm: InProcessLLM, config: WorkerConfig) -
         raise RequestError("base_mismatch", f"this worker serves base {config.base_version!r}, "
                            f"the request is for {request.base_version!r}", request.request_id)
     embeds, mask, labels = _request_tensors(request, parts, llm)
+    check_budget(request, tuple(embeds.shape), llm, config)
     return Job(request.request_id, request.op, reply_to, received.correlation_data,
                embeds, mask, labels, received.received_at)
+
+
+def reply_bytes(op: str, rows: int, tokens: int, llm: InProcessLLM) -> int:
+    """The size of a successful reply, known from the request's shape before any compute:
+    ``input_grads`` (rows, tokens, width) + ``sample_losses`` for a step, ``logprobs``
+    (rows, vocab) for a score, in the LLM's dtype, plus a bounded overhead."""
+    itemsize = torch.empty(0, dtype=_llm_dtype(llm)).element_size()
+    if op == "step":
+        values = rows * tokens * llm.width + rows
+    else:
+        values = rows * (llm.vocab_size or llm.width)
+    return values * itemsize + _REPLY_OVERHEAD_BYTES
+
+
+def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
+                 config: WorkerConfig) -> None:
+    """``RequestError("over_budget")`` for a request whose compute (rows x tokens) or reply
+    would exceed the worker's limits, before it is computed."""
+    rows, tokens = shape[0], shape[1]
+    if rows * tokens > config.max_request_tokens:
+        raise RequestError("over_budget", f"{rows} rows x {tokens} tokens = {rows * tokens} "
+                           f"exceeds this worker's budget of {config.max_request_tokens} per "
+                           "request: send fewer rows per request", request.request_id)
+    size = reply_bytes(request.op, rows, tokens, llm)
+    if size > config.max_message_bytes:
+        raise RequestError("over_budget", f"the reply would be {size:,} bytes, over the "
+                           f"message limit of {config.max_message_bytes:,}: send fewer rows "
+                           "per request", request.request_id)
 
 
 def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
@@ -204,6 +251,42 @@ def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
     return {"tensors": pack_tensors({"logprobs": logprobs})}
 
 
+# --- Fair queueing ------------------------------------------------------------------------------
+
+
+class FairQueue:
+    """Received requests in one FIFO per device, taken round-robin across devices.
+
+    ``put`` refuses (returns False) a device's request beyond ``per_device`` waiting ones;
+    ``take(exclude)`` gives the oldest request of the next device in turn that is not in
+    ``exclude`` (the devices already in the batch being built).
+    """
+
+    def __init__(self, per_device: int) -> None:
+        self.per_device = per_device
+        self._queues: OrderedDict[str, deque[Received]] = OrderedDict()  # in serving order
+
+    def put(self, device_id: str, received: Received) -> bool:
+        queue = self._queues.setdefault(device_id, deque())
+        if len(queue) >= self.per_device:
+            return False
+        queue.append(received)
+        return True
+
+    def take(self, exclude: set[str]) -> tuple[str, Received] | None:
+        for device_id in self._queues:
+            if device_id not in exclude:
+                queue = self._queues.pop(device_id)  # and back at the end of the turn
+                received = queue.popleft()
+                if queue:
+                    self._queues[device_id] = queue
+                return device_id, received
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
 # --- The worker ---------------------------------------------------------------------------------
 
 
@@ -221,8 +304,9 @@ class LLMWorker(BackgroundService):
         self.config = config
         self.inbox = Inbox()
         self._stats = WorkerStats()
-        self._pending: deque[Job] = deque()
-        metrics.watch_queue(lambda: len(self.inbox) + len(self._pending))
+        self._queue = FairQueue(config.max_queued_per_device)
+        self._pending: deque[tuple[str, Job]] = deque()  # parsed, first in the next batch
+        metrics.watch_queue(lambda: len(self.inbox) + len(self._queue) + len(self._pending))
 
     @property
     def stats(self) -> WorkerStats:
@@ -251,47 +335,75 @@ class LLMWorker(BackgroundService):
     # --- collecting -----------------------------------------------------------------------------
 
     def _collect(self) -> list[Job]:
-        """A batch: the first job, then whatever arrives within max_wait_ms up to max rows."""
-        first = self._pending.popleft() if self._pending else self._next_job(_POLL_S)
+        """A batch: the first job, then one job per other device (in turn) until max rows,
+        waiting for more up to max_wait_ms after the first one's arrival."""
+        first = self._pending.popleft() if self._pending else self._next_job(set(), _POLL_S)
         if first is None:
             return []
-        jobs, rows = [first], first.rows
-        deadline = first.received_at + self.config.max_wait_ms / 1000
+        devices, jobs, rows = {first[0]}, [first[1]], first[1].rows
+        deadline = first[1].received_at + self.config.max_wait_ms / 1000
         while rows < self.config.max_batch_rows:
-            job = self._next_job(max(0.0, deadline - time.monotonic()))
-            if job is None:
+            taken = self._next_job(devices, max(0.0, deadline - time.monotonic()))
+            if taken is None:
                 break
-            if rows + job.rows > self.config.max_batch_rows:
-                self._pending.append(job)  # first in the next batch
+            if rows + taken[1].rows > self.config.max_batch_rows:
+                self._pending.append(taken)  # first in the next batch
                 break
-            jobs.append(job)
-            rows += job.rows
+            devices.add(taken[0])
+            jobs.append(taken[1])
+            rows += taken[1].rows
         return jobs
 
-    def _next_job(self, timeout: float) -> Job | None:
-        """The next valid request within ``timeout`` s; invalid ones are answered on the way."""
+    def _next_job(self, exclude: set[str], timeout: float) -> tuple[str, Job] | None:
+        """The next valid request of a device not in ``exclude`` within ``timeout`` s, with
+        its device; invalid ones are answered on the way."""
         deadline = time.monotonic() + timeout
         while True:
-            received = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            if received is None:
-                return None
-            self._stats.requests += 1
-            job = self._parse(received)
+            self._drain(0.0)
+            taken = self._queue.take(exclude)
+            if taken is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._drain(remaining)
+                continue
+            job = self._parse(taken[1])
             if job is not None:
-                return job
+                return taken[0], job
 
-    def _parse(self, received: Received) -> Job | None:
+    def _drain(self, timeout: float) -> None:
+        """Move what arrived into the per-device queues, waiting up to ``timeout`` s for the
+        first message. A device over its queue bound is answered ``busy``."""
+        received = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        while received is not None:
+            self._stats.requests += 1
+            self._enqueue(received)
+            received = self.inbox.get_nowait()
+
+    def _enqueue(self, received: Received) -> None:
         try:
-            topics.device_of(received.topic)
+            device_id = topics.device_of(received.topic)
         except ValueError:
             self._count_error("unanswerable")
             log.warning("ignoring a request on %r: not a device topic", received.topic)
-            return None
+            return
+        if not self._queue.put(device_id, received):
+            self._reply_error(received, RequestError(
+                "busy", f"{self.config.max_queued_per_device} requests of this device are "
+                "already waiting: wait for their answers before sending more"),
+                _request_id_of(received))
+
+    def _parse(self, received: Received) -> Job | None:
         try:
             return parse_request(received, self.llm, self.config)
         except RequestError as err:
             self._reply_error(received, err, err.request_id or _request_id_of(received))
-            return None
+        except Exception as err:  # answered as "internal" and counted: one
+            # request that breaks the parser must not end the worker serving every device
+            log.exception("reading a request on %s failed", received.topic)
+            self._reply_error(received, RequestError("internal", f"{type(err).__name__}: "
+                              f"{err}"), _request_id_of(received))
+        return None
 
     # --- computing and answering ----------------------------------------------------------------
 
@@ -305,7 +417,7 @@ class LLMWorker(BackgroundService):
         results, error = self._guarded_compute(op, jobs)
         if results is not None:
             for job, result in zip(jobs, results, strict=True):
-                self._reply_ok(job, result)
+                self._answer(job, result)
         elif len(jobs) > 1:  # isolate the culprit: the others still get their answers
             log.warning("batched %s of %d requests failed; retrying one by one", op, len(jobs))
             for job in jobs:
@@ -333,6 +445,15 @@ class LLMWorker(BackgroundService):
         self._stats.rows += sum(job.rows for job in jobs)
         self._stats.max_batch_requests = max(self._stats.max_batch_requests, len(jobs))
         return results
+
+    def _answer(self, job: Job, result: StepResult | torch.Tensor) -> None:
+        try:
+            self._reply_ok(job, result)
+        except Exception as err:  # answered as "internal": e.g. a non-finite
+            # loss the response model refuses; the other requests of the batch still get theirs
+            log.exception("answering request %s failed", job.request_id)
+            self._send_error(job.reply_to, job.correlation, job.request_id, "internal",
+                             f"{type(err).__name__}: {err}")
 
     def _reply_ok(self, job: Job, result: StepResult | torch.Tensor) -> None:
         if isinstance(result, StepResult):

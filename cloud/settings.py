@@ -71,6 +71,9 @@ class CloudSettings(BaseSettings):
         None, ge=1, le=65535,
         description="TCP port of the coordinator's or LLM worker's Prometheus /metrics (the "
                     "API serves /metrics on its own port); none: not served")
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1024, le=2**31,
+        description="largest request body the API reads (413 above it, before reading)")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or as JSON with device, round and update ids")
 

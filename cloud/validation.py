@@ -49,6 +49,7 @@ class RejectionCode(str, enum.Enum):
     NON_FINITE = "non_finite"
     NORM_BOUND = "norm_bound"          # ||Δθ||₂ over the configured bound
     FISHER_NEGATIVE = "fisher_negative"
+    INTERNAL = "internal"              # handling failed unexpectedly (recorded, answered)
 
 
 @dataclass(frozen=True)

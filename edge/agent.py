@@ -56,6 +56,7 @@ from shared.messages import (
     MessageError,
     MessageTooLarge,
     Presence,
+    Refusal,
     TrainTask,
     envelope_kind,
     to_json,
@@ -124,9 +125,12 @@ class _CancelWork:
 _Work = _TaskWork | _CancelWork
 
 
-def _decode_task_message(payload: bytes) -> _Work:
-    """A TrainTask or CancelTask envelope from the tasks topic; ``MessageError`` otherwise."""
+def _decode_task_message(payload: bytes) -> _Work | Refusal:
+    """A TrainTask, CancelTask or Refusal envelope from the tasks topic; ``MessageError``
+    otherwise."""
     kind = envelope_kind(payload)
+    if kind == Refusal.kind:
+        return unpack(payload, Refusal)[0]
     if kind == CancelTask.kind:
         return _CancelWork(unpack(payload, CancelTask)[0])
     if kind == TrainTask.kind:
@@ -267,6 +271,10 @@ class EdgeAgent:
             work = _decode_task_message(received.payload)
         except MessageError as err:
             self._report(DeviceError(code="rejected", message=f"unreadable task message: {err}"))
+            return
+        if isinstance(work, Refusal):  # logged only: reporting it could loop (presence)
+            log.warning("%s: the cloud refused this device's %s %s (%s): %s", self.device_id,
+                        work.of, work.update_id or "", work.code, work.reason)
             return
         if isinstance(work, _CancelWork):
             with self._lock:

@@ -20,18 +20,34 @@ Two shapes of payload:
 A receiver checks the payload's size before parsing (``unpack(..., max_bytes=...)``); a sender
 checks it before publishing (``check_size``), because paho does not and a broker disconnects a
 client whose packet exceeds its ``max_packet_size``.
+
+Device bytes are hostile until parsed: the JSON's nesting depth is measured on the raw bytes
+before ``json.loads`` sees them (``MAX_JSON_DEPTH``), the parser refuses ``NaN``/``Infinity``,
+floats that overflow and integers of more than 19 digits, and the models are strict (no
+coercion: ``"v": true`` or ``"n_samples": "100"`` are refused) with bounded integers. Tensor
+parts must declare a dtype of ``TENSOR_DTYPES`` in their safetensors header, checked before any
+tensor is built.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -44,9 +60,17 @@ _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 256 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # matches the broker's max_packet_size in our configs
 PROTOCOL_VERSION: Literal[1] = 1
+MAX_JSON_DEPTH = 16  # nesting of objects/arrays in any JSON a device sends (ours use <= 4)
+MAX_CAPABILITIES_DEPTH = 4  # inside a presence's capabilities
+MAX_CAPABILITIES_BYTES = 8 * 1024  # capabilities as compact JSON
+MAX_INT_DIGITS = 19  # integers beyond int64 are refused by the parser (2^63 has 19 digits)
+INT64_MAX = 2**63 - 1
+MAX_METRICS = 64
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+DbId = Annotated[int, Field(ge=1, le=INT64_MAX)]  # a database id (round, adapter version)
+Label = Annotated[str, Field(max_length=256)]
 
 
 class MessageError(ValueError):
@@ -61,13 +85,25 @@ class MalformedMessage(MessageError):
     """Bytes or JSON that do not form a valid message of the expected kind."""
 
 
-class Message(BaseModel):
-    """Base of every message: strict (unknown fields refused), versioned, with a kind tag."""
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class Message(BaseModel):
+    """Base of every message: strict (unknown fields refused, no coercion, finite floats),
+    versioned, with a kind tag."""
+
+    model_config = _STRICT
     kind: ClassVar[str] = "message"
     v: Literal[1] = PROTOCOL_VERSION
     created_at: float = Field(default_factory=time.time)  # unix time, set by the sender
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _exact_version(cls, value: object) -> object:
+        # Literal[1] alone accepts True (True == 1), even in strict mode.
+        if type(value) is not int:
+            raise ValueError(f"the protocol version is an integer, got {value!r}")
+        return value
 
 
 # --- JSON messages ------------------------------------------------------------------------------
@@ -76,11 +112,11 @@ class Message(BaseModel):
 class DeviceError(BaseModel):
     """A task the device refused or could not finish, reported in its retained presence."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    code: str  # "too_large", "rejected", "expired", "failed"
-    message: str
-    task_id: str | None = None
-    round_id: int | None = None
+    model_config = _STRICT
+    code: Label  # "too_large", "rejected", "expired", "failed"
+    message: Annotated[str, Field(max_length=4000)]
+    task_id: Label | None = None
+    round_id: DbId | None = None
     at: float = Field(default_factory=time.time)
 
 
@@ -90,20 +126,27 @@ class Presence(Message):
     kind: ClassVar[str] = "presence"
     device_id: DeviceId
     state: Literal["online", "offline"]
-    profile: str | None = None
-    bundle_version: str | None = None
-    agent_version: str | None = None
+    profile: Label | None = None
+    bundle_version: Label | None = None
+    agent_version: Label | None = None
     capabilities: dict[str, Any] = Field(default_factory=dict)  # e.g. samples, providers
     last_error: DeviceError | None = None  # the latest refused or failed task, if any
+
+    @field_validator("capabilities")
+    @classmethod
+    def _bounded_capabilities(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_bounded_json(value, max_depth=MAX_CAPABILITIES_DEPTH,
+                           max_bytes=MAX_CAPABILITIES_BYTES, what="capabilities")
+        return value
 
 
 class RoundAnnouncement(Message):
     """Retained on ``rounds/current``: what round is running and which global version is live."""
 
     kind: ClassVar[str] = "round"
-    round_id: int | None = Field(ge=1)
-    state: str
-    global_version: int | None = Field(default=None, ge=1)
+    round_id: DbId | None
+    state: Label
+    global_version: DbId | None = None
     deadline_at: float | None = None
 
 
@@ -113,7 +156,7 @@ class RoundAnnouncement(Message):
 class TaskHParams(BaseModel):
     """Local-training hyper-parameters for one round (fields of ``edge.trainer.TrainConfig``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     steps: int = Field(8, ge=1, le=100_000)
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(2e-3, gt=0, le=1.0)
@@ -128,7 +171,7 @@ class TaskHParams(BaseModel):
 class UpdateCodec(BaseModel):
     """How the device must encode its update: one scheme for Δθ, one for the Fisher."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     delta: Scheme = Scheme(kind="fp32")
     fisher: Scheme = Scheme(kind="bf16")
 
@@ -141,23 +184,34 @@ class TrainTask(Message):
 
     kind: ClassVar[str] = "task.train"
     task_id: MessageId
-    round_id: int = Field(ge=1)
-    global_version: int = Field(ge=1)
-    base_version: str  # the frozen base's manifest version the adapters belong to
-    strategy: str
+    round_id: DbId
+    global_version: DbId
+    base_version: Label  # the frozen base's manifest version the adapters belong to
+    strategy: Label
     hparams: TaskHParams = TaskHParams()
     codec: UpdateCodec = UpdateCodec()
     deadline_at: float  # unix time; the cloud rejects (or buffers) what arrives later
-    max_update_bytes: int = Field(4 * 2**20, ge=1024)
-    seed: int = 0
+    max_update_bytes: int = Field(4 * 2**20, ge=1024, le=INT64_MAX)
+    seed: int = Field(0, ge=-INT64_MAX, le=INT64_MAX)
 
 
 class CancelTask(Message):
     """cloud -> ``devices/{id}/tasks``: stop working on a round (operator stop, round failed)."""
 
     kind: ClassVar[str] = "task.cancel"
-    round_id: int = Field(ge=1)
-    reason: str
+    round_id: DbId
+    reason: Annotated[str, Field(max_length=4000)]
+
+
+class Refusal(Message):
+    """cloud -> ``devices/{id}/tasks``: the cloud refused something the device sent (an update
+    or a presence message), with the code it recorded and a sentence for people."""
+
+    kind: ClassVar[str] = "refusal"
+    of: Literal["update", "presence"]
+    update_id: MessageId | None = None
+    code: Label
+    reason: Annotated[str, Field(max_length=4000)]
 
 
 class UpdateMessage(Message):
@@ -170,11 +224,12 @@ class UpdateMessage(Message):
     kind: ClassVar[str] = "update"
     update_id: MessageId
     task_id: MessageId
-    round_id: int = Field(ge=1)
-    global_version: int = Field(ge=1)
-    base_version: str
-    n_samples: int = Field(ge=1)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    round_id: DbId
+    global_version: DbId
+    base_version: Label
+    n_samples: int = Field(ge=1, le=INT64_MAX)
+    # Finite (the model refuses NaN/Infinity): they go into the database as they are.
+    metrics: dict[Label, float] = Field(default_factory=dict, max_length=MAX_METRICS)
 
 
 class LLMRequest(Message):
@@ -187,13 +242,13 @@ class LLMRequest(Message):
     kind: ClassVar[str] = "llm.request"
     request_id: MessageId
     op: Literal["step", "score"]
-    base_version: str
+    base_version: Label
 
 
 class LLMError(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    code: str  # "bad_request", "base_mismatch", "too_large", "internal"
-    message: str
+    model_config = _STRICT
+    code: Label  # "bad_request", "base_mismatch", "too_large", "over_budget", "busy", "internal"
+    message: Annotated[str, Field(max_length=4000)]
 
 
 class LLMResponse(Message):
@@ -208,7 +263,7 @@ class LLMResponse(Message):
     ok: bool
     loss: float | None = None
     error: LLMError | None = None
-    worker: str | None = None
+    worker: Label | None = None
 
     @model_validator(mode="after")
     def _content_or_error(self) -> LLMResponse:
@@ -218,7 +273,7 @@ class LLMResponse(Message):
 
 
 ENVELOPE_KINDS: dict[str, type[Message]] = {
-    m.kind: m for m in (TrainTask, CancelTask, UpdateMessage, LLMRequest, LLMResponse)
+    m.kind: m for m in (TrainTask, CancelTask, Refusal, UpdateMessage, LLMRequest, LLMResponse)
 }
 JSON_KINDS: dict[str, type[Message]] = {m.kind: m for m in (Presence, RoundAnnouncement)}
 M = TypeVar("M", bound=Message)
@@ -236,11 +291,7 @@ def to_json(message: Message) -> bytes:
 def from_json(payload: bytes, expected: type[M], *, max_bytes: int = 64 * 1024) -> M:
     """Parse and validate a JSON message of type ``expected``."""
     check_size(payload, max_bytes, what=f"{expected.kind} message")
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedMessage(f"{expected.kind} message is not JSON: {err}") from None
-    return _validate(data, expected)
+    return _validate(loads_bounded(payload, f"{expected.kind} message"), expected)
 
 
 def pack(message: Message, parts: Mapping[str, bytes] | None = None) -> bytes:
@@ -284,13 +335,85 @@ def _read_header(payload: bytes, label: str, max_bytes: int) -> tuple[dict[str, 
     if header_len > MAX_HEADER_BYTES or _HEAD.size + header_len > len(payload):
         raise MalformedMessage(f"{label} message declares a {header_len}-byte header "
                                f"but has {len(payload) - _HEAD.size} bytes after the prefix")
-    try:
-        header = json.loads(payload[_HEAD.size:_HEAD.size + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedMessage(f"{label} header is not JSON: {err}") from None
+    header = loads_bounded(payload[_HEAD.size:_HEAD.size + header_len], f"{label} header")
     if not isinstance(header, dict):
         raise MalformedMessage(f"{label} header must be a JSON object")
     return header, header_len
+
+
+# A JSON string (escapes included) or one bracket: strings are skipped in C by the regex, so
+# brackets inside them do not count.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of the objects and arrays in ``raw`` (JSON bytes), counted on the bytes
+    themselves and stopping at ``limit + 1``: a deep document is refused before any parser
+    recurses into it."""
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} overflows a float")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def loads_bounded(raw: bytes, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for bytes from a device: depth checked first, then parsed refusing
+    NaN/Infinity, overflowing floats and integers of more than ``MAX_INT_DIGITS`` digits.
+    ``MalformedMessage`` says what is wrong."""
+    depth = json_depth(raw, max_depth)
+    if depth > max_depth:
+        raise MalformedMessage(f"{what} nests deeper than {max_depth} levels")
+    if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; no message of ours needs one
+        raise MalformedMessage(f"{what} contains a NUL character")
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
+        # A lone surrogate (``"\\ud800"``) parses but cannot be encoded again (databases,
+        # logs): refused here rather than where it is stored.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (UnicodeError, ValueError, RecursionError) as err:  # JSONDecodeError too
+        raise MalformedMessage(f"{what} is not valid JSON: {str(err)[:200]}") from None
+    return data
+
+
+def check_bounded_json(value: object, *, max_depth: int, max_bytes: int, what: str) -> None:
+    """``ValueError`` unless ``value`` (parsed JSON) nests at most ``max_depth`` levels and
+    takes at most ``max_bytes`` as compact JSON. Depth is walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise ValueError(f"{what} nest deeper than {max_depth} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > max_bytes:
+        raise ValueError(f"{what} take {size:,} bytes as JSON, the limit is {max_bytes:,}")
 
 
 def _split_parts(payload: bytes, offset: int, layout: object, kind: str) -> dict[str, bytes]:
@@ -351,9 +474,39 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
+# safetensors dtypes every tensor op used on received tensors supports on CPU (finiteness,
+# comparisons, casts); U16/U32/U64 and the F8 types do not, so they are refused from the header.
+TENSOR_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8",
+                           "BOOL"})
+_ST_HEADER = struct.Struct("<Q")
+
+
+def tensor_header(data: bytes, *, max_header_bytes: int = 64 * 1024) -> dict[str, dict]:
+    """The safetensors header of ``data`` (name -> dtype, shape, offsets), read and checked
+    without building a tensor: bounded JSON, known dtypes only (``TENSOR_DTYPES``)."""
+    if len(data) < _ST_HEADER.size:
+        raise MalformedMessage(f"tensor part of {len(data)} bytes is truncated")
+    (size,) = _ST_HEADER.unpack_from(data)
+    if size > min(max_header_bytes, len(data) - _ST_HEADER.size):
+        raise MalformedMessage(f"tensor part declares a {size}-byte header")
+    header = loads_bounded(data[_ST_HEADER.size:_ST_HEADER.size + size], "tensor header",
+                           max_depth=3)
+    if not isinstance(header, dict):
+        raise MalformedMessage("tensor header must be a JSON object")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in TENSOR_DTYPES:
+            raise MalformedMessage(f"tensor {name[:64]!r}: dtype {str(dtype)[:16]!r} is not "
+                                   f"one of {sorted(TENSOR_DTYPES)}")
+    return header
+
+
 def unpack_tensors(data: bytes, required: tuple[str, ...], *,
                    optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes; exactly the ``required`` names (plus ``optional``) must be there."""
+    """Parse safetensors bytes; exactly the ``required`` names (plus ``optional``) must be
+    there, each of a dtype in ``TENSOR_DTYPES`` (checked on the header first)."""
+    tensor_header(data)
     try:
         tensors = _st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,7 @@ from cloud.api.state import AppState
 from cloud.blobs import BlobStore
 from cloud.db.crud import MAX_PAGE_SIZE
 from cloud.settings import CloudSettings
+from shared.messages import INT64_MAX
 
 _bearer = HTTPBearer(auto_error=False, description="an operator token (fednano cloud token "
                                                    "create)")
@@ -82,7 +83,10 @@ class PageParams:
     limit: int
 
 
-def page_params(offset: Annotated[int, Query(ge=0)] = 0,
+RoundId = Annotated[int, Path(ge=1, le=INT64_MAX, description="a round id")]
+
+
+def page_params(offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50) -> PageParams:
     return PageParams(offset, limit)
 

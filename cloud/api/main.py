@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from cloud import metrics
+from cloud.api.guard import AuthBeforeBody
 from cloud.api.routes import api_router
+from cloud.api.security import operator_for
 from cloud.api.state import AppState, BrokerProbe
 from cloud.api.webui import mount_dashboard
 from cloud.blobs import BlobStore
@@ -28,6 +31,17 @@ if TYPE_CHECKING:
     from cloud.ask import ModelAnswerer
 
 API_PREFIX = "/api/v1"
+_DETAIL = {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}
+# Statuses any API route may answer besides its own (OpenAPI documents them on every route).
+COMMON_RESPONSES: dict[int | str, dict] = {
+    400: {"description": "malformed request (e.g. a body that is not JSON)", "content": _DETAIL},
+    401: {"description": "missing, unknown or revoked operator token", "content": _DETAIL},
+    404: {"description": "no such record (or route)", "content": _DETAIL},
+    409: {"description": "conflicts with the current state (duplicate, invalid transition, "
+                         "revoked device, too few devices)", "content": _DETAIL},
+    413: {"description": "request body over the size limit (refused before it is read)"},
+}
 
 
 class InsecureSettingsError(RuntimeError):
@@ -62,7 +76,16 @@ def create_app(settings: CloudSettings, *, engine: Engine | None = None,
                                  sessions=make_session_factory(engine),
                                  blobs=BlobStore(settings.blob_dir),
                                  broker_connected=broker_connected, answerer=answerer)
-    app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(api_router, prefix=API_PREFIX, responses=COMMON_RESPONSES)
+    sessions = app.state.fednano.sessions
+
+    def authorize(token: str) -> bool:
+        with sessions() as session:
+            return operator_for(session, token) is not None
+
+    # The last added runs first: the token, then the size, both before a body is read.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_request_bytes)
+    app.add_middleware(AuthBeforeBody, prefix=API_PREFIX, authorize=authorize)
     mount_dashboard(app)
     metrics.mount(app, app.state.fednano.sessions)
     app.add_exception_handler(RecordNotFoundError, _not_found)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from cloud.db.models import DeviceStatus, ParticipationStatus, RoundState, UpdateStatus
+from cloud.rounds import RoundConfig
+from shared.messages import MAX_CAPABILITIES_BYTES, MAX_CAPABILITIES_DEPTH, check_bounded_json
 from shared.protocol import DEVICE_ID_PATTERN, PROFILE_NAME_PATTERN
 
 T = TypeVar("T")
@@ -41,12 +43,23 @@ class DeviceCreate(DeviceBase):
     id: str = Field(pattern=DEVICE_ID_PATTERN, description="also its MQTT username")
 
 
+def _displayable(value: object) -> object:
+    """Stored capabilities as they are when they are bounded JSON, else a note saying so: a
+    device's data (older rows included) must never make the device list fail."""
+    try:
+        check_bounded_json(value, max_depth=MAX_CAPABILITIES_DEPTH + 1,
+                           max_bytes=4 * MAX_CAPABILITIES_BYTES, what="capabilities")
+    except (TypeError, ValueError) as err:
+        return {"_unavailable": str(err)[:200]}
+    return value
+
+
 class DevicePublic(_Public):
     id: str
     profile: str
     status: DeviceStatus
     online: bool
-    capabilities: dict[str, Any]
+    capabilities: Annotated[dict[str, Any], BeforeValidator(_displayable)]
     created_at: datetime
     last_seen_at: datetime | None
     revoked_at: datetime | None
@@ -73,12 +86,20 @@ class DeviceRevoke(BaseModel):
 # ------------------------------------------------------------------------------ rounds
 
 
+# The fields of ``RoundConfig``, each optional, unknown keys refused (a closed schema in the
+# OpenAPI document); the merged configuration is validated as a whole by ``RoundConfig``.
+_OVERRIDE_FIELDS: dict[str, Any] = {name: (field.annotation, field)
+                                     for name, field in RoundConfig.model_fields.items()}
+RoundOverrides = create_model("RoundOverrides", __config__=ConfigDict(extra="forbid"),
+                              **_OVERRIDE_FIELDS)
+
+
 class RoundCreate(BaseModel):
     """Start a round now: the stored defaults, with these fields of ``RoundConfig`` replaced."""
 
     model_config = ConfigDict(extra="forbid")
 
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: RoundOverrides = Field(default_factory=RoundOverrides)
 
 
 class RoundStop(BaseModel):

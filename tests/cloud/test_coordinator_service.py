@@ -1,6 +1,7 @@
 """``CoordinatorService`` without a broker: a message storage could not take is kept,
 unacknowledged, and handled again; a message is acknowledged only once handled; a message
-whose handling fails otherwise is acknowledged and dropped so it cannot block the rest."""
+whose handling fails otherwise is refused (code ``internal``, recorded and answered) and
+acknowledged so it cannot block the rest."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class FlakyCoordinator:
     handled: list[bytes] = field(default_factory=list)
     ticks: int = 0
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
         if payload == b"poison":
@@ -43,6 +45,10 @@ class FlakyCoordinator:
 
     def record_dropped(self, topic: str, error: str) -> None:
         self.dropped.append((topic, error))
+
+    def refuse_failed(self, device_id: str, error: str) -> IngestResult:
+        self.refused.append((device_id, error))
+        return IngestResult("rejected", None, "internal", error)
 
 
 class FakeClient:
@@ -73,7 +79,7 @@ def test_a_message_is_kept_while_storage_is_unavailable(error: Exception) -> Non
     assert client.acked == [b"first", b"second"]
 
 
-def test_a_message_that_fails_otherwise_is_logged_acknowledged_and_skipped(
+def test_a_message_that_fails_otherwise_is_refused_acknowledged_and_skipped(
         caplog: pytest.LogCaptureFixture) -> None:
     coordinator, client = FlakyCoordinator(failures=0), FakeClient()
     service = CoordinatorService(coordinator, client, tick_interval_s=0.01)  # type: ignore[arg-type]
@@ -83,4 +89,5 @@ def test_a_message_that_fails_otherwise_is_logged_acknowledged_and_skipped(
     assert coordinator.handled == [b"next"] and client.acked == [b"poison", b"next"]
     assert f"handling the message on {topics.updates('dev-a')} failed" in caplog.text
     assert "KeyError" in caplog.text
-    assert coordinator.dropped == [(topics.updates("dev-a"), "KeyError: 'a bug in the handling'")]
+    assert coordinator.refused == [("dev-a", "KeyError: 'a bug in the handling'")]
+    assert coordinator.dropped == []

@@ -12,6 +12,7 @@ from cloud.api.schemas import LineageEntry, Page, VersionPublic
 from cloud.db import crud
 from cloud.db.crud import RecordNotFoundError
 from cloud.db.models import AdapterVersion
+from shared.messages import INT64_MAX
 
 router = APIRouter(prefix="/models", tags=["models"])
 FRAME_MEDIA_TYPE = "application/vnd.fednano.codec-frame"
@@ -29,7 +30,8 @@ def _version(session: Session, version: str) -> AdapterVersion:
     """``version`` is an id or ``latest``."""
     found = (crud.latest_adapter_version(session) if version == "latest" else
              crud.get_adapter_version(session, version_id=int(version))
-             if version.isdigit() else None)
+             if version.isascii() and version.isdigit() and int(version) <= INT64_MAX
+             else None)
     if found is None:
         raise RecordNotFoundError("adapter version", version)
     return found

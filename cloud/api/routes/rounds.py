@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from cloud import rounds as round_settings
-from cloud.api.deps import OperatorDep, PageDep, SessionDep
+from cloud.api.deps import OperatorDep, PageDep, RoundId, SessionDep
 from cloud.api.schemas import (
     MetricPublic,
     Page,
@@ -75,7 +75,7 @@ def start_round(session: SessionDep, operator: OperatorDep,
                 body: RoundCreate | None = None) -> object:
     """Open a round now with the defaults (and ``overrides``); the coordinator sends the tasks.
     409 if too few devices are online or no global version exists yet."""
-    overrides = {} if body is None else body.overrides
+    overrides = {} if body is None else body.overrides.model_dump(exclude_unset=True)
     config = _config(round_settings.load_defaults(session), overrides)
     return open_round(session, config=config, actor=operator.actor)
 
@@ -90,7 +90,7 @@ def _config(defaults: RoundConfig, overrides: dict[str, Any]) -> RoundConfig:
 
 
 @router.get("/{round_id}", response_model=RoundDetail)
-def get_round(round_id: int, session: SessionDep, _: OperatorDep) -> RoundDetail:
+def get_round(round_id: RoundId, session: SessionDep, _: OperatorDep) -> RoundDetail:
     """A round with its configuration, participants and updates (with rejection reasons)."""
     round_ = crud.require_round(session, round_id=round_id)
     updates = [UpdatePublic.model_validate(u) for u in crud.list_updates(session,
@@ -101,7 +101,7 @@ def get_round(round_id: int, session: SessionDep, _: OperatorDep) -> RoundDetail
 
 
 @router.post("/{round_id}/stop", response_model=RoundPublic)
-def stop(round_id: int, session: SessionDep, operator: OperatorDep,
+def stop(round_id: RoundId, session: SessionDep, operator: OperatorDep,
          body: RoundStop | None = None) -> object:
     """Close an open or collecting round without a new version (409 once it is aggregating
     or finished); by default the schedule stops too."""
@@ -116,7 +116,7 @@ def stop(round_id: int, session: SessionDep, operator: OperatorDep,
 
 
 @router.get("/{round_id}/metrics", response_model=RoundMetrics)
-def round_metrics(round_id: int, session: SessionDep, _: OperatorDep) -> RoundMetrics:
+def round_metrics(round_id: RoundId, session: SessionDep, _: OperatorDep) -> RoundMetrics:
     """Accuracy, loss, participants, bytes up/down, rejected updates; per-device rows apart."""
     crud.require_round(session, round_id=round_id)
     rows = crud.list_metrics(session, round_id=round_id)
