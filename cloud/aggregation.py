@@ -1,7 +1,7 @@
 """The aggregation service: a round's accepted updates -> the next global adapter version.
 
-Loads the round's accepted updates from their blobs, runs the round's strategy (FedNano's
-Fisher merge by default), stores the merged adapter as a new version (a ``shared.codec`` fp32
+Loads the round's accepted updates from their blobs, runs the round's strategy (``fednano``,
+FedAvg unless told otherwise), stores the merged adapter as a new version (a ``shared.codec`` fp32
 frame, content-addressed by SHA-256) with its lineage (each update's weight ``λ_k = n_k / N``),
 evaluates it on a held-out set through a pluggable ``Evaluator`` and records the round's metrics.
 Functions take the caller's session and flush; the caller commits.

@@ -63,9 +63,10 @@ def test_task_hparams_follow_the_strategy() -> None:
     assert RoundConfig(strategy="fedavg").task_hparams().fisher_samples == 0
     prox = RoundConfig(strategy="fedprox", strategy_options={"mu": 0.1}).task_hparams()
     assert prox.prox_mu == 0.1 and prox.fisher_samples == 0
-    # The default (fednano) merges short rounds by FedAvg and long ones by the Fisher.
+    # The default (fednano) merges by FedAvg; told to, it Fisher-merges long rounds.
     assert RoundConfig().task_hparams().fisher_samples == 0
-    long = RoundConfig(hparams=TaskHParams(steps=100, fisher_samples=32)).task_hparams()
+    long = RoundConfig(strategy_options={"fisher_from_steps": 100},
+                       hparams=TaskHParams(steps=100, fisher_samples=32)).task_hparams()
     assert long.fisher_samples == 32
 
 

@@ -177,14 +177,18 @@ def test_strategy_is_abstract() -> None:
         Strategy()  # type: ignore[abstract]
 
 
-def test_fednano_merges_long_rounds_by_the_fisher_and_short_ones_by_fedavg() -> None:
+def test_fednano_is_fedavg_unless_told_to_fisher_merge_long_rounds() -> None:
+    plain = make_strategy("fednano")
+    assert plain.for_round(10_000) is plain and not plain.requires_fisher
+    updates = [AdapterUpdate("a", {"w": torch.ones(2)}, 1, None),
+               AdapterUpdate("b", {"w": torch.zeros(2)}, 3, None)]
+    merged = plain.aggregate({"w": torch.zeros(2)}, updates)
+    assert merged is not None and torch.allclose(merged["w"], torch.full((2,), 0.25))
     strategy = make_strategy("fednano", fisher_from_steps=50, server_momentum=0.5, min_updates=2)
     long, short = strategy.for_round(50), strategy.for_round(49)
-    assert long is strategy and long.requires_fisher
-    assert isinstance(short, FedAvg) and not short.requires_fisher
-    assert short.config() == {"min_updates": 2, "ffa": False, "server_lr": 1.0,
-                              "server_momentum": 0.5}
-    assert make_strategy("fedavg").for_round(1000).name == "fedavg"
+    assert short is strategy and not short.requires_fisher
+    assert isinstance(long, FisherNorm) and long.requires_fisher
+    assert long.config() == {**FisherNorm(min_updates=2, server_momentum=0.5).config()}
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="fisher_from_steps must be an integer >= 1"):
             make_strategy("fednano", fisher_from_steps=bad)
@@ -194,7 +198,11 @@ def test_a_round_asks_devices_for_a_fisher_only_when_its_merge_uses_one() -> Non
     from cloud.rounds import RoundConfig
     from shared.messages import TaskHParams
 
-    short = RoundConfig(strategy="fednano", hparams=TaskHParams(steps=8, fisher_samples=32))
-    long = RoundConfig(strategy="fednano", hparams=TaskHParams(steps=100, fisher_samples=32))
-    assert short.task_hparams().fisher_samples == 0 and short.make_strategy().name == "fedavg"
-    assert long.task_hparams().fisher_samples == 32 and long.make_strategy().name == "fednano"
+    options = {"fisher_from_steps": 100}
+    short = RoundConfig(strategy="fednano", strategy_options=options,
+                        hparams=TaskHParams(steps=8, fisher_samples=32))
+    long = RoundConfig(strategy="fednano", strategy_options=options,
+                       hparams=TaskHParams(steps=100, fisher_samples=32))
+    assert short.task_hparams().fisher_samples == 0 and short.make_strategy().name == "fednano"
+    assert long.task_hparams().fisher_samples == 32 and long.make_strategy().name == "fisher-norm"
+    assert RoundConfig().task_hparams().fisher_samples == 0  # the default asks for no Fisher

@@ -41,9 +41,7 @@ def test_faults_parse_in_a_fixed_order() -> None:
         FleetOptions(strategy="magic")
     with pytest.raises(ValueError, match="fisher_samples must be at least 1"):
         FleetOptions(strategy="fisher-norm", fisher_samples=0)
-    with pytest.raises(ValueError, match="fisher_samples must be at least 1"):
-        FleetOptions(strategy="fednano", steps=100, fisher_samples=0)
-    assert FleetOptions(strategy="fednano", steps=8, fisher_samples=0).fisher_samples == 0
+    assert FleetOptions(strategy="fednano", steps=100, fisher_samples=0).fisher_samples == 0
     assert FleetOptions(strategy="fedavg", fisher_samples=0).fisher_samples == 0
 
 
