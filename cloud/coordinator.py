@@ -8,8 +8,10 @@ A round moves OPEN -> COLLECTING -> AGGREGATING -> EVALUATING -> CLOSED (or FAIL
   participants, moves to AGGREGATING at k-of-n quorum (or at the deadline with at least the
   minimum, else FAILED), merges through the ``Aggregator``, evaluates, records metrics, closes,
   cancels outstanding tasks and refreshes the retained ``RoundAnnouncement``.
-- ``handle_update`` ingests an update exactly once by ``update_id`` (a redelivery is
-  acknowledged and ignored), runs the validation gate and stores the blob and the verdict.
+- ``handle_update`` ingests an update exactly once by (sender, ``update_id``) (a redelivery is
+  acknowledged and ignored), refuses senders that are not active devices (revoked ones
+  included), runs the validation gate and stores the blob and the verdict. The sender is the
+  device id of the topic, which the broker bound to the authenticated client.
 - ``handle_presence`` keeps ``devices.online`` / ``last_seen_at`` current.
 
 Nothing lives only in memory: a new ``Coordinator`` on the same database resumes mid-round
@@ -408,12 +410,16 @@ class Coordinator:
         except MessageError as err:
             return self._refuse(device_id, None, RejectionCode.MALFORMED, str(err))
         with session_scope(self.sessions) as session:
-            existing = crud.get_update(session, update_id=message.update_id)
-            if existing is not None:
-                return self._redelivered(session, existing.device_id, device_id, message)
-            if crud.get_device(session, device_id=device_id) is None:
-                return self._refuse(device_id, message.update_id, RejectionCode.NOT_PARTICIPANT,
-                                    f"unknown device {device_id!r}", session)
+            device = crud.get_device(session, device_id=device_id)
+            if device is None or device.status is not DeviceStatus.ACTIVE:
+                code = RejectionCode.NOT_PARTICIPANT if device is None else RejectionCode.REVOKED
+                return self._refuse(device_id, message.update_id, code,
+                                    f"device {device_id!r} is "
+                                    f"{'unknown' if device is None else device.status.value}",
+                                    session)
+            if crud.get_update(session, device_id=device_id,
+                               update_id=message.update_id) is not None:
+                return self._redelivered(session, device_id, message)
             round_ = session.get(Round, message.round_id, with_for_update=True,
                                  populate_existing=True)
             if round_ is None:
@@ -426,16 +432,13 @@ class Coordinator:
                 now=self.clock())
             return self._record(session, device_id, message, payload, verdict)
 
-    def _redelivered(self, session: Session, stored_device: str, device_id: str,
+    def _redelivered(self, session: Session, device_id: str,
                      message: UpdateMessage) -> IngestResult:
-        if stored_device == device_id:  # QoS 1 redelivery: stored once, noted for operators
-            crud.record_audit(session, actor=f"device:{device_id}", action="update.redelivered",
-                              subject=f"device:{device_id}",
-                              details={"update_id": message.update_id,
-                                       "round_id": message.round_id})
-            return IngestResult("duplicate", message.update_id)
-        return self._refuse(device_id, message.update_id, RejectionCode.DUPLICATE,
-                            f"update id {message.update_id!r} belongs to another device", session)
+        """A QoS 1 redelivery (same sender, same id): stored once, noted for operators."""
+        crud.record_audit(session, actor=f"device:{device_id}", action="update.redelivered",
+                          subject=f"device:{device_id}",
+                          details={"update_id": message.update_id, "round_id": message.round_id})
+        return IngestResult("duplicate", message.update_id)
 
     def _refuse(self, device_id: str, update_id: str | None, code: RejectionCode, reason: str,
                 session: Session | None = None) -> IngestResult:

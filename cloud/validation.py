@@ -49,6 +49,7 @@ class RejectionCode(str, enum.Enum):
     NON_FINITE = "non_finite"
     NORM_BOUND = "norm_bound"          # ||Δθ||₂ over the configured bound
     FISHER_NEGATIVE = "fisher_negative"
+    REVOKED = "revoked"                # the sender is a revoked device
 
 
 @dataclass(frozen=True)

@@ -224,17 +224,20 @@ def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
     payload = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-1")
     assert cloud.coordinator.handle_update("dev-a", payload).outcome == "accepted"
     assert cloud.coordinator.handle_update("dev-a", payload).outcome == "duplicate"
-    again = cloud.coordinator.handle_update("dev-b", payload)  # someone else's id
-    assert (again.outcome, again.code) == ("rejected", "duplicate")
+    # Someone else's id is another update (identity = sender, id), judged on its own: here
+    # dev-b replays dev-a's bytes, whose task is dev-a's.
+    again = cloud.coordinator.handle_update("dev-b", payload)
+    assert (again.outcome, again.code) == ("rejected", "task_mismatch")
     second = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-2")
     assert cloud.coordinator.handle_update("dev-a", second).code == "duplicate"
     with cloud.session() as session:
         rows = crud.list_updates(session, round_id=round_id)
-        events = crud.list_audit_events(session, action="update.refused")
         redelivered = crud.list_audit_events(session, action="update.redelivered")
-    assert [(r.update_id, r.status) for r in rows] == [
-        ("upd-once-1", UpdateStatus.ACCEPTED), ("upd-once-2", UpdateStatus.REJECTED)]
-    assert len(events) == 1 and events[0].details["code"] == "duplicate"
+    assert [(r.device_id, r.update_id, r.status) for r in rows] == [
+        ("dev-a", "upd-once-1", UpdateStatus.ACCEPTED),
+        ("dev-b", "upd-once-1", UpdateStatus.REJECTED),
+        ("dev-a", "upd-once-2", UpdateStatus.REJECTED)]
+    assert rows[2].rejection_code == "duplicate"
     assert [e.details["update_id"] for e in redelivered] == ["upd-once-1"]
 
 
