@@ -6,8 +6,8 @@ coordinator resumes mid-round from the database alone:
 - ``devices`` and their ``credentials`` (hashed MQTT secrets, one active per device);
 - ``rounds`` (a persisted state machine, see ``ROUND_TRANSITIONS``) and ``participations``
   (round x device);
-- ``updates`` (one row per received update, (sender, ``update_id``) unique for exactly-once ingestion,
-  rejected ones kept with their reason), ``adapter_versions`` and the ``version_updates``
+- ``updates`` (one row per received update, (sender, ``update_id``) unique for exactly-once
+  ingestion, rejected ones kept with their reason), ``adapter_versions`` and the ``version_updates``
   lineage (which updates went into a version);
 - ``metrics`` and ``audit_events``;
 - ``api_tokens`` (operators' bearer tokens, stored as SHA-256 digests) and ``settings``
@@ -261,8 +261,9 @@ class Update(Base):
     An update is identified by (``device_id``, ``update_id``): the sender the broker
     authenticated (taken from the topic) and the id it chose. The pair is unique, so a
     re-delivered update (MQTT QoS 1 is at-least-once) is stored once, and a device that reuses
-    another device's update id only ever collides with itself. ``base_version`` is what the device *claims* it
-    trained from, kept as sent (no foreign key) so an unknown version can be rejected and recorded.
+    another device's update id only ever collides with itself. ``base_version`` is what the
+    device *claims* it trained from, kept as sent (no foreign key) so an unknown version can be
+    rejected and recorded.
     """
 
     __tablename__ = "updates"
