@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session
 
 from cloud import registry
 from cloud.db import crud
-from shared.mqtt import BrokerAddress, ClientOptions, Inbox, MqttClient
+from cloud.settings import CloudSettings
+from shared.mqtt import BrokerAddress, ClientOptions, Inbox, MqttClient, MqttError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,39 @@ def sync_registry(admin: BrokerAdmin, session: Session, *,
         log.error("broker: active devices unknown to the broker: %s (rebuild its file with "
                   "`fednano devices broker-files` before its next start)", missing)
     return SyncReport(tuple(removed), tuple(missing))
+
+
+def connect(settings: CloudSettings) -> BrokerAdmin:
+    """An admin connection with the cloud's own broker account."""
+    return BrokerAdmin.connect(url=settings.broker_url, username=settings.broker_username,
+                               password=settings.broker_password.get_secret_value())
+
+
+def apply(settings: CloudSettings, change: Callable[[BrokerAdmin], None]) -> str | None:
+    """Apply ``change`` to the running broker (unless ``broker_live_admin`` is off): None when
+    done (or off), else why it failed -- logged; the database change stands (the gate refuses
+    a revoked device's updates anyway) and the coordinator's next start syncs the broker."""
+    if not settings.broker_live_admin:
+        return None
+    try:
+        with connect(settings) as admin:
+            change(admin)
+    except (MqttError, BrokerAdminError) as err:
+        log.error("the broker was not updated: %s", err)
+        return str(err)
+    return None
+
+
+def sync_at_start(settings: CloudSettings, session: Session) -> SyncReport | None:
+    """``sync_registry`` on a fresh admin connection (None when off or unreachable, logged)."""
+    if not settings.broker_live_admin:
+        return None
+    try:
+        with connect(settings) as admin:
+            return sync_registry(admin, session, service_usernames=[settings.broker_username])
+    except (MqttError, BrokerAdminError) as err:
+        log.error("could not sync the broker's accounts with the registry: %s", err)
+        return None
 
 
 def _subject(command: Mapping[str, Any]) -> str:
