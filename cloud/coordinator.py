@@ -22,6 +22,7 @@ binding in ``cloud.coordinator_mqtt``, a recorder in tests) outside database tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -467,7 +468,8 @@ class Coordinator:
             base_version=config.base_version or self.base_version,
             deadline_at=round_.deadline_at, late_policy=config.late_policy,
             requires_fisher=config.make_strategy().requires_fisher,
-            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm)
+            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm,
+            max_samples=config.sample_bound)
 
     def _global_state(self, version: AdapterVersion) -> AdapterState:
         if version.id not in self._states:
@@ -485,9 +487,16 @@ class Coordinator:
                      verdict.code.value, verdict.reason)
             return IngestResult("rejected", message.update_id, verdict.code.value, verdict.reason)
         blob = self.blobs.put(payload)
-        crud.record_update(session, record=_update_record(
-            message, device_id, verdict.status, blob_sha256=blob.sha256, blob_size=blob.size,
-            blob_path=str(blob.path)))
+        record = _update_record(message, device_id, verdict.status, blob_sha256=blob.sha256,
+                                blob_size=blob.size, blob_path=str(blob.path))
+        if verdict.update.n_samples < message.n_samples:  # stored (and merged) as bounded
+            record = dataclasses.replace(record, n_samples=verdict.update.n_samples)
+            crud.record_audit(session, actor=f"device:{device_id}", action="update.weight_bounded",
+                              subject=f"device:{device_id}",
+                              details={"update_id": message.update_id,
+                                       "claimed": message.n_samples,
+                                       "counted": verdict.update.n_samples})
+        crud.record_update(session, record=record)
         if verdict.status is UpdateStatus.ACCEPTED:
             crud.set_participation_status(session, round_id=message.round_id,
                                           device_id=device_id,

@@ -389,7 +389,8 @@ class FleetRunner:
         if "duplicate" in o.faults:
             actions.append(Duplicate(default_round("duplicate", o.rounds),
                                      device_id=devices[0].device_id,
-                                     password=devices[0].secret, factory=factory))
+                                     username=self._service.username,
+                                     password=self._service.password, factory=factory))
         processes = {"kill-device": (KillDevice, ids[::-1]), "slow-device": (
             SlowDevice, ids[-2::-1] or ids), "cloud-restart": (CloudRestart, ids),
             "broker-restart": (BrokerRestart, ids)}
