@@ -152,7 +152,7 @@ def sync_registry(admin: BrokerAdmin, session: Session, *,
     """Delete every device client the database does not hold as active; report the active
     devices the broker lacks."""
     active = {device_id for device_id, _ in crud.active_device_hashes(session)}
-    at_broker = set(admin.client_names()) - set(service_usernames)
+    at_broker = set(admin.client_names()) - {*service_usernames, registry.HEALTH_USERNAME}
     removed = sorted(at_broker - active)
     for device_id in removed:
         admin.remove_device(device_id)

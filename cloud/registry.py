@@ -56,6 +56,11 @@ SERVICE_ROLE = "fednano-service"
 ADMIN_ROLE = "fednano-broker-admin"
 DEVICE_ROLE_PREFIX = "fednano-device-"
 DYNSEC_CONTROL_FILTER = "$CONTROL/dynamic-security/#"
+# The container healthcheck's account: it may read the broker's uptime and nothing else, with
+# its client id bound, so its password is not a secret (it is in docker-compose.yml).
+HEALTH_USERNAME = "fednano-health"
+HEALTH_PASSWORD = "fednano-health"
+HEALTH_TOPIC = "$SYS/broker/uptime"
 SYSTEM_ACTOR = "system"
 
 
@@ -138,7 +143,7 @@ def add_device(session: Session, *, device_id: str, profile: str, actor: str = S
     """
     validate_device_id(device_id)
     validate_profile_name(profile)
-    if device_id in reserved_ids:
+    if device_id in {*reserved_ids, HEALTH_USERNAME}:
         raise ValueError(f"device id is reserved for a cloud service account, got {device_id!r}")
     device = crud.create_device(session, device_id=device_id, profile=profile,
                                 capabilities=capabilities)
@@ -251,18 +256,23 @@ def dynsec_document(*, services: Sequence[tuple[str, str]],
     tree, the LLM workers' shared subscription and the plugin's control topic (the cloud adds,
     revokes and rotates devices live through it, see ``cloud.broker_admin``).
     """
-    clashes = sorted({u for u, _ in services} & {d for d, _ in devices})
+    clashes = sorted({HEALTH_USERNAME, *(u for u, _ in services)} & {d for d, _ in devices})
     if clashes:
         raise ValueError(f"service usernames collide with device ids, got {clashes}")
     clients = [{"username": username, **dynsec_password(hashed),
                 "roles": [{"rolename": SERVICE_ROLE}, {"rolename": ADMIN_ROLE}]}
                for username, hashed in services]
+    clients.append({"username": HEALTH_USERNAME, "clientid": HEALTH_USERNAME,
+                    **dynsec_password(hash_secret(HEALTH_PASSWORD, iterations=1_000)),
+                    "roles": [{"rolename": HEALTH_USERNAME}]})
     clients += [device_client(device_id, hashed) for device_id, hashed in devices]
+    health = {"rolename": HEALTH_USERNAME, "acls": [
+        _acl("subscribePattern", HEALTH_TOPIC), _acl("publishClientReceive", HEALTH_TOPIC)]}
     return {
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
                              "subscribe": False, "unsubscribe": True},
         "clients": clients, "groups": [],
-        "roles": [_service_role(), _admin_role(), *(device_role(d) for d, _ in devices)],
+        "roles": [_service_role(), _admin_role(), health, *(device_role(d) for d, _ in devices)],
     }
 
 

@@ -38,7 +38,7 @@ token_app = typer.Typer(help="Operator API tokens (Bearer) for the REST API.",
                         no_args_is_help=True)
 cloud_app.add_typer(token_app, name="token")
 devices_app = typer.Typer(help="Provision devices: add (prints the secret once), list, revoke, "
-                          "write the broker's password and ACL files.", no_args_is_help=True)
+                          "write the broker's accounts file.", no_args_is_help=True)
 console = Console()
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
     -> database (SQLite in the run folder, or an empty PostgreSQL database), migrated
     -> devices provisioned in the registry (device.yaml + password each), round defaults and
        a schedule of R rounds, an operator token
-    -> private Mosquitto (free loopback port) with the registry's password and ACL files
+    -> private Mosquitto (free loopback port) with the registry's accounts file
     -> the cloud: ``fednano cloud serve`` (API + coordinator + LLM worker), until /ready
     -> N ``fednano-edge run`` processes, each with its own DataSpec shard
     -> rounds run by the cloud's schedule; the runner watches the database and the device

@@ -172,7 +172,7 @@ def test_dynsec_file_lists_services_and_active_devices(session: Session) -> None
     registry.revoke_device(session, device_id="gone")
     config = registry.dynsec_config(session, services=[SERVICE], iterations=FAST)
     clients = {c["username"]: c for c in config["clients"]}
-    assert list(clients) == ["fednano-cloud", "a-dev", "b-dev"]
+    assert list(clients) == ["fednano-cloud", "fednano-health", "a-dev", "b-dev"]
     assert clients["a-dev"]["clientid"] == "a-dev" and "clientid" not in clients["fednano-cloud"]
     assert [r["rolename"] for r in clients["a-dev"]["roles"]] == ["fednano-device-a-dev"]
     assert config["defaultACLAccess"] == {"publishClientSend": False,

@@ -1,4 +1,4 @@
-"""The edge agent against a real Mosquitto (password file + per-device ACL), tiny models.
+"""The edge agent against a real Mosquitto (per-device accounts and rights), tiny models.
 
 The test plays the cloud (``agent_support.Cloud``): it publishes tasks and reads updates and
 presence as the coordinator would.
