@@ -401,6 +401,16 @@ def test_add_revoke_and_rotate_reach_a_running_broker_at_once(
             assert clients[-1].connack.is_failure is refused, (user, clients[-1].connack)
         assert sync_registry(admin, session, service_usernames=[SERVICE.username]) == (
             SyncReport(removed=(), missing=()))
+        # Revoked while the broker could not be told: the next sync removes it, and kicks it.
+        registry.revoke_device(session, device_id="dev-c")
+        session.commit()
+        assert clients[-1].client.is_connected()
+        assert sync_registry(admin, session, service_usernames=[SERVICE.username]) == (
+            SyncReport(removed=("dev-c",), missing=()))
+        deadline = time.monotonic() + 5
+        while clients[-1].client.is_connected():
+            assert time.monotonic() < deadline, "the revoked device stayed connected"
+            time.sleep(0.05)
     finally:
         admin.close()
         for client in clients:
