@@ -7,7 +7,7 @@
 
 For each N, from nothing: a fresh database (a SQLite file, or a new PostgreSQL database created
 through the given server URL and dropped afterwards), N devices registered through the registry
-(each its own secret), a private Mosquitto with the registry's password file and per-device ACL,
+(each its own secret), a private Mosquitto with the registry's per-device accounts and rights,
 and the real coordinator process (``fednano cloud coordinator --eval-questions 0``: the
 persistent MQTT session, the validation gate, the blob store, the database).
 

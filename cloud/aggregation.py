@@ -26,7 +26,7 @@ from cloud.strategies import Strategy
 from cloud.validation import DELTA_PART, FISHER_PART
 from shared import codec
 from shared.adapters import AdapterState
-from shared.merge import sample_weights
+from shared.merge import clip_to_median_norm, sample_weights
 from shared.messages import UpdateMessage, unpack
 from shared.update import AdapterUpdate
 
@@ -122,6 +122,10 @@ class Aggregator:
         carried = self._carried_over(session, round_, config, strategy, global_state)
         rows += [row for row, _ in carried]
         updates += [update for _, update in carried]
+        if config.clip_to_median_norm is not None:
+            clipped = clip_to_median_norm([u.delta for u in updates], config.clip_to_median_norm)
+            updates = [dataclasses.replace(u, delta=d) for u, d in zip(updates, clipped,
+                                                                        strict=True)]
         previous = self._previous_step(session, round_, global_state, strategy)
         merged = self._merge(round_, strategy, global_state, updates, previous)
         blob = store_state(self.blobs, merged)

@@ -8,8 +8,10 @@ A round moves OPEN -> COLLECTING -> AGGREGATING -> EVALUATING -> CLOSED (or FAIL
   participants, moves to AGGREGATING at k-of-n quorum (or at the deadline with at least the
   minimum, else FAILED), merges through the ``Aggregator``, evaluates, records metrics, closes,
   cancels outstanding tasks and refreshes the retained ``RoundAnnouncement``.
-- ``handle_update`` ingests an update exactly once by ``update_id`` (a redelivery is
-  acknowledged and ignored), runs the validation gate and stores the blob and the verdict.
+- ``handle_update`` ingests an update exactly once by (sender, ``update_id``) (a redelivery is
+  acknowledged and ignored), refuses senders that are not active devices (revoked ones
+  included), runs the validation gate and stores the blob and the verdict. The sender is the
+  device id of the topic, which the broker bound to the authenticated client.
 - ``handle_presence`` keeps ``devices.online`` / ``last_seen_at`` current.
 
 Nothing lives only in memory: a new ``Coordinator`` on the same database resumes mid-round
@@ -20,6 +22,7 @@ binding in ``cloud.coordinator_mqtt``, a recorder in tests) outside database tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -459,12 +462,16 @@ class Coordinator:
         except MessageError as err:
             return self._refuse(device_id, None, RejectionCode.MALFORMED, str(err))
         with session_scope(self.sessions) as session:
-            existing = crud.get_update(session, update_id=message.update_id)
-            if existing is not None:
-                return self._redelivered(session, existing.device_id, device_id, message)
-            if crud.get_device(session, device_id=device_id) is None:
-                return self._refuse(device_id, message.update_id, RejectionCode.NOT_PARTICIPANT,
-                                    f"unknown device {device_id!r}", session)
+            device = crud.get_device(session, device_id=device_id)
+            if device is None or device.status is not DeviceStatus.ACTIVE:
+                code = RejectionCode.NOT_PARTICIPANT if device is None else RejectionCode.REVOKED
+                return self._refuse(device_id, message.update_id, code,
+                                    f"device {device_id!r} is "
+                                    f"{'unknown' if device is None else device.status.value}",
+                                    session)
+            if crud.get_update(session, device_id=device_id,
+                               update_id=message.update_id) is not None:
+                return self._redelivered(session, device_id, message)
             round_ = session.get(Round, message.round_id, with_for_update=True,
                                  populate_existing=True)
             if round_ is None:
@@ -477,16 +484,13 @@ class Coordinator:
                 now=self.clock())
             return self._record(session, device_id, message, payload, verdict)
 
-    def _redelivered(self, session: Session, stored_device: str, device_id: str,
+    def _redelivered(self, session: Session, device_id: str,
                      message: UpdateMessage) -> IngestResult:
-        if stored_device == device_id:  # QoS 1 redelivery: stored once, noted for operators
-            crud.record_audit(session, actor=f"device:{device_id}", action="update.redelivered",
-                              subject=f"device:{device_id}",
-                              details={"update_id": message.update_id,
-                                       "round_id": message.round_id})
-            return IngestResult("duplicate", message.update_id)
-        return self._refuse(device_id, message.update_id, RejectionCode.DUPLICATE,
-                            f"update id {message.update_id!r} belongs to another device", session)
+        """A QoS 1 redelivery (same sender, same id): stored once, noted for operators."""
+        crud.record_audit(session, actor=f"device:{device_id}", action="update.redelivered",
+                          subject=f"device:{device_id}",
+                          details={"update_id": message.update_id, "round_id": message.round_id})
+        return IngestResult("duplicate", message.update_id)
 
     def _refuse(self, device_id: str, update_id: str | None, code: RejectionCode, reason: str,
                 session: Session | None = None) -> IngestResult:
@@ -515,7 +519,8 @@ class Coordinator:
             base_version=config.base_version or self.base_version,
             deadline_at=round_.deadline_at, late_policy=config.late_policy,
             requires_fisher=config.make_strategy().requires_fisher,
-            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm)
+            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm,
+            max_samples=config.sample_bound)
 
     def _global_state(self, version: AdapterVersion) -> AdapterState:
         if version.id not in self._states:
@@ -533,9 +538,16 @@ class Coordinator:
                      verdict.code.value, verdict.reason)
             return IngestResult("rejected", message.update_id, verdict.code.value, verdict.reason)
         blob = self.blobs.put(payload)
-        crud.record_update(session, record=_update_record(
-            message, device_id, verdict.status, blob_sha256=blob.sha256, blob_size=blob.size,
-            blob_path=str(blob.path)))
+        record = _update_record(message, device_id, verdict.status, blob_sha256=blob.sha256,
+                                blob_size=blob.size, blob_path=str(blob.path))
+        if verdict.update.n_samples < message.n_samples:  # stored (and merged) as bounded
+            record = dataclasses.replace(record, n_samples=verdict.update.n_samples)
+            crud.record_audit(session, actor=f"device:{device_id}", action="update.weight_bounded",
+                              subject=f"device:{device_id}",
+                              details={"update_id": message.update_id,
+                                       "claimed": message.n_samples,
+                                       "counted": verdict.update.n_samples})
+        crud.record_update(session, record=record)
         if verdict.status is UpdateStatus.ACCEPTED:
             crud.set_participation_status(session, round_id=message.round_id,
                                           device_id=device_id,

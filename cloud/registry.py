@@ -7,9 +7,13 @@ from the database at any time without ever holding a plaintext secret. The itera
 paid by the broker at every CONNECT; with 256-bit random secrets stretching adds no real
 protection, so the default (10,000, about 14 ms here) is a moderate cost, not a security knob.
 
-The ACL file confines every device to ``fednano/v1/devices/<its id>/#`` (a ``%u`` pattern) plus
-read access to the round broadcasts; the cloud's service accounts get the whole tree. Revoked
-devices are left out of the password file; send the broker SIGHUP after writing the files.
+The broker's accounts and rights live in Mosquitto's dynamic-security plugin. Its file is
+generated from the database (``write_broker_files``: the stored hashes are in the plugin's own
+format, so no plaintext secret is needed), and changes reach a running broker at once through
+the plugin's control topic (``cloud.broker_admin``): a revoked device is deleted there, which
+disconnects it. Each device has its own role (publish its status, updates and LLM requests;
+subscribe to its own subtree and the round broadcasts) and its client id bound to its device
+id; the cloud's service accounts get the whole tree and the control topic.
 
 Every change writes an audit event (never the secret). Functions flush; the caller commits.
 """
@@ -20,6 +24,7 @@ import base64
 import grp
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +37,11 @@ from sqlalchemy.orm import Session
 from cloud.db import crud
 from cloud.db.crud import Page
 from cloud.db.models import Device, DeviceStatus
+from shared import topics
 from shared.files import atomic_write
 from shared.protocol import (
     ALL_TOPICS_FILTER,
     BROADCAST_TOPIC_FILTER,
-    DEVICE_ACL_PATTERN,
     validate_device_id,
     validate_profile_name,
 )
@@ -46,8 +51,16 @@ MOSQUITTO_HASH_ID = "7"          # mosquitto's id for PBKDF2-SHA512
 MOSQUITTO_SALT_BYTES = 12        # what mosquitto_passwd uses
 MOSQUITTO_DIGEST_BYTES = 64
 DEFAULT_HASH_ITERATIONS = 10_000
-PASSWORD_FILE = "passwd"
-ACL_FILE = "acl"
+DYNSEC_FILE = "dynamic-security.json"
+SERVICE_ROLE = "fednano-service"
+ADMIN_ROLE = "fednano-broker-admin"
+DEVICE_ROLE_PREFIX = "fednano-device-"
+DYNSEC_CONTROL_FILTER = "$CONTROL/dynamic-security/#"
+# The container healthcheck's account: it may read the broker's uptime and nothing else, with
+# its client id bound, so its password is not a secret (it is in docker-compose.yml).
+HEALTH_USERNAME = "fednano-health"
+HEALTH_PASSWORD = "fednano-health"
+HEALTH_TOPIC = "$SYS/broker/uptime"
 SYSTEM_ACTOR = "system"
 
 
@@ -75,10 +88,9 @@ class ServiceAccount:
 
 @dataclass(frozen=True)
 class BrokerFiles:
-    """Where ``write_broker_files`` put the password and ACL files."""
+    """Where ``write_broker_files`` put the broker's dynamic-security file."""
 
-    password_file: Path
-    acl_file: Path
+    dynsec_file: Path
 
 
 # ------------------------------------------------------------------------------ secrets
@@ -131,7 +143,7 @@ def add_device(session: Session, *, device_id: str, profile: str, actor: str = S
     """
     validate_device_id(device_id)
     validate_profile_name(profile)
-    if device_id in reserved_ids:
+    if device_id in {*reserved_ids, HEALTH_USERNAME}:
         raise ValueError(f"device id is reserved for a cloud service account, got {device_id!r}")
     device = crud.create_device(session, device_id=device_id, profile=profile,
                                 capabilities=capabilities)
@@ -207,47 +219,109 @@ def _subject(device_id: str) -> str:
 # ------------------------------------------------------------------------------ broker files
 
 
-def password_file_text(session: Session, *, services: Sequence[ServiceAccount],
-                       iterations: int = DEFAULT_HASH_ITERATIONS) -> str:
-    """Mosquitto's password file: ``user:$7$...`` for each service and each active device."""
-    devices = crud.active_device_hashes(session)
-    clashes = sorted({s.username for s in services} & {device_id for device_id, _ in devices})
+def dynsec_password(hashed: str) -> dict[str, Any]:
+    """A stored ``$7$`` hash as the dynamic-security plugin's ``password``/``salt``/
+    ``iterations`` fields (the same PBKDF2-SHA512 with a 64-byte digest; only the layout
+    differs). ``ValueError`` if it is not a ``$7$`` hash."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != MOSQUITTO_HASH_ID or not parts[2].isdigit():
+        raise ValueError(f"not a $7$ PBKDF2-SHA512 hash, got {hashed[:16]!r}...")
+    return {"password": parts[4], "salt": parts[3], "iterations": int(parts[2])}
+
+
+def device_role_name(device_id: str) -> str:
+    """The dynamic-security role holding one device's rights."""
+    return f"{DEVICE_ROLE_PREFIX}{validate_device_id(device_id)}"
+
+
+def device_role(device_id: str) -> dict[str, Any]:
+    """One device's rights: publish its status, updates and LLM requests; subscribe to and
+    receive its own subtree and the round broadcasts; nothing else (no ``$share``, no
+    wildcard above its subtree: such a SUBSCRIBE is refused with "Not authorized")."""
+    own = f"{topics.device_root(device_id)}/#"
+    acls = [_acl("publishClientSend", topic) for topic in (
+        topics.status(device_id), topics.updates(device_id), topics.llm_requests(device_id))]
+    for topic in (own, BROADCAST_TOPIC_FILTER):
+        acls += [_acl("subscribePattern", topic), _acl("publishClientReceive", topic)]
+    return {"rolename": device_role_name(device_id), "acls": acls}
+
+
+def dynsec_document(*, services: Sequence[tuple[str, str]],
+                    devices: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The dynamic-security plugin's configuration from (username, ``$7$`` hash) pairs.
+
+    Everything not granted is denied (``defaultACLAccess``). A device's client is bound to
+    its client id (= its device id): another client id with its credentials is refused at
+    CONNECT, and no device can connect under a service's id. Services get the whole topic
+    tree, the LLM workers' shared subscription and the plugin's control topic (the cloud adds,
+    revokes and rotates devices live through it, see ``cloud.broker_admin``).
+    """
+    clashes = sorted({HEALTH_USERNAME, *(u for u, _ in services)} & {d for d, _ in devices})
     if clashes:
         raise ValueError(f"service usernames collide with device ids, got {clashes}")
-    lines = [f"{s.username}:{hash_secret(s.password, iterations=iterations)}" for s in services]
-    lines += [f"{device_id}:{secret_hash}" for device_id, secret_hash in devices]
-    return "".join(f"{line}\n" for line in lines)
+    clients = [{"username": username, **dynsec_password(hashed),
+                "roles": [{"rolename": SERVICE_ROLE}, {"rolename": ADMIN_ROLE}]}
+               for username, hashed in services]
+    clients.append({"username": HEALTH_USERNAME, "clientid": HEALTH_USERNAME,
+                    **dynsec_password(hash_secret(HEALTH_PASSWORD, iterations=1_000)),
+                    "roles": [{"rolename": HEALTH_USERNAME}]})
+    clients += [device_client(device_id, hashed) for device_id, hashed in devices]
+    health = {"rolename": HEALTH_USERNAME, "acls": [
+        _acl("subscribePattern", HEALTH_TOPIC), _acl("publishClientReceive", HEALTH_TOPIC)]}
+    return {
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                             "subscribe": False, "unsubscribe": True},
+        "clients": clients, "groups": [],
+        "roles": [_service_role(), _admin_role(), health, *(device_role(d) for d, _ in devices)],
+    }
 
 
-def acl_file_text(*, service_usernames: Sequence[str]) -> str:
-    """Mosquitto's ACL file: services get the whole tree, each device only its own subtree."""
-    lines = ["# Generated by cloud.registry: do not edit, regenerate.", ""]
-    for username in service_usernames:
-        lines += [f"user {username}", f"topic readwrite {ALL_TOPICS_FILTER}", ""]
-    lines += [
-        "# Every client, %u = its username = its device id: its own topics and the broadcasts",
-        "# (mosquitto warns that the second pattern has no %u: it is meant for every client).",
-        f"pattern readwrite {DEVICE_ACL_PATTERN}",
-        f"pattern read {BROADCAST_TOPIC_FILTER}",
-    ]
-    return "\n".join(lines) + "\n"
+def device_client(device_id: str, hashed: str) -> dict[str, Any]:
+    """A device's client entry: username and client id both its device id."""
+    return {"username": device_id, "clientid": device_id, **dynsec_password(hashed),
+            "roles": [{"rolename": device_role_name(device_id)}]}
+
+
+def _service_role() -> dict[str, Any]:
+    acls = [_acl(kind, ALL_TOPICS_FILTER) for kind in (
+        "publishClientSend", "publishClientReceive", "subscribePattern")]
+    return {"rolename": SERVICE_ROLE, "acls": [
+        *acls, _acl("subscribePattern", f"$share/+/{ALL_TOPICS_FILTER}")]}
+
+
+def _admin_role() -> dict[str, Any]:
+    return {"rolename": ADMIN_ROLE, "acls": [_acl(kind, DYNSEC_CONTROL_FILTER) for kind in (
+        "publishClientSend", "publishClientReceive", "subscribePattern")]}
+
+
+def _acl(kind: str, topic: str) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "allow": True}
+
+
+def dynsec_config(session: Session, *, services: Sequence[ServiceAccount],
+                  iterations: int = DEFAULT_HASH_ITERATIONS) -> dict[str, Any]:
+    """``dynsec_document`` for the services and every active device of the registry."""
+    return dynsec_document(
+        services=[(s.username, hash_secret(s.password, iterations=iterations))
+                  for s in services],
+        devices=crud.active_device_hashes(session))
 
 
 def write_broker_files(session: Session, *, directory: Path, services: Sequence[ServiceAccount],
                        group: str | None = None,
                        iterations: int = DEFAULT_HASH_ITERATIONS) -> BrokerFiles:
-    """Write the password and ACL files atomically into ``directory``.
+    """Write the dynamic-security file atomically into ``directory``, from the database.
 
-    Files are mode 0600, or 0640 with group ``group`` (e.g. ``"mosquitto"``: a broker started
-    as root reads them as that user). Send the broker SIGHUP afterwards to load them.
+    Mode 0600, or 0640 with group ``group`` (e.g. ``"mosquitto"``). The broker reads it at
+    start and rewrites it itself after every live change; write it before the broker starts
+    (first boot, or to rebuild the broker's accounts from the registry), not while it runs.
     """
     gid = None if group is None else _group_id(group)
     directory.mkdir(parents=True, exist_ok=True)
-    files = BrokerFiles(directory / PASSWORD_FILE, directory / ACL_FILE)
-    usernames = [s.username for s in services]
-    write_atomic(files.password_file,
-                 password_file_text(session, services=services, iterations=iterations), gid=gid)
-    write_atomic(files.acl_file, acl_file_text(service_usernames=usernames), gid=gid)
+    files = BrokerFiles(directory / DYNSEC_FILE)
+    text = json.dumps(dynsec_config(session, services=services, iterations=iterations),
+                      indent=1)
+    write_atomic(files.dynsec_file, text + "\n", gid=gid)
     return files
 
 

@@ -58,6 +58,14 @@ class RoundConfig(BaseModel):
     codec: UpdateCodec = UpdateCodec()
     max_update_bytes: int = Field(4 * 2**20, ge=1024, le=64 * 2**20)
     max_delta_norm: float | None = Field(100.0, gt=0, description="L2 bound on Δθ (all keys)")
+    max_update_samples: int | None = Field(
+        None, ge=1, description="the most samples one update counts for in the merge weights; "
+                                "default: the task's steps × batch size (what the device was "
+                                "asked to train on, not what it reports)")
+    clip_to_median_norm: float | None = Field(
+        None, gt=0, description="robust option against poisoning: scale each Δθ down to at "
+                                "most this many times the round's median ||Δθ||₂ before "
+                                "merging (e.g. 2.0); none: off")
     seed: int = 0
     base_version: str | None = Field(
         None, description="the frozen base's version; set by the coordinator when tasks go out")
@@ -72,6 +80,13 @@ class RoundConfig(BaseModel):
             raise ValueError(f"min_updates ({self.min_updates}) exceeds min_participants "
                              f"({self.min_participants}): a round could never aggregate")
         return self
+
+    @property
+    def sample_bound(self) -> int:
+        """The most samples one update counts for (``max_update_samples`` or steps × batch)."""
+        if self.max_update_samples is not None:
+            return self.max_update_samples
+        return self.hparams.steps * self.hparams.batch_size
 
     def make_strategy(self) -> Strategy:
         """The strategy that merges this round (the configured one, for its local steps)."""

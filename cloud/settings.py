@@ -53,10 +53,14 @@ class CloudSettings(BaseSettings):
                                  description="the cloud services' own MQTT account")
     broker_password: SecretStr = SecretStr(DEFAULT_SECRET)
     broker_dir: Path | None = Field(
-        None, description="where the Mosquitto password and ACL files go; default home/broker")
+        None, description="where the broker's dynamic-security file goes; default home/broker")
     broker_file_group: str | None = Field(
-        None, description="group given read access to the broker's password and ACL files, "
+        None, description="group given read access to the broker's dynamic-security file, "
                           "e.g. 'mosquitto' when a root-started broker drops to that user")
+    broker_live_admin: bool = Field(
+        True, description="apply device additions, revocations and secret rotations to the "
+                          "running broker at once (its dynamic-security control topic); off: "
+                          "only the database changes (a broker-less test or demo)")
     mqtt_hash_iterations: int = Field(
         10_000, ge=1_000, le=10_000_000,
         description="PBKDF2-SHA512 rounds of stored device secrets (paid at every MQTT connect)")

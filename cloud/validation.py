@@ -50,6 +50,7 @@ class RejectionCode(str, enum.Enum):
     NORM_BOUND = "norm_bound"          # ||Δθ||₂ over the configured bound
     FISHER_NEGATIVE = "fisher_negative"
     INTERNAL = "internal"              # handling failed unexpectedly (recorded, answered)
+    REVOKED = "revoked"                # the sender is a revoked device
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RoundContext:
     requires_fisher: bool = True
     max_update_bytes: int = 4 * 2**20
     max_delta_norm: float | None = None
+    max_samples: int | None = None  # the merge weight's bound; None: as reported
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,10 @@ def validate_update(message: UpdateMessage, parts: Mapping[str, bytes], *, devic
         _check_values(delta, fisher, context)
     except _Reject as reject:
         return reject.rejection
-    update = AdapterUpdate(client_id=device_id, delta=delta, n_samples=message.n_samples,
+    # The merge weight is bounded by what the cloud asked for, not by what the device reports.
+    n_samples = message.n_samples if context.max_samples is None else min(
+        message.n_samples, context.max_samples)
+    update = AdapterUpdate(client_id=device_id, delta=delta, n_samples=n_samples,
                            fisher=fisher, base_version=message.global_version,
                            metrics=dict(message.metrics))
     return Accepted(update, UpdateStatus.BUFFERED if late else UpdateStatus.ACCEPTED)

@@ -12,7 +12,7 @@ exit) and again on every ``docker compose up``; each step is skipped when its re
    and password in the fleet volume) up to ``FEDNANO_SIM_DEVICES``;
 5. write ``fleet.json`` (device ids, bundle version, sha256 and URL) for the ``edge-sim``
    containers (docker/edge_sim.py);
-6. write the broker's password and ACL files from the registry
+6. write the broker's dynamic-security file from the registry
    (``fednano devices broker-files``, group ``FEDNANO_BROKER_FILE_GROUP``).
 
 Settings come from the same ``FEDNANO_*`` variables as the services (``CloudSettings``) plus

@@ -1,10 +1,12 @@
 """A private Mosquitto on a free loopback port, configured the way production is.
 
 Used by the simulated fleet and the demo (and, through ``tests/brokers.py``, by the tests):
-``mosquitto -c conf`` in its own folder with a password file and an ACL (the registry's, see
-``cloud.registry.write_broker_files``), the packet and queue limits of FACTS.md (defaults lose
-acknowledged QoS 1 messages under bursts) and persistence in its folder: ``stop`` sends SIGTERM,
-which makes Mosquitto save its database, so ``restart`` keeps persistent sessions and queued
+``mosquitto -c conf`` in its own folder, its accounts and rights in the dynamic-security plugin
+(the registry's file, ``cloud.registry.write_broker_files``; changed live over the plugin's
+control topic, ``cloud.broker_admin``), the packet and queue limits (defaults lose acknowledged
+QoS 1 messages under bursts) and persistence in its folder, saved after every change
+(``Persistence``: acknowledged QoS 1 messages survive a kill -9, see docs/security.md).
+``stop`` sends SIGTERM, which saves too, so ``restart`` keeps persistent sessions and queued
 QoS 1 messages.
 
 The folder is a fresh temporary one: as root, Mosquitto runs as the ``mosquitto`` user
@@ -15,6 +17,7 @@ handed to that user at every start.
 
 from __future__ import annotations
 
+import glob
 import os
 import pwd
 import shutil
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fednano.processes import launcher
@@ -31,9 +35,12 @@ MAX_PACKET_SIZE = 8 * 2**20  # 8 MiB, as in scripts/services.sh and DEFAULT_MAX_
 MAX_QUEUED_MESSAGES = 10_000
 MAX_QUEUED_BYTES = 2**30
 BROKER_USER = "mosquitto"
-PASSWORD_FILE = "passwd"  # the names cloud.registry.write_broker_files uses
-ACL_FILE = "acl"
+DYNSEC_FILE = "dynamic-security.json"  # the name cloud.registry.write_broker_files uses
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+# Where Debian/Ubuntu (multiarch) and the eclipse-mosquitto image put the plugin.
+_PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so",
+                 "/usr/lib/mosquitto_dynamic_security.so",
+                 "/usr/local/lib/mosquitto_dynamic_security.so")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -66,6 +73,16 @@ def ensure_mosquitto(*, install: bool = True) -> str:
         "mosquitto; run as root, the fleet and the demo install it themselves)")
 
 
+def dynsec_plugin() -> str:
+    """The dynamic-security plugin's path; ``BrokerUnavailable`` if it is not installed."""
+    for pattern in _PLUGIN_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    raise BrokerUnavailable("mosquitto's dynamic-security plugin is missing "
+                            "(mosquitto_dynamic_security.so; Debian's mosquitto package ships it)")
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
     with socket.socket() as sock:
@@ -73,16 +90,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Persistence:
+    """Mosquitto's persistence settings (``autosave_*``, see docs/security.md for the
+    measurement behind the default). ``on_changes``: save after every ``interval`` changes
+    (messages queued, subscriptions, retained messages), else every ``interval`` seconds."""
+
+    enabled: bool = True
+    on_changes: bool = True
+    interval: int = 1
+
+    def lines(self, folder: Path) -> list[str]:
+        return [f"persistence {'true' if self.enabled else 'false'}",
+                f"persistence_location {folder / 'data'}/",
+                f"autosave_on_changes {'true' if self.on_changes else 'false'}",
+                f"autosave_interval {self.interval}"]
+
+
+ACKED_MEANS_KEPT = Persistence()
+
+
 def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACKET_SIZE,
-                     persistence: bool = True) -> str:
-    """The broker's configuration: one loopback listener, passwords + ACL, the limits."""
+                     persistence: Persistence = ACKED_MEANS_KEPT) -> str:
+    """The broker's configuration: one loopback listener, accounts and rights in the
+    dynamic-security plugin, the limits."""
     return "\n".join([
         f"listener {port} 127.0.0.1",
         "allow_anonymous false",
-        f"password_file {folder / PASSWORD_FILE}",
-        f"acl_file {folder / ACL_FILE}",
-        f"persistence {'true' if persistence else 'false'}",
-        f"persistence_location {folder / 'data'}/",
+        f"plugin {dynsec_plugin()}",
+        f"plugin_opt_config_file {folder / DYNSEC_FILE}",
+        *persistence.lines(folder),
         f"max_packet_size {max_packet_size}",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
@@ -93,13 +130,14 @@ def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACK
 
 
 class Mosquitto:
-    """A private broker; write ``passwd`` and ``acl`` into ``folder`` before ``start``.
+    """A private broker; write its dynamic-security file into ``folder`` before ``start``.
 
     ``folder`` is a new temporary folder unless given; ``close`` deletes the folder it made.
     """
 
     def __init__(self, *, port: int | None = None, folder: Path | None = None,
-                 max_packet_size: int = MAX_PACKET_SIZE, install: bool = False) -> None:
+                 max_packet_size: int = MAX_PACKET_SIZE, install: bool = False,
+                 persistence: Persistence = ACKED_MEANS_KEPT) -> None:
         self.binary = ensure_mosquitto(install=install)
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="fednano-mosquitto-")) if folder is None \
@@ -109,15 +147,12 @@ class Mosquitto:
         self.max_packet_size = max_packet_size
         self._process: subprocess.Popen[bytes] | None = None
         (self.folder / "mosquitto.conf").write_text(mosquitto_config(
-            port=self.port, folder=self.folder, max_packet_size=max_packet_size))
+            port=self.port, folder=self.folder, max_packet_size=max_packet_size,
+            persistence=persistence))
 
     @property
-    def password_file(self) -> Path:
-        return self.folder / PASSWORD_FILE
-
-    @property
-    def acl_file(self) -> Path:
-        return self.folder / ACL_FILE
+    def dynsec_file(self) -> Path:
+        return self.folder / DYNSEC_FILE
 
     @property
     def url(self) -> str:
@@ -137,10 +172,9 @@ class Mosquitto:
         """Start the broker and wait until its port accepts connections."""
         if self.running:
             raise RuntimeError(f"broker already running on port {self.port}")
-        for name in (PASSWORD_FILE, ACL_FILE):
-            if not (self.folder / name).is_file():
-                raise BrokerUnavailable(f"no {name} file in {self.folder}: write the password "
-                                        "and ACL files first (cloud.registry.write_broker_files)")
+        if not self.dynsec_file.is_file():
+            raise BrokerUnavailable(f"no {DYNSEC_FILE} in {self.folder}: write the broker's "
+                                    "accounts first (cloud.registry.write_broker_files)")
         self._hand_over()
         with (self.folder / "mosquitto.log").open("ab") as log:
             self._process = subprocess.Popen(
@@ -162,15 +196,15 @@ class Mosquitto:
         return [*launcher(), *command]
 
     def _hand_over(self) -> None:
-        """As root, Mosquitto runs as its own user: let it read the files and write its data."""
+        """As root, Mosquitto runs as its own user: let it read the files and write its data
+        (the plugin rewrites its file in this folder after every change)."""
         os.chmod(self.folder, 0o755)
         user = _broker_user()
         if os.geteuid() != 0 or user is None:
             return  # not root, or no such user: mosquitto stays who we are
         for path in (self.folder, *self.folder.iterdir(), *(self.folder / "data").iterdir()):
             os.chown(path, user.pw_uid, user.pw_gid)
-        for name in (PASSWORD_FILE, ACL_FILE):
-            os.chmod(self.folder / name, 0o600)
+        os.chmod(self.dynsec_file, 0o600)
 
     def _wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -213,7 +247,7 @@ class Mosquitto:
         self.start(timeout)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the password and ACL files (after the registry rewrote them)."""
+        """SIGHUP: re-read the configuration (accounts change live, see cloud.broker_admin)."""
         if self._process is None or self._process.poll() is not None:
             raise RuntimeError("the broker is not running")
         self._hand_over()

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from cloud.aggregation import Evaluator
     from cloud.ask import ModelAnswerer
     from cloud.base.build import LoadedBase
+    from cloud.broker_admin import BrokerAdmin
     from cloud.coordinator_mqtt import CoordinatorService
     from cloud.llm_worker import LLMWorker
     from cloud.settings import CloudSettings
@@ -36,7 +38,7 @@ token_app = typer.Typer(help="Operator API tokens (Bearer) for the REST API.",
                         no_args_is_help=True)
 cloud_app.add_typer(token_app, name="token")
 devices_app = typer.Typer(help="Provision devices: add (prints the secret once), list, revoke, "
-                          "write the broker's password and ACL files.", no_args_is_help=True)
+                          "write the broker's accounts file.", no_args_is_help=True)
 console = Console()
 log = logging.getLogger(__name__)
 
@@ -248,8 +250,18 @@ def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | 
                                aggregator=Aggregator(blobs, evaluator=evaluator),
                                base_version=_base_version(settings, base))
     coordinator_.ensure_initial_version(_initial_state(settings, base, rank))
+    _sync_broker(settings)
     service = CoordinatorService(coordinator_, client, tick_interval_s=settings.tick_interval_s)
     return service, client
+
+
+def _sync_broker(settings: CloudSettings) -> None:
+    """Revocations made while the broker was unreachable reach it now (see broker_admin)."""
+    from cloud import broker_admin
+    from cloud.db.session import session_scope
+
+    with session_scope(_sessions(settings)) as session:
+        broker_admin.sync_at_start(settings, session)
 
 
 def _base_version(settings: CloudSettings, base: LoadedBase | None) -> str:
@@ -384,6 +396,7 @@ def devices_add(
                 paths = registry.write_device_files(out, device=device, secret=secret, **config)
     except (ValueError, DuplicateRecordError) as err:
         raise typer.BadParameter(str(err)) from err
+    _broker_change(settings, lambda admin: admin.add_device(device_id, secret))
     if out is not None:
         console.print(f"added {device_id}: wrote {paths[0]} and {paths[1]}", markup=False)
     else:
@@ -408,23 +421,36 @@ def devices_list() -> None:
 def devices_revoke(device_id: str,
                    reason: Annotated[str | None, typer.Option(help="Kept in the audit log.")]
                    = None) -> None:
-    """Revoke a device and its credentials (then rewrite the broker files)."""
+    """Revoke a device and its credentials, at the gate and at the running broker (its live
+    connection is closed, its next CONNECT refused)."""
     from cloud import registry
     from cloud.db.crud import ConflictError, RecordNotFoundError
     from cloud.db.session import session_scope
 
+    settings = load_settings()
     try:
-        with session_scope(_sessions(load_settings())) as session:
+        with session_scope(_sessions(settings)) as session:
             registry.revoke_device(session, device_id=device_id, actor="cli", reason=reason)
     except (RecordNotFoundError, ConflictError) as err:
         raise typer.BadParameter(str(err)) from err
-    console.print(f"revoked {device_id}; run `fednano devices broker-files` and reload the "
-                  "broker", markup=False)
+    _broker_change(settings, lambda admin: admin.remove_device(device_id))
+    console.print(f"revoked {device_id}", markup=False)
+
+
+def _broker_change(settings: CloudSettings, change: Callable[[BrokerAdmin], None]) -> None:
+    """Apply a registry change to the running broker; say so when it could not be reached."""
+    from cloud import broker_admin
+
+    error = broker_admin.apply(settings, change)
+    if error is not None:
+        console.print(f"the database changed but the broker was not updated ({error}); the "
+                      "coordinator syncs revocations at its next start", markup=False)
 
 
 @devices_app.command("broker-files")
 def devices_broker_files() -> None:
-    """Write Mosquitto's password and ACL files from the registry (then SIGHUP the broker)."""
+    """Write the broker's dynamic-security file from the registry (before the broker starts:
+    a running broker takes changes live, and rewrites this file itself)."""
     from cloud import registry
     from cloud.db.session import session_scope
 
@@ -435,5 +461,5 @@ def devices_broker_files() -> None:
         files = registry.write_broker_files(session, directory=settings.resolved_broker_dir,
                                             services=[service],
                                             group=settings.broker_file_group)
-    console.print(f"wrote {files.password_file} and {files.acl_file}", markup=False)
+    console.print(f"wrote {files.dynsec_file}", markup=False)
 

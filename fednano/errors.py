@@ -42,8 +42,8 @@ def _broker(err: BaseException) -> str | None:
 
     if isinstance(err, ConnectRefused) and err.permanent:
         return (f"{err}. Check FEDNANO_BROKER_USERNAME and FEDNANO_BROKER_PASSWORD against the "
-                "broker's password file (`fednano devices broker-files` writes it), then "
-                "reload the broker.")
+                "broker's accounts (`fednano devices broker-files` writes them before the "
+                "broker starts).")
     if isinstance(err, ConnectError):
         return f"{err}. Start the broker, or set FEDNANO_BROKER_URL to where it runs."
     return None

@@ -9,7 +9,7 @@
 # start prints:  export FEDNANO_TEST_PG_URL=postgresql://postgres@127.0.0.1:PORT/postgres
 #                export FEDNANO_TEST_MQTT_URL=mqtt://127.0.0.1:PORT
 # The broker allows anonymous clients unless --broker-files DIR names a folder holding the
-# registry's generated `passwd` and `acl` (cloud.registry.write_broker_files).
+# registry's generated `dynamic-security.json` (cloud.registry.write_broker_files).
 # State lives in $FEDNANO_SERVICES_DIR (default /tmp/fednano-services-$UID). The machine's own
 # PostgreSQL (5432) and Mosquitto (1883) are never touched. Missing packages (these two, and
 # chromium + chromium-driver for the dashboard's browser tests) are installed with apt-get when
@@ -80,6 +80,11 @@ start_postgres() {
   echo "export FEDNANO_TEST_PG_URL=postgresql://postgres@127.0.0.1:$port/postgres" >> "$STATE/env"
 }
 
+dynsec_plugin() {
+  ls /usr/lib/*/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so \
+    2>/dev/null | head -n 1
+}
+
 mosquitto_conf() {
   local port=$1 files=$2
   cat <<EOF
@@ -91,7 +96,12 @@ max_queued_bytes 1073741824
 log_dest stderr
 EOF
   if [ -n "$files" ]; then
-    printf 'allow_anonymous false\npassword_file %s\nacl_file %s\n' "$files/passwd" "$files/acl"
+    # the plugin rewrites its file on live changes: give it a copy in the state folder
+    mkdir -p "$STATE/broker"
+    cp "$files/dynamic-security.json" "$STATE/broker/dynamic-security.json"
+    if [ "$(id -u)" -eq 0 ]; then chown -R mosquitto "$STATE/broker"; fi
+    printf 'allow_anonymous false\nplugin %s\nplugin_opt_config_file %s\n' \
+      "$(dynsec_plugin)" "$STATE/broker/dynamic-security.json"
   else
     echo "allow_anonymous true"
   fi
@@ -119,7 +129,7 @@ start() {
   local files=""
   if [ "${1:-}" = "--broker-files" ]; then
     files=$(cd "${2:?--broker-files needs a folder}" && pwd)
-    [ -r "$files/passwd" ] && [ -r "$files/acl" ] || die "no passwd and acl in $files"
+    [ -r "$files/dynamic-security.json" ] || die "no dynamic-security.json in $files"
   fi
   [ -e "$STATE/env" ] && die "already started (state in $STATE): run '$0 stop' first"
   ensure_packages

@@ -184,6 +184,27 @@ def server_step(
     return step
 
 
+def clip_to_median_norm(deltas: Sequence[AdapterState], factor: float) -> list[AdapterState]:
+    """Each delta scaled down to at most ``factor`` times the median L2 norm (all keys) of
+    ``deltas``; deltas within the bound are returned as they are.
+
+    A robust pre-merge step against a poisoned update: fewer than half of the devices cannot
+    move the median norm, so none of them weighs more than ``factor`` honest medians.
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be positive, got {factor!r}")
+    if len(deltas) == 0:
+        raise ValueError("need at least one delta")
+    norms = [_l2(delta) for delta in deltas]
+    bound = factor * float(torch.tensor(norms, dtype=torch.float64).median())
+    return [delta if norm <= bound else {k: v * (bound / norm) for k, v in delta.items()}
+            for delta, norm in zip(deltas, norms, strict=True)]
+
+
+def _l2(state: AdapterState) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
+
+
 def coordinate_median(deltas: Sequence[AdapterState]) -> AdapterState:
     """Coordinate-wise median of the deltas (mean of the two middle values for an even count).
 

@@ -1,20 +1,22 @@
 """A private Mosquitto for tests: ``fednano.broker.Mosquitto`` with accounts made up here.
 
 ``MosquittoBroker`` is the product's private broker (``fednano/broker.py``: free loopback
-port, password file, ACL, the packet and queue limits of FACTS.md, persistence in its folder,
+port, accounts and rights in the dynamic-security plugin -- each device bound to its client
+id and confined to its own topics --, the packet and queue limits, persistence in its folder,
 handed to the ``mosquitto`` user when run as root) with random passwords for a few device and
 service accounts, and ``connect`` for clients that ``close`` closes. ``stop`` sends SIGTERM,
 which makes Mosquitto save its database, so ``restart`` keeps persistent sessions and queued
-QoS 1 messages.
+QoS 1 messages; ``kill_and_start`` is a crash.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.registry import acl_file_text, hash_secret
+from cloud.registry import dynsec_document, hash_secret
 from fednano.broker import MAX_PACKET_SIZE, BrokerUnavailable, Mosquitto, free_port
 from shared.mqtt import BrokerAddress, ClientOptions, MqttClient
 
@@ -42,10 +44,11 @@ class MosquittoBroker:
         self._accounts = {name: Credentials(name, uuid.uuid4().hex)
                           for name in (*services, *devices)}
         self._clients: list[MqttClient] = []
-        passwd = "".join(f"{c.username}:{hash_secret(c.password, iterations=HASH_ITERATIONS)}\n"
-                         for c in self._accounts.values())
-        self._broker.password_file.write_text(passwd)
-        self._broker.acl_file.write_text(acl_file_text(service_usernames=list(services)))
+        hashed = {name: hash_secret(c.password, iterations=HASH_ITERATIONS)
+                  for name, c in self._accounts.items()}
+        self._broker.dynsec_file.write_text(json.dumps(dynsec_document(
+            services=[(name, hashed[name]) for name in services],
+            devices=[(name, hashed[name]) for name in devices])))
 
     @property
     def dir(self) -> Path:
@@ -85,6 +88,11 @@ class MosquittoBroker:
 
     def log(self) -> str:
         return self._broker.log()
+
+    def kill_and_start(self, timeout: float = 10.0) -> None:
+        """SIGKILL (a crash: nothing saved at shutdown) and start again on the same port."""
+        self._broker.kill()
+        self._broker.start(timeout)
 
     # --- clients ------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ coordinator resumes mid-round from the database alone:
 - ``devices`` and their ``credentials`` (hashed MQTT secrets, one active per device);
 - ``rounds`` (a persisted state machine, see ``ROUND_TRANSITIONS``) and ``participations``
   (round x device);
-- ``updates`` (one row per received update, ``update_id`` unique for exactly-once ingestion,
-  rejected ones kept with their reason), ``adapter_versions`` and the ``version_updates``
+- ``updates`` (one row per received update, (sender, ``update_id``) unique for exactly-once
+  ingestion, rejected ones kept with their reason), ``adapter_versions`` and the ``version_updates``
   lineage (which updates went into a version);
 - ``metrics`` and ``audit_events``;
 - ``api_tokens`` (operators' bearer tokens, stored as SHA-256 digests) and ``settings``
@@ -258,15 +258,18 @@ class Participation(Base):
 class Update(Base):
     """One received update (Δθ + Fisher), accepted or rejected; the blob lives on disk.
 
-    ``update_id`` is the device's id for the update: unique, so a re-delivered update (MQTT
-    QoS 1 is at-least-once) is stored once. ``base_version`` is what the device *claims* it
-    trained from, kept as sent (no foreign key) so an unknown version can be rejected and recorded.
+    An update is identified by (``device_id``, ``update_id``): the sender the broker
+    authenticated (taken from the topic) and the id it chose. The pair is unique, so a
+    re-delivered update (MQTT QoS 1 is at-least-once) is stored once, and a device that reuses
+    another device's update id only ever collides with itself. ``base_version`` is what the
+    device *claims* it trained from, kept as sent (no foreign key) so an unknown version can be
+    rejected and recorded.
     """
 
     __tablename__ = "updates"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    update_id: Mapped[str] = mapped_column(String(UPDATE_ID_MAX_LENGTH), unique=True)
+    update_id: Mapped[str] = mapped_column(String(UPDATE_ID_MAX_LENGTH))
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     base_version: Mapped[int] = mapped_column(Integer)
@@ -281,6 +284,7 @@ class Update(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (
+        UniqueConstraint("device_id", "update_id"),
         Index("ix_updates_round_id_status", "round_id", "status"),
         CheckConstraint("n_samples >= 0", name="n_samples"),
         CheckConstraint("blob_size IS NULL OR blob_size >= 0", name="blob_size"),

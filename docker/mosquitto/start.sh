@@ -1,7 +1,7 @@
 #!/bin/sh
 # The broker container's entrypoint: copy the TLS files from the compose secrets (bind mounts
 # that keep the host's owner and mode) to /mosquitto/certs, readable by the mosquitto user the
-# broker drops to, then hand over to the image's own entrypoint.
+# broker drops to, put the accounts file in place, then hand over to the image's entrypoint.
 set -eu
 certs=/mosquitto/certs
 mkdir -p "$certs"
@@ -12,4 +12,16 @@ chown -R mosquitto:mosquitto "$certs"
 chmod 0700 "$certs"
 chmod 0644 "$certs/ca.crt" "$certs/server.crt"
 chmod 0600 "$certs/server.key"
+# The broker's accounts: the registry's file (written by `init` from the database) replaces the
+# broker's own copy when it is newer; otherwise the broker's copy, with its live changes, stays.
+generated=/fednano/broker/dynamic-security.json
+live=/mosquitto/data/dynamic-security.json
+mkdir -p /mosquitto/data
+if [ -f "$generated" ] && { [ ! -f "$live" ] || [ "$generated" -nt "$live" ]; }; then
+  cp "$generated" "$live"
+fi
+if [ -f "$live" ]; then
+  chown mosquitto:mosquitto "$live"
+  chmod 0600 "$live"
+fi
 exec /docker-entrypoint.sh "$@"

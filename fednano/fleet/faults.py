@@ -290,7 +290,7 @@ class Rogue(FaultAction):
         # In its first round everything; in the next one (stale-base) an older-version update.
         self._attacks = 2 if "stale-base" in self.faults and rounds >= 2 else 1
         self._attacked = 0
-        self._client = factory(f"{device_id}-client", device_id, password, True)
+        self._client = factory(device_id, device_id, password, True)  # its bound client id
         self._tasks: Inbox | None = None
 
     def connect(self) -> None:
@@ -353,17 +353,19 @@ class Rogue(FaultAction):
 
 
 class Duplicate(FaultAction):
-    """With a device's own credentials (a second connection), deliver its accepted update of
-    round ``first_round`` (or later) again: twice as is, then once under a new update id."""
+    """Deliver a device's accepted update of round ``first_round`` (or later) again on its
+    topic: twice as is, then once under a new update id. A device's client id is bound to its
+    identity (a second connection of its own would take its session over), so the replay goes
+    through a service account, as a network-level redelivery would arrive."""
 
     fault: Fault = "duplicate"
 
-    def __init__(self, first_round: int, *, device_id: str, password: str,
+    def __init__(self, first_round: int, *, device_id: str, username: str, password: str,
                  factory: ClientFactory) -> None:
         super().__init__(first_round)
         self.device_id = device_id
         self.sent: list[Sent] = []
-        self._client = factory(f"{device_id}-echo", device_id, password, False)
+        self._client = factory(f"{username}-echo-{device_id}", username, password, False)
         self._updates: Inbox | None = None
         self._captured: tuple[UpdateMessage, bytes] | None = None
 

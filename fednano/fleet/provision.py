@@ -85,6 +85,6 @@ def service_account() -> registry.ServiceAccount:
 
 def write_broker_files(sessions: sessionmaker[Session], directory: Path,
                        service: registry.ServiceAccount) -> registry.BrokerFiles:
-    """The broker's password and ACL files from the registry (as ``devices broker-files``)."""
+    """The broker's dynamic-security file from the registry (as ``devices broker-files``)."""
     with session_scope(sessions) as session:
         return registry.write_broker_files(session, directory=directory, services=[service])

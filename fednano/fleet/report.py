@@ -235,10 +235,12 @@ def check_verdicts(sessions: sessionmaker[Session], sent: list[Sent]) -> Check:
                 ok = refusals[(item.device_id, "malformed")] > 0
             elif expected == "ignored":
                 rows = session.scalars(select(Update).where(
+                    Update.device_id == item.device_id,
                     Update.update_id == item.bad.update_id)).all()
                 ok = len(rows) == 1 and rows[0].status is UpdateStatus.ACCEPTED
             else:
-                row = crud.get_update(session, update_id=item.bad.update_id or "")
+                row = crud.get_update(session, device_id=item.device_id,
+                                      update_id=item.bad.update_id or "")
                 ok = row is not None and row.rejection_code == expected
             if not ok:
                 wrong.append(f"{item.bad.label} (expected {expected})")

@@ -6,7 +6,7 @@
     -> database (SQLite in the run folder, or an empty PostgreSQL database), migrated
     -> devices provisioned in the registry (device.yaml + password each), round defaults and
        a schedule of R rounds, an operator token
-    -> private Mosquitto (free loopback port) with the registry's password and ACL files
+    -> private Mosquitto (free loopback port) with the registry's accounts file
     -> the cloud: ``fednano cloud serve`` (API + coordinator + LLM worker), until /ready
     -> N ``fednano-edge run`` processes, each with its own DataSpec shard
     -> rounds run by the cloud's schedule; the runner watches the database and the device
@@ -389,7 +389,8 @@ class FleetRunner:
         if "duplicate" in o.faults:
             actions.append(Duplicate(default_round("duplicate", o.rounds),
                                      device_id=devices[0].device_id,
-                                     password=devices[0].secret, factory=factory))
+                                     username=self._service.username,
+                                     password=self._service.password, factory=factory))
         processes = {"kill-device": (KillDevice, ids[::-1]), "slow-device": (
             SlowDevice, ids[-2::-1] or ids), "cloud-restart": (CloudRestart, ids),
             "broker-restart": (BrokerRestart, ids)}

@@ -149,7 +149,7 @@ def demo_cloud(home: Path, *, initial: AdapterState | None = None,
     migrate.upgrade(url)
     settings = CloudSettings(home=home, database_url=url, environment="test",
                              secret_key=SecretStr("k" * 40), broker_password=SecretStr("p" * 40),
-                             mqtt_hash_iterations=1000)
+                             mqtt_hash_iterations=1000, broker_live_admin=False)
     if initial is not None:  # stored first, so make_cloud keeps it as version 1
         engine = make_engine(url)
         with session_scope(make_session_factory(engine)) as session:

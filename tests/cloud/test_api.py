@@ -24,7 +24,8 @@ API = "/api/v1"
 def _settings(home: Path, url: str, **extra: object) -> CloudSettings:
     return CloudSettings(home=home, database_url=url, environment="test",
                          secret_key=SecretStr("k" * 40), broker_password=SecretStr("p" * 40),
-                         mqtt_hash_iterations=1000, **extra)  # type: ignore[arg-type]
+                         mqtt_hash_iterations=1000, broker_live_admin=False,
+                         **extra)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ PNG = base64.b64encode(shape_image("blue")).decode()
 def settings(migrated_url: str, tmp_path: Path) -> CloudSettings:
     return CloudSettings(home=tmp_path, database_url=migrated_url, environment="test",
                          secret_key=SecretStr("k" * 40), broker_password=SecretStr("p" * 40),
-                         mqtt_hash_iterations=1000)
+                         mqtt_hash_iterations=1000, broker_live_admin=False)
 
 
 @pytest.fixture

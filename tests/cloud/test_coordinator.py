@@ -224,17 +224,20 @@ def test_an_update_is_ingested_exactly_once(cloud: Cloud) -> None:
     payload = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-1")
     assert cloud.coordinator.handle_update("dev-a", payload).outcome == "accepted"
     assert cloud.coordinator.handle_update("dev-a", payload).outcome == "duplicate"
-    again = cloud.coordinator.handle_update("dev-b", payload)  # someone else's id
-    assert (again.outcome, again.code) == ("rejected", "duplicate")
+    # Someone else's id is another update (identity = sender, id), judged on its own: here
+    # dev-b replays dev-a's bytes, whose task is dev-a's.
+    again = cloud.coordinator.handle_update("dev-b", payload)
+    assert (again.outcome, again.code) == ("rejected", "task_mismatch")
     second = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-once-2")
     assert cloud.coordinator.handle_update("dev-a", second).code == "duplicate"
     with cloud.session() as session:
         rows = crud.list_updates(session, round_id=round_id)
-        events = crud.list_audit_events(session, action="update.refused")
         redelivered = crud.list_audit_events(session, action="update.redelivered")
-    assert [(r.update_id, r.status) for r in rows] == [
-        ("upd-once-1", UpdateStatus.ACCEPTED), ("upd-once-2", UpdateStatus.REJECTED)]
-    assert len(events) == 1 and events[0].details["code"] == "duplicate"
+    assert [(r.device_id, r.update_id, r.status) for r in rows] == [
+        ("dev-a", "upd-once-1", UpdateStatus.ACCEPTED),
+        ("dev-b", "upd-once-1", UpdateStatus.REJECTED),
+        ("dev-a", "upd-once-2", UpdateStatus.REJECTED)]
+    assert rows[2].rejection_code == "duplicate"
     assert [e.details["update_id"] for e in redelivered] == ["upd-once-1"]
 
 
@@ -405,3 +408,25 @@ def test_server_momentum_carries_the_last_versions_step(cloud: Cloud) -> None:
     for key in steps[0]:
         torch.testing.assert_close(steps[0][key], torch.full_like(steps[0][key], 0.1))
         torch.testing.assert_close(steps[1][key], torch.full_like(steps[1][key], 0.25))
+
+
+def test_clip_to_median_norm_bounds_a_poisoned_delta(cloud: Cloud) -> None:
+    # FedAvg, equal weights: deltas 0.1, 0.1 and 10 everywhere; the median norm is dev-a's, so
+    # with c = 2 the outlier counts as 0.2 everywhere: mean (0.1 + 0.1 + 0.2) / 3.
+    add_devices(cloud, "dev-a", "dev-b", "dev-c")
+    config = RoundConfig(strategy="fedavg", clip_to_median_norm=2.0, deadline_s=60,
+                         min_participants=3, max_delta_norm=None)
+    round_id = cloud.coordinator.open_round(config)
+    cloud.coordinator.tick()
+    for device_id, scale in (("dev-a", 0.1), ("dev-b", 0.1), ("dev-c", 10.0)):
+        assert _submit(cloud, device_id, scale=scale, n_samples=10) == "accepted"
+    cloud.coordinator.tick()
+    assert _round(cloud, round_id)[0].state is RoundState.CLOSED
+    with cloud.session() as session:
+        version = crud.latest_adapter_version(session)
+        assert version is not None and version.parent_id is not None
+        parent = crud.get_adapter_version(session, version_id=version.parent_id)
+        assert parent is not None
+        new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
+    for key in new:
+        torch.testing.assert_close(new[key] - old[key], torch.full_like(new[key], 0.4 / 3))

@@ -1,4 +1,4 @@
-"""A full round through a real Mosquitto (password file + per-device ACL) on SQLite and
+"""A full round through a real Mosquitto (per-device accounts and rights) on SQLite and
 PostgreSQL: devices speak the wire protocol, bad updates are rejected with recorded reasons,
 a redelivery is ignored, and the coordinator is restarted mid-round."""
 
@@ -172,8 +172,7 @@ def test_a_round_through_the_broker_with_bad_updates_and_a_restart(
     metrics = cloud.query(lambda s: {m.name: m.value for m in crud.list_metrics(
         s, round_id=round_id) if m.device_id is None})
     assert metrics["updates_rejected"] == 3 and metrics["accuracy"] == 0.7
-    watcher = broker.connect("dev-a", client_id="dev-a-watcher")
-    announced = watcher.subscribe(topics.ROUND_ANNOUNCEMENT).get(timeout=10)
+    announced = devices["dev-a"].client.subscribe(topics.ROUND_ANNOUNCEMENT).get(timeout=10)
     assert announced is not None and announced.retain
     announcement = from_json(announced.payload, RoundAnnouncement)
     assert (announcement.round_id, announcement.state, announcement.global_version) == (

@@ -145,7 +145,7 @@ def _raw_request(broker, device: str, payload: bytes,  # type: ignore[no-untyped
                  request_id: str = "raw-request-1", response_topic: str | None = None
                  ) -> LLMResponse:
     """Publish ``payload`` as a request of ``device`` and return the worker's answer."""
-    client = broker.connect(device, client_id=f"{device}-raw")
+    client = broker.connect(device)  # its client id is bound to its device id
     inbox = client.subscribe(topics.llm_responses(device))
     props = request_properties(response_topic or topics.llm_responses(device),
                                request_id.encode())

@@ -1,18 +1,15 @@
-"""Device registry: hashed secrets, audit trail, broker files a real Mosquitto accepts, configs
-the edge loads."""
+"""Device registry: hashed secrets, audit trail, a broker file a real Mosquitto accepts, live
+broker changes, configs the edge loads."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import signal
-import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +21,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy.orm import Session
 
 from cloud import registry
+from cloud.broker_admin import BrokerAdmin, SyncReport, sync_registry
 from cloud.db import crud, migrate
 from cloud.db.models import DeviceStatus
 from cloud.db.session import make_engine, make_session_factory, sqlite_url
+from fednano.broker import Mosquitto
 
 FAST = 1_000  # hash iterations for tests that do not talk to a broker
 SERVICE = registry.ServiceAccount("fednano-cloud", "service-secret")
@@ -166,28 +165,41 @@ def test_revocation_locks_the_device_out_for_good(session: Session) -> None:
 # ------------------------------------------------------------------------------ broker files
 
 
-def test_password_file_lists_services_and_active_devices(session: Session) -> None:
+def test_dynsec_file_lists_services_and_active_devices(session: Session) -> None:
     _add(session, "b-dev")
     _add(session, "a-dev")
     _add(session, "gone")
     registry.revoke_device(session, device_id="gone")
-    text = registry.password_file_text(session, services=[SERVICE], iterations=FAST)
-    users = [line.split(":", 1)[0] for line in text.splitlines()]
-    assert users == ["fednano-cloud", "a-dev", "b-dev"]
-    assert all(line.split(":", 1)[1].startswith("$7$") for line in text.splitlines())
-    assert "service-secret" not in text
+    config = registry.dynsec_config(session, services=[SERVICE], iterations=FAST)
+    clients = {c["username"]: c for c in config["clients"]}
+    assert list(clients) == ["fednano-cloud", "fednano-health", "a-dev", "b-dev"]
+    assert clients["a-dev"]["clientid"] == "a-dev" and "clientid" not in clients["fednano-cloud"]
+    assert [r["rolename"] for r in clients["a-dev"]["roles"]] == ["fednano-device-a-dev"]
+    assert config["defaultACLAccess"] == {"publishClientSend": False,
+                                          "publishClientReceive": False,
+                                          "subscribe": False, "unsubscribe": True}
+    assert "service-secret" not in json.dumps(config)
+    stored = crud.active_credential(session, device_id="a-dev")
+    assert stored is not None
+    fields = registry.dynsec_password(stored.secret_hash)  # the same PBKDF2, re-laid out
+    assert stored.secret_hash == f"$7${fields['iterations']}${fields['salt']}${fields['password']}"
     _add(session, "fednano-cloud")
     with pytest.raises(ValueError, match=r"collide with device ids, got \['fednano-cloud'\]"):
-        registry.password_file_text(session, services=[SERVICE])
+        registry.dynsec_config(session, services=[SERVICE])
 
 
-def test_acl_confines_devices_to_their_subtree() -> None:
-    acl = registry.acl_file_text(service_usernames=["fednano-cloud", "llm-worker"])
-    lines = [line for line in acl.splitlines() if line and not line.startswith("#")]
-    assert lines == [
-        "user fednano-cloud", "topic readwrite fednano/v1/#",
-        "user llm-worker", "topic readwrite fednano/v1/#",
-        "pattern readwrite fednano/v1/devices/%u/#", "pattern read fednano/v1/rounds/#"]
+def test_a_device_role_confines_it_to_its_own_topics() -> None:
+    role = registry.device_role("dev-a")
+    rights = sorted((a["acltype"], a["topic"]) for a in role["acls"])
+    assert all(a["allow"] for a in role["acls"])
+    assert rights == [
+        ("publishClientReceive", "fednano/v1/devices/dev-a/#"),
+        ("publishClientReceive", "fednano/v1/rounds/#"),
+        ("publishClientSend", "fednano/v1/devices/dev-a/llm/requests"),
+        ("publishClientSend", "fednano/v1/devices/dev-a/status"),
+        ("publishClientSend", "fednano/v1/devices/dev-a/updates"),
+        ("subscribePattern", "fednano/v1/devices/dev-a/#"),
+        ("subscribePattern", "fednano/v1/rounds/#")]
 
 
 def test_broker_files_are_written_atomically_and_privately(session: Session,
@@ -195,13 +207,12 @@ def test_broker_files_are_written_atomically_and_privately(session: Session,
     _add(session, "d1")
     files = registry.write_broker_files(session, directory=tmp_path / "broker",
                                         services=[SERVICE], iterations=FAST)
-    for path in (files.password_file, files.acl_file):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in (tmp_path / "broker").iterdir()) == ["acl", "passwd"]
+    assert stat.S_IMODE(files.dynsec_file.stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "broker").iterdir()) == ["dynamic-security.json"]
     with pytest.raises(ValueError, match="no such group on this machine, got 'no-such-grp'"):
         registry.write_broker_files(session, directory=tmp_path / "broker", services=[SERVICE],
                                     group="no-such-grp")
-    assert sorted(p.name for p in (tmp_path / "broker").iterdir()) == ["acl", "passwd"]
+    assert sorted(p.name for p in (tmp_path / "broker").iterdir()) == ["dynamic-security.json"]
 
 
 def test_service_account_repr_hides_the_password() -> None:
@@ -235,63 +246,36 @@ def test_the_device_config_loads_on_the_edge(session: Session, tmp_path: Path) -
 # ------------------------------------------------------------------------------ real broker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    """The product's private broker (fednano.broker), its file written from the registry."""
+    if shutil.which("mosquitto") is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is required in CI (apt-get install mosquitto)")
+        pytest.skip("mosquitto is not installed")
+    instance = Mosquitto()
+    yield instance
+    instance.close()
 
 
-class Broker:
-    """A private Mosquitto on a free loopback port, using the registry's generated files."""
-
-    def __init__(self, directory: Path, files: registry.BrokerFiles) -> None:
-        self.port = _free_port()
-        conf = directory / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"
-                        f"password_file {files.password_file}\nacl_file {files.acl_file}\n"
-                        "persistence false\nlog_dest stderr\nlog_type all\n")
-        self.log = directory / "mosquitto.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log,
-                                            stderr=subprocess.STDOUT)
-        self._wait_listening()
-
-    def _wait_listening(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen: {self.log.read_text()}")
-
-    def reload(self) -> None:
-        before = self.log.read_text().count("Reloading config")
-        self.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while self.log.read_text().count("Reloading config") == before:
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+def _start(session: Session, broker: Mosquitto) -> Mosquitto:
+    registry.write_broker_files(session, directory=broker.folder, services=[SERVICE],
+                                iterations=FAST)
+    return broker.start()
 
 
 class Client:
     """A paho MQTT v5 client that records its CONNACK, SUBACKs and messages."""
 
-    def __init__(self, port: int, username: str, password: str) -> None:
+    def __init__(self, port: int, username: str, password: str,
+                 client_id: str | None = None) -> None:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.connack: ReasonCode | None = None
         self.suback: list[ReasonCode] = []
         self.messages: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                  client_id=f"{username}-{uuid.uuid4().hex[:6]}")
+                                  client_id=client_id or username)
         self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -336,54 +320,36 @@ class Client:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def broker_dir() -> Iterator[Path]:
-    """A folder the broker can read when it drops root for the mosquitto user."""
-    if shutil.which("mosquitto") is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is required in CI (apt-get install mosquitto)")
-        pytest.skip("mosquitto is not installed")
-    directory = Path(tempfile.mkdtemp(prefix="fednano-broker-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def _write_broker_files(session: Session, directory: Path) -> registry.BrokerFiles:
-    """As root the broker reads its files as 'mosquitto'; otherwise as us."""
-    group = "mosquitto" if os.geteuid() == 0 else None
-    return registry.write_broker_files(session, directory=directory, services=[SERVICE],
-                                       group=group, iterations=FAST)
-
-
 @pytest.mark.integration
-def test_a_real_mosquitto_takes_the_generated_files(session: Session, broker_dir: Path) -> None:
+def test_a_real_mosquitto_takes_the_generated_file(session: Session, broker: Mosquitto) -> None:
     secret_a, secret_b = _add(session, "dev-a"), _add(session, "dev-b")
     session.commit()
-    broker = Broker(broker_dir, _write_broker_files(session, broker_dir))
+    _start(session, broker)
     clients: list[Client] = []
     try:
-        wrong = Client(broker.port, "dev-a", secret_b)
-        clients.append(wrong)
-        assert wrong.connack is not None and wrong.connack.is_failure
+        for user, password, client_id in (("dev-a", secret_b, "dev-a"),  # wrong secret
+                                          ("dev-a", secret_a, "dev-b"),  # another's id
+                                          ("dev-a", secret_a, "fednano-coordinator")):
+            clients.append(Client(broker.port, user, password, client_id))
+            assert clients[-1].connack is not None and clients[-1].connack.is_failure
 
-        cloud, dev_a, dev_b = (Client(broker.port, user, pw) for user, pw in (
-            (SERVICE.username, SERVICE.password), ("dev-a", secret_a), ("dev-b", secret_b)))
+        cloud, dev_a, dev_b = (Client(broker.port, user, pw, client_id) for user, pw, client_id
+                               in ((SERVICE.username, SERVICE.password, "cloud-1"),
+                                   ("dev-a", secret_a, None), ("dev-b", secret_b, None)))
         clients += [cloud, dev_a, dev_b]
         assert not any(c.connack is None or c.connack.is_failure for c in (cloud, dev_a, dev_b))
 
         assert not cloud.subscribe("fednano/v1/#").is_failure
         assert not dev_b.subscribe("fednano/v1/devices/dev-b/tasks").is_failure
-        # Mosquitto 2.0 grants a subscription outside the subtree but never delivers to it
-        # (the read ACL is checked per message); what matters is what arrives.
-        dev_a.subscribe("fednano/v1/devices/dev-b/#")
-        dev_a.subscribe("fednano/v1/#")
+        for outside in ("fednano/v1/devices/dev-b/#", "fednano/v1/#", "#",
+                        "$share/llm/fednano/v1/devices/+/llm/requests"):
+            assert dev_a.subscribe(outside).is_failure, outside  # refused at SUBACK
 
-        worker = Client(broker.port, SERVICE.username, SERVICE.password)  # an LLM worker
+        worker = Client(broker.port, SERVICE.username, SERVICE.password, "llm-worker-1")
         clients.append(worker)
         assert not worker.subscribe("$share/llm/fednano/v1/devices/+/llm/requests").is_failure
 
-        dev_a.publish("fednano/v1/devices/dev-b/updates", b"forged")   # dropped by the ACL
+        dev_a.publish("fednano/v1/devices/dev-b/updates", b"forged")   # refused by the broker
         dev_a.publish("fednano/v1/devices/dev-a/updates", b"genuine")
         dev_a.publish("fednano/v1/devices/dev-a/llm/requests", b"step")
         assert cloud.wait_for("fednano/v1/devices/dev-a/updates") == b"genuine"
@@ -393,40 +359,59 @@ def test_a_real_mosquitto_takes_the_generated_files(session: Session, broker_dir
         cloud.publish("fednano/v1/devices/dev-b/tasks", b"train")
         cloud.publish("fednano/v1/rounds/current", b"round 1", retain=True)
         assert dev_b.wait_for("fednano/v1/devices/dev-b/tasks") == b"train"
+        assert not dev_a.subscribe("fednano/v1/rounds/current").is_failure
         assert dev_a.wait_for("fednano/v1/rounds/current") == b"round 1"  # broadcasts: readable
         time.sleep(0.2)
         assert [t for t, _ in dev_a.messages if "/dev-b/" in t] == []      # ... others' topics not
     finally:
         for client in clients:
             client.close()
-        broker.stop()
 
 
 @pytest.mark.integration
-def test_revoked_and_rotated_secrets_stop_working_after_a_reload(
-        session: Session, broker_dir: Path) -> None:
+def test_add_revoke_and_rotate_reach_a_running_broker_at_once(
+        session: Session, broker: Mosquitto) -> None:
     old_a, secret_b = _add(session, "dev-a"), _add(session, "dev-b")
     session.commit()
-    broker = Broker(broker_dir, _write_broker_files(session, broker_dir))
+    _start(session, broker)
     clients: list[Client] = []
+    admin = BrokerAdmin.connect(url=broker.url, username=SERVICE.username,
+                                password=SERVICE.password)
     try:
-        connected_b = Client(broker.port, "dev-b", secret_b)
-        clients.append(connected_b)
+        connected_a, connected_b = (Client(broker.port, "dev-a", old_a),
+                                    Client(broker.port, "dev-b", secret_b))
+        clients += [connected_a, connected_b]
         new_a = registry.rotate_secret(session, device_id="dev-a", iterations=FAST)
         registry.revoke_device(session, device_id="dev-b")
+        _, secret_c = registry.add_device(session, device_id="dev-c", profile="sim-cpu",
+                                          iterations=FAST)
         session.commit()
-        _write_broker_files(session, broker_dir)
-        broker.reload()
-        deadline = time.monotonic() + 5  # the reload re-checks connected clients too
-        while connected_b.client.is_connected():
-            assert time.monotonic() < deadline, "a revoked device stayed connected"
-            time.sleep(0.05)
+        admin.set_secret("dev-a", new_a)
+        admin.remove_device("dev-b")
+        admin.add_device("dev-c", secret_c)
+        for client in (connected_a, connected_b):  # both live connections are closed
+            deadline = time.monotonic() + 5
+            while client.client.is_connected():
+                assert time.monotonic() < deadline, "a live connection survived"
+                time.sleep(0.05)
         for user, password, refused in (("dev-a", old_a, True), ("dev-b", secret_b, True),
-                                        ("dev-a", new_a, False)):
+                                        ("dev-a", new_a, False), ("dev-c", secret_c, False)):
             clients.append(Client(broker.port, user, password))
             assert clients[-1].connack is not None
             assert clients[-1].connack.is_failure is refused, (user, clients[-1].connack)
+        assert sync_registry(admin, session, service_usernames=[SERVICE.username]) == (
+            SyncReport(removed=(), missing=()))
+        # Revoked while the broker could not be told: the next sync removes it, and kicks it.
+        registry.revoke_device(session, device_id="dev-c")
+        session.commit()
+        assert clients[-1].client.is_connected()
+        assert sync_registry(admin, session, service_usernames=[SERVICE.username]) == (
+            SyncReport(removed=("dev-c",), missing=()))
+        deadline = time.monotonic() + 5
+        while clients[-1].client.is_connected():
+            assert time.monotonic() < deadline, "the revoked device stayed connected"
+            time.sleep(0.05)
     finally:
+        admin.close()
         for client in clients:
             client.close()
-        broker.stop()

@@ -1,10 +1,11 @@
 """docker/mosquitto/mosquitto.conf: the limits and listeners FACTS.md asks for, paths that line up
 with the compose mounts, and — on a real Mosquitto here — that the file runs as written: TLS with
-the certificates of docker/gen-secrets.sh, the registry's password and ACL files, and the
-compose healthcheck command."""
+the certificates of docker/gen-secrets.sh, the registry's dynamic-security file (put in place
+by start.sh), and the compose healthcheck command."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud.registry import ACL_FILE, PASSWORD_FILE, acl_file_text, hash_secret
+from cloud.registry import DYNSEC_FILE, dynsec_document, hash_secret
+from fednano.broker import dynsec_plugin
 from shared.mqtt import BrokerAddress, ClientOptions, ConnectError, MqttClient
 from tests.deploy.deploy_support import DOCKER_DIR, MOSQUITTO_CONF, mount_source, services
 
@@ -76,28 +78,28 @@ def test_limits_from_facts() -> None:
     assert settings["max_queued_bytes"] == "1073741824"
     assert "message_size_limit" not in MOSQUITTO_CONF.read_text()  # deprecated (FACTS.md)
     assert settings["persistence"] == "true"
-    assert settings["per_listener_settings"] == "true"
+    assert (settings["autosave_on_changes"], settings["autosave_interval"]) == ("true", "1")
+    assert settings["per_listener_settings"] == "false"  # one plugin instance owns the file
+    assert settings["allow_anonymous"] == "false"
+    assert settings["plugin"].endswith("/mosquitto_dynamic_security.so")
+    assert settings["plugin_opt_config_file"] == f"/mosquitto/data/{DYNSEC_FILE}"
 
 
 def test_listeners_authenticate_and_tls_is_on_8883() -> None:
     found = listeners()
     assert set(found) == set(PORTS)
-    for port in (1883, 8883):
-        assert found[port]["allow_anonymous"] == "false", port
-        assert found[port]["password_file"] == f"/fednano/broker/{PASSWORD_FILE}"
-        assert found[port]["acl_file"] == f"/fednano/broker/{ACL_FILE}"
+    for port in PORTS:  # authentication is global: no listener may loosen it
+        assert not {"allow_anonymous", "password_file", "acl_file"} & set(found[port]), port
     assert {"certfile", "keyfile"} <= set(found[8883]) and "certfile" not in found[1883]
-    health = found[1880]
-    assert health["bind"] == "127.0.0.1" and health["allow_anonymous"] == "true"
-    assert "password_file" not in health and health["acl_file"]
+    assert found[1880]["bind"] == "127.0.0.1"
 
 
 def test_paths_line_up_with_the_compose_mounts() -> None:
     broker = services()["mosquitto"]
     found = listeners()
-    assert mount_source(broker, found[1883]["password_file"]) == "broker-files"
+    assert mount_source(broker, "/fednano/broker") == "broker-files"
     assert mount_source(broker, global_settings()["persistence_location"]) == "mosquitto-data"
-    assert mount_source(broker, found[1880]["acl_file"]) == "./docker/mosquitto/health.acl"
+    assert mount_source(broker, global_settings()["plugin_opt_config_file"]) == "mosquitto-data"
     assert mount_source(broker, "/mosquitto/config/mosquitto.conf") == \
         "./docker/mosquitto/mosquitto.conf"
     start = START_SCRIPT.read_text()
@@ -161,7 +163,7 @@ def wait_listening(process: subprocess.Popen[bytes], ports: list[int], log: Path
 def connect(url: str, user: str, password: str, ca: Path | None = None,
             timeout: float = 5.0) -> MqttClient:
     client = MqttClient(BrokerAddress.parse(url, ca_file=ca),
-                        ClientOptions(client_id=f"t-{user}", username=user, password=password,
+                        ClientOptions(client_id=user, username=user, password=password,
                                       clean_start=True, session_expiry_s=0, reconnect_max_s=1))
     client.connect(timeout)
     return client
@@ -187,17 +189,14 @@ def test_the_config_runs_on_a_real_broker_with_tls(tmp_path: Path, broker_dir: P
     broker = broker_dir
     (broker / "files").mkdir(parents=True)
     (broker / "data").mkdir()
-    (broker / "files" / PASSWORD_FILE).write_text(
-        f"fednano-cloud:{hash_secret(service_password, iterations=1000)}\n"
-        f"sim-000:{hash_secret('device-secret', iterations=1000)}\n")
-    (broker / "files" / ACL_FILE).write_text(acl_file_text(service_usernames=["fednano-cloud"]))
+    (broker / "data" / DYNSEC_FILE).write_text(json.dumps(dynsec_document(  # as start.sh puts it
+        services=[("fednano-cloud", hash_secret(service_password, iterations=1000))],
+        devices=[("sim-000", hash_secret("device-secret", iterations=1000))])))
     shutil.copytree(tmp_path / "gen" / "certs", broker / "certs")
-    shutil.copy(DOCKER_DIR / "mosquitto" / "health.acl", broker / "health.acl")
     ports = {port: free_port() for port in PORTS}
     (broker / "mosquitto.conf").write_text(conf_for_test(ports, {
-        "/fednano/broker/": broker / "files", "/mosquitto/certs/": broker / "certs",
-        "/mosquitto/data/": broker / "data",
-        "/mosquitto/config/health.acl": broker / "health.acl"}))
+        "/mosquitto/certs/": broker / "certs", "/mosquitto/data/": broker / "data",
+        "/usr/lib/mosquitto_dynamic_security.so": Path(dynsec_plugin())}))
     hand_over(broker)
     log = tmp_path / "mosquitto.log"
     with log.open("wb") as out:

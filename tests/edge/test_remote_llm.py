@@ -13,7 +13,7 @@ from edge.remote_llm import RemoteLLM, RemoteLLMError, RemoteLLMStopped, RemoteL
 from edge.trainer import train_step
 from shared import topics
 from shared.messages import LLMRequest, LLMResponse, MessageTooLarge, pack, unpack
-from shared.mqtt import PublishError, reply_properties
+from shared.mqtt import Inbox, PublishError, SubscribeError, reply_properties
 from shared.prompts import PromptTemplate, collate
 from tests.llm_helpers import BASE_VERSION, start_worker, step_inputs, stop_worker
 
@@ -114,10 +114,14 @@ def test_acl_keeps_devices_apart(broker, tiny_llm) -> None:  # type: ignore[no-u
     _, llm = tiny_llm
     worker = start_worker(broker, llm)
     intruder = broker.connect("dev-a")
-    as_b = RemoteLLM(intruder, device_id="dev-b", base_version=BASE_VERSION, timeout_s=2)
-    with pytest.raises(PublishError, match=r"(?i)not authorized"):
-        as_b.score(*step_inputs(1, 4)[:2])  # dev-a may not publish on dev-b's requests
-    spy = intruder.subscribe(topics.llm_responses("dev-b"))  # granted, but never delivered
+    with pytest.raises(SubscribeError, match="Not authorized"):  # dev-b's responses: refused
+        RemoteLLM(intruder, device_id="dev-b", base_version=BASE_VERSION, timeout_s=2)
+    with pytest.raises(PublishError, match=r"(?i)not authorized"):  # dev-b's requests: refused
+        intruder.publish(topics.llm_requests("dev-b"), b"forged", max_bytes=2**20)
+    with pytest.raises(SubscribeError, match="Not authorized"):  # refused at SUBACK
+        intruder.subscribe(topics.llm_responses("dev-b"))
+    spy = Inbox()  # and nothing reaches dev-a through its own subscriptions either
+    intruder.subscribe(f"{topics.device_root('dev-a')}/#", inbox=spy)
     victim = _remote(broker, "dev-b")
     victim.score(*step_inputs(1, 4)[:2])
     assert spy.get(timeout=0.5) is None

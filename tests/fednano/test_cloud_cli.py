@@ -17,7 +17,7 @@ from fednano.cli import app
 def env(tmp_path: Path) -> dict[str, str]:
     return {"FEDNANO_HOME": str(tmp_path), "FEDNANO_ENVIRONMENT": "test",
             "FEDNANO_SECRET_KEY": "k" * 40, "FEDNANO_BROKER_PASSWORD": "p" * 40,
-            "FEDNANO_MQTT_HASH_ITERATIONS": "1000"}
+            "FEDNANO_MQTT_HASH_ITERATIONS": "1000", "FEDNANO_BROKER_LIVE_ADMIN": "false"}
 
 
 def _run(env: dict[str, str], *args: str) -> str:
@@ -45,7 +45,7 @@ def test_token_and_device_commands(env: dict[str, str], tmp_path: Path) -> None:
     again = CliRunner().invoke(app, ["devices", "revoke", "orin-7"], env=env)
     assert again.exit_code != 0 and "revoked" in again.output
     _run(env, "devices", "broker-files")
-    assert (tmp_path / "broker" / "acl").exists()
+    assert (tmp_path / "broker" / "dynamic-security.json").exists()
     assert "alice" in _run(env, "cloud", "token", "list")
 
     engine = make_engine(f"sqlite:///{tmp_path / 'cloud.db'}")

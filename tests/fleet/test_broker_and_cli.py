@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cloud.registry import ServiceAccount, acl_file_text, hash_secret
+from cloud.registry import ServiceAccount, dynsec_document, hash_secret
 from fednano import broker as broker_module
 from fednano.broker import BrokerUnavailable, Mosquitto, ensure_mosquitto
 from fednano.cli import app
@@ -28,12 +29,12 @@ def test_missing_mosquitto_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
 def test_the_broker_needs_its_files_then_serves_the_accounts_in_them(tmp_path: Path) -> None:
     broker = Mosquitto()
     try:
-        with pytest.raises(BrokerUnavailable, match="no passwd file"):
+        with pytest.raises(BrokerUnavailable, match=r"no dynamic-security\.json"):
             broker.start()
         service = ServiceAccount("fednano-cloud", "s3cret")
-        broker.password_file.write_text(
-            f"{service.username}:{hash_secret(service.password, iterations=1000)}\n")
-        broker.acl_file.write_text(acl_file_text(service_usernames=[service.username]))
+        broker.dynsec_file.write_text(json.dumps(dynsec_document(
+            services=[(service.username, hash_secret(service.password, iterations=1000))],
+            devices=[])))
         broker.start()
         options = ClientOptions(client_id="probe", username=service.username,
                                 password=service.password, clean_start=True)
@@ -68,8 +69,7 @@ def test_the_broker_does_not_outlive_a_killed_parent() -> None:
         "import sys, time\n"
         "from fednano.broker import Mosquitto\n"
         "broker = Mosquitto()\n"
-        "for name in ('passwd', 'acl'):\n"
-        "    (broker.folder / name).write_text('')\n"
+        "broker.dynsec_file.write_text('{}')\n"
         "broker.start()\n"
         "print(broker.pid, broker.port, broker.folder, flush=True)\n"
         "time.sleep(600)\n")

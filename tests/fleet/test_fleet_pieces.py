@@ -3,6 +3,7 @@ watcher, provisioning, fault triggers and the fault plan's one-at-a-time rule.""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -93,8 +94,8 @@ def test_provisioning_writes_what_a_device_boots_from(tmp_path: Path) -> None:
         assert (devices[0].folder / "password").read_text().strip() == devices[0].secret
         files = prov.write_broker_files(sessions, tmp_path / "broker",
                                         ServiceAccount("fednano-cloud", "pw"))
-        users = [line.split(":")[0] for line in files.password_file.read_text().splitlines()]
-        assert users == ["fednano-cloud", "dev-00", "rogue"]
+        users = [c["username"] for c in json.loads(files.dynsec_file.read_text())["clients"]]
+        assert users == ["fednano-cloud", "fednano-health", "dev-00", "rogue"]
         with pytest.raises(ValueError, match="empty database"):
             prov.require_empty(sessions)
         with session_scope(sessions) as session:

@@ -11,6 +11,7 @@ from shared.adapters import ADAPTER_KEYS
 from shared.merge import (
     FisherAccumulator,
     apply_delta,
+    clip_to_median_norm,
     coordinate_median,
     fisher_weighted_merge,
     sample_weights,
@@ -125,6 +126,17 @@ def test_coordinate_median() -> None:
     deltas = [vec(1.0, 5.0, -1.0), vec(5.0, 100.0, -3.0), vec(3.0, 4.0, 1e9)]
     close(coordinate_median(deltas), 3.0, 5.0, -1.0)
     close(coordinate_median(deltas[:2]), 3.0, 52.5, -2.0)  # even count: mean of the middle two
+
+
+def test_clip_to_median_norm() -> None:
+    # norms 5, 10, 1000: the median is 10, so with factor 2 the bound is 20
+    deltas = [vec(3.0, 4.0), vec(6.0, 8.0), vec(600.0, 800.0)]
+    clipped = clip_to_median_norm(deltas, 2.0)
+    assert clipped[0] is deltas[0] and clipped[1] is deltas[1]  # within the bound: untouched
+    close(clipped[2], 12.0, 16.0)  # scaled to norm 20, same direction
+    close(deltas[2], 600.0, 800.0)  # inputs are never modified
+    with pytest.raises(ValueError, match="factor must be positive, got 0"):
+        clip_to_median_norm(deltas, 0)
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
+from sqlalchemy.orm import Session
 
-from cloud import registry
+from cloud import broker_admin, registry
 from cloud.api.deps import OperatorDep, PageDep, SessionDep, SettingsDep
 from cloud.api.schemas import (
     DeviceCreate,
@@ -16,7 +18,10 @@ from cloud.api.schemas import (
     DeviceSecret,
     Page,
 )
+from cloud.broker_admin import BrokerAdmin
+from cloud.db import crud
 from cloud.db.models import DeviceStatus
+from cloud.settings import CloudSettings
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -33,8 +38,8 @@ def list_devices(session: SessionDep, _: OperatorDep, page: PageDep,
 @router.post("", response_model=DeviceCreated, status_code=status.HTTP_201_CREATED)
 def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
                settings: SettingsDep) -> DeviceCreated:
-    """Register a device. Its MQTT secret is in this response only; rewrite the broker files
-    (``fednano devices broker-files``) for the broker to accept it."""
+    """Register a device. Its MQTT secret is in this response only; the running broker
+    accepts it at once."""
     reserved = {settings.broker_username}
     try:
         device, secret = registry.add_device(
@@ -45,6 +50,8 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
         raise HTTPException(422,
                             [{"loc": ["body", "id"], "msg": str(err), "type": "value_error"}],
                             ) from err
+    _broker_change(session, settings, operator.actor, device.id,
+                   lambda admin: admin.add_device(device.id, secret))
     config = registry.device_config(device, broker_url=settings.broker_url,
                                     bundle_url=settings.bundle_url)
     return DeviceCreated(device_id=device.id, secret=secret,
@@ -71,17 +78,33 @@ def device_config(device_id: str, session: SessionDep, _: OperatorDep,
 
 @router.post("/{device_id}/revoke", response_model=DevicePublic)
 def revoke_device(device_id: str, session: SessionDep, operator: OperatorDep,
-                  body: DeviceRevoke | None = None) -> object:
-    """Revoke the device and its credentials (409 if already revoked)."""
-    return registry.revoke_device(session, device_id=device_id, actor=operator.actor,
-                                  reason=None if body is None else body.reason)
+                  settings: SettingsDep, body: DeviceRevoke | None = None) -> object:
+    """Revoke the device and its credentials (409 if already revoked): its updates are
+    refused from now on, and the running broker closes its connection and refuses the next."""
+    device = registry.revoke_device(session, device_id=device_id, actor=operator.actor,
+                                    reason=None if body is None else body.reason)
+    _broker_change(session, settings, operator.actor, device_id,
+                   lambda admin: admin.remove_device(device_id))
+    return device
 
 
 @router.post("/{device_id}/rotate-secret", response_model=DeviceSecret)
 def rotate_secret(device_id: str, session: SessionDep, operator: OperatorDep,
                   settings: SettingsDep) -> DeviceSecret:
-    """A new MQTT secret for the device (shown once); the old one stops working once the
-    broker files are rewritten."""
+    """A new MQTT secret for the device (shown once); the old one stops working at once (its
+    live connection is closed)."""
     secret = registry.rotate_secret(session, device_id=device_id, actor=operator.actor,
                                     iterations=settings.mqtt_hash_iterations)
+    _broker_change(session, settings, operator.actor, device_id,
+                   lambda admin: admin.set_secret(device_id, secret))
     return DeviceSecret(device_id=device_id, secret=secret)
+
+
+def _broker_change(session: Session, settings: CloudSettings, actor: str, device_id: str,
+                   change: Callable[[BrokerAdmin], None]) -> None:
+    """Apply the change to the running broker; a failure is audited (the database change
+    stands, the gate enforces it, the coordinator syncs revocations at its next start)."""
+    error = broker_admin.apply(settings, change)
+    if error is not None:
+        crud.record_audit(session, actor=actor, action="broker.sync_failed",
+                          subject=f"device:{device_id}", details={"error": error[:500]})

@@ -71,9 +71,9 @@ def check_sha256(digest: str) -> str:
 
 def record_update(session: Session, *, record: UpdateRecord) -> tuple[Update, bool]:
     """Store an update exactly once: ``(row, True)`` when new, ``(stored row, False)`` when
-    its ``update_id`` was seen before (a re-delivery). ``UpdateConflictError`` if the stored
-    row has the same id but a different device, round or blob."""
-    existing = get_update(session, update_id=record.update_id)
+    its sender already used this ``update_id`` (a re-delivery). ``UpdateConflictError`` if the
+    stored row has the same sender and id but a different round or blob."""
+    existing = get_update(session, device_id=record.device_id, update_id=record.update_id)
     if existing is not None:
         return _same_update(existing, record), False
     row = _update_row(record)
@@ -81,7 +81,7 @@ def record_update(session: Session, *, record: UpdateRecord) -> tuple[Update, bo
         with session.begin_nested():  # a concurrent ingester may insert the same id
             session.add(row)
     except IntegrityError:
-        existing = get_update(session, update_id=record.update_id)
+        existing = get_update(session, device_id=record.device_id, update_id=record.update_id)
         if existing is None:
             raise  # some other constraint: a real error
         return _same_update(existing, record), False
@@ -106,9 +106,11 @@ def _same_update(existing: Update, record: UpdateRecord) -> Update:
     return existing
 
 
-def get_update(session: Session, *, update_id: str) -> Update | None:
-    """The update with this (device-chosen) id, or None."""
-    return session.scalar(select(Update).where(Update.update_id == update_id))
+def get_update(session: Session, *, device_id: str, update_id: str) -> Update | None:
+    """The update ``device_id`` sent under this (device-chosen) id, or None. An update's
+    identity is its authenticated sender and its id: another device's id is another update."""
+    return session.scalar(select(Update).where(Update.device_id == device_id,
+                                               Update.update_id == update_id))
 
 
 def list_updates(session: Session, *, round_id: int,

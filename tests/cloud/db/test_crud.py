@@ -177,15 +177,18 @@ def test_updates_are_stored_exactly_once(db_session: Session) -> None:
     again, created_again = crud.record_update(db_session, record=_accepted("u-1", round_.id, "d1"))
     assert (created, created_again) == (True, False) and again.id == first.id
     with pytest.raises(crud.UpdateConflictError, match="'u-1' was stored as"):
-        crud.record_update(db_session, record=_accepted("u-1", round_.id, "d2"))
+        crud.record_update(db_session, record=_accepted("u-1", round_.id + 1, "d1"))
+    other, created_other = crud.record_update(db_session,
+                                              record=_accepted("u-1", round_.id, "d2"))
+    assert created_other and other.id != first.id  # (sender, id): d2's u-1 is another update
     rejected = _accepted("u-2", round_.id, "d2", status=UpdateStatus.REJECTED, blob_sha256=None,
                          rejection_code="non_finite", rejection_reason="delta has NaN")
     crud.record_update(db_session, record=rejected)
     db_session.commit()
-    assert crud.count_updates(db_session, round_id=round_.id) == 2
-    assert crud.count_updates(db_session, round_id=round_.id, status=UpdateStatus.ACCEPTED) == 1
+    assert crud.count_updates(db_session, round_id=round_.id) == 3
+    assert crud.count_updates(db_session, round_id=round_.id, status=UpdateStatus.ACCEPTED) == 2
     assert [u.update_id for u in crud.list_updates(db_session, round_id=round_.id)] == [
-        "u-1", "u-2"]
+        "u-1", "u-1", "u-2"]
 
 
 def test_a_duplicate_racing_past_the_lookup_is_still_stored_once(
@@ -196,9 +199,11 @@ def test_a_duplicate_racing_past_the_lookup_is_still_stored_once(
     real = updates_module.get_update
     calls: list[str] = []
 
-    def first_lookup_misses(session: Session, *, update_id: str) -> Update | None:
+    def first_lookup_misses(session: Session, *, device_id: str,
+                            update_id: str) -> Update | None:
         calls.append(update_id)  # as if another ingester inserted it right after our lookup
-        return None if len(calls) == 1 else real(session, update_id=update_id)
+        return None if len(calls) == 1 else real(session, device_id=device_id,
+                                                 update_id=update_id)
 
     monkeypatch.setattr(updates_module, "get_update", first_lookup_misses)
     stored, created = crud.record_update(db_session, record=_accepted("u-1", round_.id, "d1"))
