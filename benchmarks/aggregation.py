@@ -9,6 +9,7 @@ after reading the blobs). Median of ``--repeats`` runs.
 
     python benchmarks/aggregation.py [--counts 10 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --streaming [--counts 100 1000] [--repeats 5] [--threads 2]
+    python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
 
 ``--streaming`` times what a memory-flat aggregation does: decode one update's two frames, fold
 them into the Fisher accumulator, drop them, for every update; the accumulator of
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -164,6 +166,42 @@ def streaming(args: argparse.Namespace, global_state: AdapterState,
     print("\nidentical merged deltas (torch.equal) for every count")
 
 
+def parts(args: argparse.Namespace, global_state: AdapterState,
+          expected: dict[str, tuple[int, ...]]) -> None:
+    """Decoding alone, and folding already-decoded updates before/after, interleaved."""
+    frames = make_frames(POOL, global_state)
+    decoded = [(codec.decode(d, expected=expected), codec.decode(f, expected=expected))
+               for d, f, _ in frames]
+
+    def fold(make: Callable[[AdapterState], object], count: int) -> None:
+        merger: Any = make(global_state)
+        for i in range(count):
+            merger.add(*decoded[i % POOL], 1.0 / count)
+        merger.merged_delta()
+
+    def decode_only(count: int) -> None:
+        for i in range(count):
+            delta_frame, fisher_frame, _ = frames[i % POOL]
+            codec.decode(delta_frame, expected=expected)
+            codec.decode(fisher_frame, expected=expected)
+
+    print("| updates | part | median (ms) | min (ms) |\n|---|---|---|---|")
+    for count in args.counts:
+        jobs = {"decode only": partial(decode_only, count),
+                "fold, before (per-key accumulator)": partial(fold, PerKeyFisherAccumulator,
+                                                              count),
+                "fold, after (flat accumulator)": partial(fold, FisherAccumulator, count)}
+        times: dict[str, list[float]] = {name: [] for name in jobs}
+        for _ in range(args.repeats):
+            for name, job in jobs.items():
+                started = time.perf_counter()
+                job()
+                times[name].append(time.perf_counter() - started)
+        for name, t in times.items():
+            print(f"| {count:,} | {name} | {statistics.median(t) * 1e3:.1f} | "
+                  f"{min(t) * 1e3:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
@@ -171,6 +209,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--streaming", action="store_true",
                         help="before/after of the streaming decode + Fisher merge")
+    parser.add_argument("--parts", action="store_true",
+                        help="decode alone and the fold alone (before/after), interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,8 +220,8 @@ def main() -> None:
     params = sum(v.numel() for v in global_state.values())
     print(f"adapter: rank {RANK}, width {WIDTH}, {params:,} parameters; torch threads "
           f"{torch.get_num_threads()}; median of {args.repeats}\n")
-    if args.streaming:
-        streaming(args, global_state, expected)
+    if args.streaming or args.parts:
+        (streaming if args.streaming else parts)(args, global_state, expected)
         return
     print("| updates | strategy | merge (ms) | decode+merge (ms) | per update (ms) |")
     print("|---|---|---|---|---|")

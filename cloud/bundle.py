@@ -152,10 +152,11 @@ CalibrationMethod = Literal["MinMax", "Percentile", "Entropy"]
 
 @dataclass(frozen=True)
 class QuantRecipe:
-    """How one target's int8 graph is made (static QDQ, per-channel symmetric int8 weights)."""
+    """How one target's int8 graph is made (static QDQ, symmetric int8 weights)."""
 
     activations: Activations
     method: CalibrationMethod = "MinMax"
+    per_channel: bool = True  # weight scales per output channel (else one per tensor)
 
 
 # Measured on the real base (docs/bundle.md, benchmarks/encoder_int8.py): per target, the
@@ -423,8 +424,9 @@ def _calibration_record(
 ) -> CalibrationInfo:
     return CalibrationInfo(
         n_images=n_images, source=options.calibration_source, method=recipe.method,
-        format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=True,
-        activations=recipe.activations, weights="s8-symmetric per channel")
+        format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=recipe.per_channel,
+        activations=recipe.activations,
+        weights="s8-symmetric per " + ("channel" if recipe.per_channel else "tensor"))
 
 
 def export_onnx(module: nn.Module, path: Path, image_size: int = IMAGE_SIZE) -> Path:
@@ -464,7 +466,8 @@ def quantize_int8(
     reader = _CalibrationReader(pixels, options.batch_size, options.progress)
     symmetric = recipe.activations == "s8-symmetric"
     quantize_static(
-        str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+        per_channel=recipe.per_channel,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
         calibrate_method=CalibrationMethod[recipe.method],
