@@ -1,13 +1,16 @@
 """Export the NanoEdge bundle: what a device needs of the frozen base, checked and versioned.
 
 ``export_bundle(base, out_dir, ...)`` writes ``out_dir/<bundle_version>/``: the files, the
-manifest and the version id of ``shared.bundle`` (the format both sides import). The graph in
-``encoder_connector.onnx`` has a dynamic batch and is int8 static QDQ per-channel (or fp32).
+manifest and the version id of ``shared.bundle`` (the format both sides import). It holds one
+encoder + connector graph per execution-provider target (``encoder_connector.cpu.onnx``,
+``encoder_connector.tensorrt.onnx``; one ``encoder_connector.onnx`` for fp32), each with a
+dynamic batch, int8 static QDQ with per-channel weights.
 
 Steps: export encoder + connector with ``torch.onnx.export`` (dynamo), or with the parts' own
-``export_graph`` (Hugging Face vision towers through optimum: ``cloud.bundle_hf``) -> quantize with
-onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax) on calibration images -> quality
-gate: cosine of the ONNX tokens vs fp32 torch on held-out images -> the other files -> manifest.
+``export_graph`` (Hugging Face vision towers through optimum: ``cloud.bundle_hf``) -> per
+target, quantize with onnxruntime's ``quantize_static`` by that target's ``QuantRecipe`` on the
+calibration images -> that graph's quality gate: cosine of its tokens vs fp32 torch on held-out
+images -> the other files -> manifest.
 Everything is written in a temp folder inside ``out_dir`` and renamed into place at the end, so
 a failed gate (``QualityGateError``) or a crash leaves nothing that looks like a bundle.
 
@@ -15,10 +18,10 @@ Calibration and held-out images must be public and disjoint from every device's 
 ``public_images`` takes them from the base's reserved alignment images (easy-VQA) plus
 scikit-learn's two sample photos.
 
-Activations are int8 with zero points of 0 by default (``activations="s8-symmetric"``):
-TensorRT, the Jetson provider, only runs QDQ nodes like that. ``activations="u8"`` gives
-asymmetric uint8 activations, which onnxruntime's x86 CPU kernels fuse fully (faster there,
-see docs/bundle.md) but TensorRT refuses.
+The recipes (``RECIPES``): the CPU graph has asymmetric uint8 activations, which onnxruntime's
+x86 CPU kernels fuse fully (faster than fp32 there, see docs/bundle.md) but TensorRT refuses;
+the TensorRT graph has int8 activations with zero points of 0, the only QDQ form TensorRT (the
+Jetson provider) runs, and slower than fp32 on onnxruntime's x86 CPU kernels.
 
 The device side is ``edge.runtime`` (a round-trip test loads every exported bundle with it).
 ``export_from_home`` is what ``fednano bundle export`` and ``python -m cloud.bundle`` run.
