@@ -2,12 +2,21 @@
 
 The default base's NanoAdapters: rank 8, image adapter after the connector and text adapter
 after the embedder, both at the LLM width 576 (18,432 parameters in 4 tensors). Each update
-carries a delta (fp32 codec frame, as the task asks by default) and a Fisher (bf16 frame).
+carries a delta and a Fisher frame in the schemes a task asks for by default (``UpdateCodec()``).
 Two timings per strategy: ``merge`` is ``Strategy.aggregate`` on decoded updates (the maths),
 ``decode+merge`` adds decoding every update's frames first (what the aggregation service does
 after reading the blobs). Median of ``--repeats`` runs.
 
     python benchmarks/aggregation.py [--counts 10 100 1000] [--repeats 5] [--threads 2]
+    python benchmarks/aggregation.py --streaming [--counts 100 1000] [--repeats 5] [--threads 2]
+    python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
+
+``--streaming`` times what a memory-flat aggregation does: decode one update's two frames, fold
+them into the Fisher accumulator, drop them, for every update; the accumulator of
+``shared.merge`` (flat buffers) and the per-key one it replaced (``PerKeyFisherAccumulator``,
+kept here as the "before") run interleaved in the same process, and each update's frames
+come from a pool of 100 encoded updates so that the frames' own memory does not grow with the
+count. Peak RSS growth is read from ``/proc/self/status`` (VmHWM, reset before each run).
 """
 
 from __future__ import annotations
@@ -17,17 +26,22 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from cloud.strategies import Strategy, make_strategy
 from shared import codec
-from shared.adapters import AdapterConfig, NanoAdapters
+from shared.adapters import AdapterConfig, AdapterState, NanoAdapters
+from shared.merge import FisherAccumulator, _check_states
+from shared.messages import UpdateCodec
 from shared.update import AdapterUpdate
 
 WIDTH, RANK = 576, 8
-DELTA_SCHEME = codec.Scheme(kind="fp32")
-FISHER_SCHEME = codec.Scheme(kind="bf16")
+DELTA_SCHEME = UpdateCodec().delta  # what a task asks devices for by default
+FISHER_SCHEME = UpdateCodec().fisher
+POOL = 100  # distinct encoded updates in --streaming
 
 
 def make_frames(count: int, global_state: dict[str, torch.Tensor],
@@ -65,11 +79,138 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+class PerKeyFisherAccumulator:
+    """``shared.merge.FisherAccumulator`` as it was before the flat buffers (commit 74ac6a0,
+    ``normalize=None``, ``floor=0``): one float64 tensor per key and sum, every check per key."""
+
+    def __init__(self, reference: AdapterState) -> None:
+        self.reference = reference
+        self.num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        self.mass = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        self.plain = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        self.count = 0
+
+    def add(self, delta: AdapterState, fisher: AdapterState, weight: float) -> None:
+        _check_states([delta], self.reference, "delta")
+        _check_states([fisher], self.reference, "fisher", nonnegative=True)
+        scaled = {k: v.double() for k, v in fisher.items()}
+        for key in self.reference:
+            d = delta[key].double()
+            self.num[key].addcmul_(scaled[key], d, value=weight)
+            self.mass[key].add_(scaled[key], alpha=weight)
+            self.plain[key].add_(d, alpha=weight)
+        self.count += 1
+
+    def merged_delta(self, eps: float = 1e-8) -> AdapterState:
+        numel = sum(t.numel() for t in self.mass.values())
+        eps_abs = eps * sum(float(t.sum()) for t in self.mass.values()) / numel
+        return {k: (self.num[k] / (self.mass[k] + eps_abs)).to(ref.dtype)
+                for k, ref in self.reference.items()}
+
+
+def stream_merge(make: Callable[[AdapterState], object], global_state: AdapterState,
+                 frames: list[tuple[bytes, bytes, int]], count: int,
+                 expected: dict[str, tuple[int, ...]]) -> AdapterState:
+    """Decode and fold ``count`` updates one at a time (frames reused from the pool)."""
+    merger: object = make(global_state)
+    weights = [frames[i % len(frames)][2] for i in range(count)]
+    total = sum(weights)
+    for i in range(count):
+        delta_frame, fisher_frame, _ = frames[i % len(frames)]
+        delta = codec.decode(delta_frame, expected=expected)
+        fisher = codec.decode(fisher_frame, expected=expected)
+        merger.add(delta, fisher, weights[i] / total)  # type: ignore[attr-defined]
+    return merger.merged_delta()  # type: ignore[attr-defined]
+
+
+def _reset_peak_rss() -> int:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    return _rss_kib("VmHWM")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def streaming(args: argparse.Namespace, global_state: AdapterState,
+              expected: dict[str, tuple[int, ...]]) -> None:
+    """Before/after of the streaming decode + Fisher merge, interleaved, with peak RSS."""
+    frames = make_frames(POOL, global_state)
+    decode_only = {"before (per-key accumulator)": PerKeyFisherAccumulator,
+                   "after (flat accumulator)": FisherAccumulator}
+    print(f"delta {DELTA_SCHEME.label()}, Fisher {FISHER_SCHEME.label()}; frames "
+          f"{statistics.mean(len(d) + len(f) for d, f, _ in frames):,.0f} B per update\n")
+    print("| updates | accumulator | decode + merge (ms) | per update (ms) "
+          "| peak RSS growth (MiB) |")
+    print("|---|---|---|---|---|")
+    for count in args.counts:
+        times: dict[str, list[float]] = {name: [] for name in decode_only}
+        growth: dict[str, int] = {}
+        results = {}
+        for _ in range(args.repeats):
+            for name, make in decode_only.items():
+                before = _reset_peak_rss()
+                started = time.perf_counter()
+                results[name] = stream_merge(make, global_state, frames, count, expected)
+                times[name].append(time.perf_counter() - started)
+                growth[name] = max(growth.get(name, 0), _rss_kib("VmHWM") - before)
+        first, second = results.values()
+        assert all(torch.equal(first[k], second[k]) for k in first), "results differ"
+        for name, t in times.items():
+            ms = statistics.median(t) * 1e3
+            print(f"| {count:,} | {name} | {ms:.1f} | {ms / count:.3f} | "
+                  f"{growth[name] / 1024:.1f} |")
+    print("\nidentical merged deltas (torch.equal) for every count")
+
+
+def parts(args: argparse.Namespace, global_state: AdapterState,
+          expected: dict[str, tuple[int, ...]]) -> None:
+    """Decoding alone, and folding already-decoded updates before/after, interleaved."""
+    frames = make_frames(POOL, global_state)
+    decoded = [(codec.decode(d, expected=expected), codec.decode(f, expected=expected))
+               for d, f, _ in frames]
+
+    def fold(make: Callable[[AdapterState], object], count: int) -> None:
+        merger: Any = make(global_state)
+        for i in range(count):
+            merger.add(*decoded[i % POOL], 1.0 / count)
+        merger.merged_delta()
+
+    def decode_only(count: int) -> None:
+        for i in range(count):
+            delta_frame, fisher_frame, _ = frames[i % POOL]
+            codec.decode(delta_frame, expected=expected)
+            codec.decode(fisher_frame, expected=expected)
+
+    print("| updates | part | median (ms) | min (ms) |\n|---|---|---|---|")
+    for count in args.counts:
+        jobs = {"decode only": partial(decode_only, count),
+                "fold, before (per-key accumulator)": partial(fold, PerKeyFisherAccumulator,
+                                                              count),
+                "fold, after (flat accumulator)": partial(fold, FisherAccumulator, count)}
+        times: dict[str, list[float]] = {name: [] for name in jobs}
+        for _ in range(args.repeats):
+            for name, job in jobs.items():
+                started = time.perf_counter()
+                job()
+                times[name].append(time.perf_counter() - started)
+        for name, t in times.items():
+            print(f"| {count:,} | {name} | {statistics.median(t) * 1e3:.1f} | "
+                  f"{min(t) * 1e3:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="before/after of the streaming decode + Fisher merge")
+    parser.add_argument("--parts", action="store_true",
+                        help="decode alone and the fold alone (before/after), interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +220,9 @@ def main() -> None:
     params = sum(v.numel() for v in global_state.values())
     print(f"adapter: rank {RANK}, width {WIDTH}, {params:,} parameters; torch threads "
           f"{torch.get_num_threads()}; median of {args.repeats}\n")
+    if args.streaming or args.parts:
+        (streaming if args.streaming else parts)(args, global_state, expected)
+        return
     print("| updates | strategy | merge (ms) | decode+merge (ms) | per update (ms) |")
     print("|---|---|---|---|---|")
     for count in args.counts:

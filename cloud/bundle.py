@@ -1,13 +1,16 @@
 """Export the NanoEdge bundle: what a device needs of the frozen base, checked and versioned.
 
 ``export_bundle(base, out_dir, ...)`` writes ``out_dir/<bundle_version>/``: the files, the
-manifest and the version id of ``shared.bundle`` (the format both sides import). The graph in
-``encoder_connector.onnx`` has a dynamic batch and is int8 static QDQ per-channel (or fp32).
+manifest and the version id of ``shared.bundle`` (the format both sides import). It holds one
+encoder + connector graph per execution-provider target (``encoder_connector.cpu.onnx``,
+``encoder_connector.tensorrt.onnx``; one ``encoder_connector.onnx`` for fp32), each with a
+dynamic batch, int8 static QDQ with per-channel weights.
 
 Steps: export encoder + connector with ``torch.onnx.export`` (dynamo), or with the parts' own
-``export_graph`` (Hugging Face vision towers through optimum: ``cloud.bundle_hf``) -> quantize with
-onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax) on calibration images -> quality
-gate: cosine of the ONNX tokens vs fp32 torch on held-out images -> the other files -> manifest.
+``export_graph`` (Hugging Face vision towers through optimum: ``cloud.bundle_hf``) -> per
+target, quantize with onnxruntime's ``quantize_static`` by that target's ``QuantRecipe`` on the
+calibration images -> that graph's quality gate: cosine of its tokens vs fp32 torch on held-out
+images -> the other files -> manifest.
 Everything is written in a temp folder inside ``out_dir`` and renamed into place at the end, so
 a failed gate (``QualityGateError``) or a crash leaves nothing that looks like a bundle.
 
@@ -15,10 +18,10 @@ Calibration and held-out images must be public and disjoint from every device's 
 ``public_images`` takes them from the base's reserved alignment images (easy-VQA) plus
 scikit-learn's two sample photos.
 
-Activations are int8 with zero points of 0 by default (``activations="s8-symmetric"``):
-TensorRT, the Jetson provider, only runs QDQ nodes like that. ``activations="u8"`` gives
-asymmetric uint8 activations, which onnxruntime's x86 CPU kernels fuse fully (faster there,
-see docs/bundle.md) but TensorRT refuses.
+The recipes (``RECIPES``): the CPU graph has asymmetric uint8 activations, which onnxruntime's
+x86 CPU kernels fuse fully (faster than fp32 there, see docs/bundle.md) but TensorRT refuses;
+the TensorRT graph has int8 activations with zero points of 0, the only QDQ form TensorRT (the
+Jetson provider) runs, and slower than fp32 on onnxruntime's x86 CPU kernels.
 
 The device side is ``edge.runtime`` (a round-trip test loads every exported bundle with it).
 ``export_from_home`` is what ``fednano bundle export`` and ``python -m cloud.bundle`` run.
@@ -32,11 +35,11 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -50,8 +53,8 @@ from shared.adapters import AdapterConfig
 from shared.bundle import (
     ADAPTER_CONFIG_NAME,
     EMBEDDER_NAME,
+    ENCODER_TARGETS,
     MANIFEST_NAME,
-    ONNX_NAME,
     SELFTEST_IMAGE_NAME,
     SELFTEST_TENSOR,
     SELFTEST_TOKENS_NAME,
@@ -64,10 +67,12 @@ from shared.bundle import (
     CalibrationInfo,
     EmbedderDtype,
     EmbedderInfo,
+    EncoderTarget,
+    EncoderVariant,
     GateInfo,
     ModelInfo,
     Precision,
-    SelfTestInfo,
+    encoder_file_name,
     file_records,
     save_embedder,
     write_archive,
@@ -90,12 +95,14 @@ CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
 class QualityGateError(BundleError):
-    """The exported encoder is too far from fp32 torch; nothing was published."""
+    """An exported encoder graph is too far from fp32 torch; nothing was published."""
 
-    def __init__(self, gate: GateResult) -> None:
+    def __init__(self, gate: GateResult, target: str = "") -> None:
         self.gate = gate
+        self.target = target
+        graph = f" of the {target} graph" if target else ""
         super().__init__(
-            f"quality gate failed: cosine to fp32 on {gate.n_images} held-out images "
+            f"quality gate{graph} failed: cosine to fp32 on {gate.n_images} held-out images "
             f"mean {gate.mean:.4f}, min {gate.min:.4f} < threshold {gate.threshold:.4f}; "
             "bundle not published"
         )
@@ -143,14 +150,42 @@ class BundleParts:
     quantize_ops: tuple[str, ...] | None = None
 
 
+CalibrationMethod = Literal["MinMax", "Percentile", "Entropy"]
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How one target's int8 graph is made (static QDQ, symmetric int8 weights)."""
+
+    activations: Activations
+    method: CalibrationMethod = "MinMax"
+    per_channel: bool = True  # weight scales per output channel (else one per tensor)
+
+
+# Measured on the real base (docs/bundle.md, benchmarks/encoder_int8.py): per target, the
+# recipe that is fastest on its provider among those that pass the gate.
+RECIPES: dict[EncoderTarget, QuantRecipe] = {
+    # u8 activations: onnxruntime's x86 kernels fuse the whole graph into QLinearConv.
+    "cpu": QuantRecipe(activations="u8"),
+    # zero points of 0: the only QDQ form TensorRT builds engines from.
+    "tensorrt": QuantRecipe(activations="s8-symmetric"),
+}
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export: precision, gate, embedder storage, calibration and output details."""
+    """How to export: precision, gates, embedder storage, calibration and output details.
+
+    ``min_cosine`` is every graph's gate unless ``tensorrt_min_cosine`` sets the TensorRT
+    graph's own.
+    """
 
     precision: Precision = "int8"
     min_cosine: float = 0.97
+    tensorrt_min_cosine: float | None = None
     embedder_dtype: EmbedderDtype = "float16"
-    activations: Activations = "s8-symmetric"
+    recipes: Mapping[EncoderTarget, QuantRecipe] = dataclasses.field(
+        default_factory=lambda: dict(RECIPES))
     batch_size: int = 8  # calibration and gate batches
     archive: bool = False  # also write out_dir/<version>.tar
     progress: bool = True
@@ -162,13 +197,21 @@ class ExportOptions:
         if self.embedder_dtype not in ("float16", "int8"):
             raise ValueError(
                 f"embedder_dtype must be 'float16' or 'int8', got {self.embedder_dtype!r}")
-        if self.activations not in ("s8-symmetric", "u8"):
-            raise ValueError(
-                f"activations must be 's8-symmetric' or 'u8', got {self.activations!r}")
-        if not math.isfinite(self.min_cosine):
-            raise ValueError(f"min_cosine must be a finite number, got {self.min_cosine!r}")
+        if set(self.recipes) != set(ENCODER_TARGETS):
+            raise ValueError(f"recipes must cover {list(ENCODER_TARGETS)}, got "
+                             f"{sorted(self.recipes)}")
+        for name in ("min_cosine", "tensorrt_min_cosine"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+
+    def threshold(self, target: EncoderTarget) -> float:
+        """The quality gate of ``target``'s graph."""
+        if target == "tensorrt" and self.tensorrt_min_cosine is not None:
+            return self.tensorrt_min_cosine
+        return self.min_cosine
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -182,20 +225,20 @@ def export_bundle(
     holdout_images: Sequence[Image.Image],
     precision: Precision = "int8",
     min_cosine: float = 0.97,
+    tensorrt_min_cosine: float | None = None,
     embedder_dtype: EmbedderDtype = "float16",
-    activations: Activations = "s8-symmetric",
     archive: bool = False,
     progress: bool = True,
     calibration_source: str = "caller-provided public images",
 ) -> Path:
     """Export ``base`` as a device bundle under ``out_dir``; returns ``out_dir/<version>``.
 
-    Raises ``QualityGateError`` (and writes nothing final) when the exported encoder's minimum
-    per-token cosine to fp32 torch on ``holdout_images`` is below ``min_cosine``.
+    Raises ``QualityGateError`` (and writes nothing final) when an exported encoder graph's
+    minimum per-token cosine to fp32 torch on ``holdout_images`` is below its gate.
     """
     options = ExportOptions(precision=precision, min_cosine=min_cosine,
-                            embedder_dtype=embedder_dtype, activations=activations,
-                            archive=archive, progress=progress,
+                            tensorrt_min_cosine=tensorrt_min_cosine,
+                            embedder_dtype=embedder_dtype, archive=archive, progress=progress,
                             calibration_source=calibration_source)
     return export_parts(parts_from_base(base), out_dir, calibration_images=calibration_images,
                         holdout_images=holdout_images, options=options)
@@ -229,17 +272,18 @@ def export_parts(
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
     try:
         with tempfile.TemporaryDirectory(prefix="fednano-onnx-") as work:
-            gate, calibration = _write_encoder(parts, Path(work), staging, calibration_images,
-                                               holdout_images, options)
-        manifest = _write_rest(parts, staging, holdout_images[0], gate, calibration, options)
+            graphs = _write_encoders(parts, Path(work), staging, calibration_images,
+                                     holdout_images, options)
+        manifest = _write_rest(parts, staging, holdout_images[0], graphs, options)
         final = out_dir / manifest.bundle_version
         swap_in_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if options.archive:
         write_archive(final, out_dir / f"{final.name}.tar")
-    log.info("bundle %s written to %s (gate mean %.4f, min %.4f)", final.name, final,
-             gate.mean, gate.min)
+    log.info("bundle %s written to %s (%s)", final.name, final, "; ".join(
+        f"{target} gate mean {g.gate.mean:.4f}, min {g.gate.min:.4f}"
+        for target, g in graphs.items()))
     return final
 
 
@@ -334,36 +378,58 @@ class EncoderConnector(nn.Module):
         return self.connector(self.encoder(pixels))
 
 
-def _write_encoder(
+@dataclass(frozen=True)
+class _Graph:
+    """One target's encoder graph, gated, in the staging folder."""
+
+    file: str
+    gate: GateResult
+    calibration: CalibrationInfo
+
+
+def _write_encoders(
     parts: BundleParts, work: Path, staging: Path, calibration: Sequence[Image.Image],
     holdout: Sequence[Image.Image], options: ExportOptions,
-) -> tuple[GateResult, CalibrationInfo]:
-    """Export, quantize, gate; the model lands in ``staging`` only if the gate passes."""
+) -> dict[EncoderTarget, _Graph]:
+    """Export once, then quantize and gate a graph per target; all land in ``staging`` only
+    if every gate passes (``QualityGateError`` names the first graph that fails)."""
     graph = EncoderConnector(parts.encoder, parts.connector).eval()
     if parts.export_graph is None:
         fp32 = export_onnx(graph, work / "fp32.onnx", parts.image_size)
     else:
         fp32 = parts.export_graph(work / "fp32.onnx")
-    model = work / ONNX_NAME
-    record = CalibrationInfo(n_images=0)
-    if options.precision == "int8":
-        pixels = _pixels(calibration, parts.image_size)
-        quantize_int8(fp32, model, pixels, options, op_types=parts.quantize_ops)
-        ops = parts.quantize_ops
-        record = CalibrationInfo(
-            n_images=len(calibration), source=options.calibration_source, method="MinMax",
-            format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=True,
-            activations=options.activations,
-            weights="s8-symmetric per channel")
-    else:
-        shutil.copyfile(fp32, model)
-    finalize_onnx(model)
-    gate = quality_gate(graph, model, holdout, options.min_cosine, parts.image_size,
-                        batch_size=options.batch_size, progress=options.progress)
-    if not gate.passed:
-        raise QualityGateError(gate)
-    shutil.copyfile(model, staging / ONNX_NAME)
-    return gate, record
+    pixels = _pixels(calibration, parts.image_size) if options.precision == "int8" else None
+    made: dict[EncoderTarget, tuple[Path, _Graph]] = {}
+    for target in ENCODER_TARGETS:
+        name = encoder_file_name(target, options.precision)
+        model, record = work / name, CalibrationInfo(n_images=0)
+        if pixels is None:
+            shutil.copyfile(fp32, model)
+        else:
+            recipe = options.recipes[target]
+            quantize_int8(fp32, model, pixels, options, op_types=parts.quantize_ops,
+                          recipe=recipe)
+            record = _calibration_record(len(calibration), recipe, parts.quantize_ops, options)
+        finalize_onnx(model)
+        gate = quality_gate(graph, model, holdout, options.threshold(target), parts.image_size,
+                            batch_size=options.batch_size, progress=options.progress,
+                            label=target)
+        if not gate.passed:
+            raise QualityGateError(gate, target)
+        made[target] = (model, _Graph(name, gate, record))
+    for model, graph_record in made.values():
+        shutil.copyfile(model, staging / graph_record.file)
+    return {target: graph_record for target, (_, graph_record) in made.items()}
+
+
+def _calibration_record(
+    n_images: int, recipe: QuantRecipe, ops: Sequence[str] | None, options: ExportOptions,
+) -> CalibrationInfo:
+    return CalibrationInfo(
+        n_images=n_images, source=options.calibration_source, method=recipe.method,
+        format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=recipe.per_channel,
+        activations=recipe.activations,
+        weights="s8-symmetric per " + ("channel" if recipe.per_channel else "tensor"))
 
 
 def export_onnx(module: nn.Module, path: Path, image_size: int = IMAGE_SIZE) -> Path:
@@ -384,26 +450,34 @@ def export_onnx(module: nn.Module, path: Path, image_size: int = IMAGE_SIZE) -> 
 
 def quantize_int8(
     fp32: Path, out: Path, pixels: torch.Tensor, options: ExportOptions,
-    op_types: Sequence[str] | None = None,
+    op_types: Sequence[str] | None = None, *, recipe: QuantRecipe = RECIPES["tensorrt"],
 ) -> Path:
-    """Static QDQ int8, per-channel weights, MinMax calibration on ``pixels`` (N, 3, S, S).
+    """Static QDQ int8, per-channel weights, calibrated on ``pixels`` (N, 3, S, S) by ``recipe``.
 
     ``op_types`` limits quantization to those ops (default: all that onnxruntime knows).
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = fp32.with_name("prepared.onnx")
+    prepared = out.with_name(f"{out.stem}.prepared.onnx")
     quant_pre_process(str(fp32), str(prepared))
     reader = _CalibrationReader(pixels, options.batch_size, options.progress)
-    symmetric = options.activations == "s8-symmetric"
+    symmetric = recipe.activations == "s8-symmetric"
     quantize_static(
-        str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+        per_channel=recipe.per_channel,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
+        calibrate_method=CalibrationMethod[recipe.method],
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
     reader.close()
+    prepared.unlink()
     return out
 
 
@@ -448,11 +522,13 @@ def finalize_onnx(path: Path) -> None:
 def quality_gate(
     reference: nn.Module, model: Path, images: Sequence[Image.Image], threshold: float,
     image_size: int = IMAGE_SIZE, *, batch_size: int = 8, progress: bool = True,
+    label: str = "",
 ) -> GateResult:
     """Per-token cosine of ``model`` (onnxruntime, CPU) vs ``reference`` (fp32 torch)."""
     session = cpu_session(model)
     cosines = []
-    bar = tqdm(total=len(images), desc="quality gate", unit="img", disable=not progress)
+    bar = tqdm(total=len(images), desc=f"quality gate {label}".strip(), unit="img",
+               disable=not progress)
     with bar, torch.no_grad():
         for start in range(0, len(images), batch_size):
             pixels = _pixels(images[start:start + batch_size], image_size)  # (b, 3, S, S)
@@ -485,8 +561,8 @@ def _pixels(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
 
 
 def _write_rest(
-    parts: BundleParts, staging: Path, selftest_image: Image.Image, gate: GateResult,
-    calibration: CalibrationInfo, options: ExportOptions,
+    parts: BundleParts, staging: Path, selftest_image: Image.Image,
+    graphs: Mapping[EncoderTarget, _Graph], options: ExportOptions,
 ) -> BundleManifest:
     """Embedder, tokenizer, configs, self-test pair and the manifest; returns the manifest."""
     save_embedder(parts.embedder, staging / EMBEDDER_NAME, options.embedder_dtype)
@@ -494,16 +570,24 @@ def _write_rest(
     (staging / ADAPTER_CONFIG_NAME).write_text(parts.adapter_config.model_dump_json(indent=2),
                                                encoding="utf-8")
     write_json(staging / TEMPLATE_NAME, dataclasses.asdict(parts.template))
-    selftest_cos = _write_selftest(parts, staging, selftest_image)
-    manifest = _manifest(parts, staging, gate, calibration, options, selftest_cos)
+    selftest_cos = _write_selftest(parts, staging, selftest_image,
+                                   {target: g.file for target, g in graphs.items()})
+    encoders = {target: EncoderVariant(
+        file=g.file, precision=options.precision, calibration=g.calibration,
+        quality_gate=g.gate.info(), self_test_cosine=round(selftest_cos[target], 6))
+        for target, g in graphs.items()}
+    manifest = _manifest(parts, staging, encoders, options)
     atomic_write_text(staging / MANIFEST_NAME, manifest.to_json())
     for path in (staging, *staging.iterdir()):  # temp files are 0600; bundles are served
         path.chmod(0o755 if path.is_dir() else 0o644)
     return manifest
 
 
-def _write_selftest(parts: BundleParts, staging: Path, image: Image.Image) -> float:
-    """Save the self-test image at model resolution and its fp32 torch tokens."""
+def _write_selftest(
+    parts: BundleParts, staging: Path, image: Image.Image, files: Mapping[EncoderTarget, str],
+) -> dict[EncoderTarget, float]:
+    """Save the self-test image at model resolution and its fp32 torch tokens; returns the
+    min token cosine each target's graph gives on it (onnxruntime CPU)."""
     size = parts.image_size
     image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(
         staging / SELFTEST_IMAGE_NAME, format="PNG")
@@ -512,25 +596,24 @@ def _write_selftest(parts: BundleParts, staging: Path, image: Image.Image) -> fl
     with torch.no_grad():
         expected = EncoderConnector(parts.encoder, parts.connector).eval()(pixels)  # (1, V, d)
     save_file({SELFTEST_TENSOR: expected[0].contiguous()}, str(staging / SELFTEST_TOKENS_NAME))
-    got = run_session(cpu_session(staging / ONNX_NAME), pixels)
-    return float(torch.cosine_similarity(got, expected, dim=-1).min())
+    cosines = {}
+    for target, name in files.items():
+        got = run_session(cpu_session(staging / name), pixels)  # (1, V, d)
+        cosines[target] = float(torch.cosine_similarity(got, expected, dim=-1).min())
+    return cosines
 
 
 def _manifest(
-    parts: BundleParts, staging: Path, gate: GateResult, calibration: CalibrationInfo,
-    options: ExportOptions, selftest_cos: float,
+    parts: BundleParts, staging: Path, encoders: Mapping[EncoderTarget, EncoderVariant],
+    options: ExportOptions,
 ) -> BundleManifest:
     identity = BundleIdentity(
         base_version=parts.base_version, precision=options.precision,
         model=_model_record(parts), embedder=EmbedderInfo(dtype=options.embedder_dtype),
-        files=file_records(staging),
+        encoders=dict(encoders), files=file_records(staging),
     )
     return BundleManifest.create(
-        identity, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        quality_gate=gate.info(), calibration=calibration,
-        self_test=SelfTestInfo(min_cosine=options.min_cosine,
-                               cpu_cosine=round(selftest_cos, 6)),
-    )
+        identity, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _model_record(parts: BundleParts) -> ModelInfo:
@@ -591,17 +674,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--home", type=Path, default=None, help="FEDNANO_HOME (default: env)")
     parser.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     parser.add_argument("--embedder-dtype", choices=["float16", "int8"], default="float16")
-    parser.add_argument("--activations", choices=["s8-symmetric", "u8"], default="s8-symmetric",
-                        help="s8-symmetric: TensorRT-compatible; u8: faster on x86 CPU only")
     parser.add_argument("--min-cosine", type=float, default=0.97)
+    parser.add_argument("--tensorrt-min-cosine", type=float, default=None)
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--holdout-images", type=int, default=32)
     parser.add_argument("--archive", action="store_true", help="also write <version>.tar")
     args = parser.parse_args(argv)
     log_progress()
     options = ExportOptions(precision=args.precision, min_cosine=args.min_cosine,
-                            embedder_dtype=args.embedder_dtype, activations=args.activations,
-                            archive=args.archive)
+                            tensorrt_min_cosine=args.tensorrt_min_cosine,
+                            embedder_dtype=args.embedder_dtype, archive=args.archive)
     folder = export_from_home(args.home or default_home(), args.out, options=options,
                               n_calibration=args.calibration_images,
                               n_holdout=args.holdout_images)

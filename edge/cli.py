@@ -208,11 +208,13 @@ def _print_self_check(
         "bundle version": runtime.bundle_version,
         "base version": manifest.base_version,
         "precision": f"{manifest.precision} (embedder {manifest.embedder.dtype})",
+        "encoder graph": f"{runtime.target}: {runtime.variant.file} "
+                         f"({runtime.variant.calibration.activations or 'fp32'} activations)",
         "providers": " > ".join(report.providers),
         "visual tokens": " x ".join(map(str, report.shape)),
         "cosine to fp32": f"min {report.min_cosine:.4f}, mean {report.mean_cosine:.4f} "
                           f"(threshold {report.threshold:.4f}; CPU at export "
-                          f"{manifest.self_test.cpu_cosine:.4f})",
+                          f"{runtime.variant.self_test_cosine:.4f})",
         "latency": f"{report.latency_ms:.1f} ms (one image)",
         "load + checks": f"{seconds:.1f} s",
     }

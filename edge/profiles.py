@@ -279,6 +279,9 @@ class RuntimeSettings(StrictModel):
         description="onnxruntime execution providers, highest priority first, CPU last")
     precision: Literal["int8", "fp16", "fp32"] = Field(
         "int8", description="int8: the bundle's static QDQ model; fp16: TensorRT/CUDA only")
+    encoder: Literal["auto", "cpu", "tensorrt"] = Field(
+        "auto", description="which of the bundle's encoder graphs to run; auto: the TensorRT "
+        "graph when TensorRT is the first provider onnxruntime has here, the CPU graph otherwise")
     batch_size: int = Field(8, ge=1, le=1024, description="encoder inference batch")
     intra_op_threads: int = Field(0, ge=0, le=256, description="0: onnxruntime's default")
     tensorrt: TensorRTSettings | None = Field(

@@ -1,7 +1,9 @@
 """The device side of the NanoEdge bundle: verify it, open it with onnxruntime, self-test it.
 
 ``load_bundle(path, providers)`` checks every file against ``manifest.json`` (size + sha256, and
-the bundle version against the manifest's content), opens ``encoder_connector.onnx`` with the
+the bundle version against the manifest's content), picks the encoder graph made for the
+provider that will really run it (the TensorRT graph when TensorRT is the first available
+provider, the CPU graph otherwise, or the profile's ``runtime.encoder``), opens it with the
 first available providers of the device profile (TensorRT -> CUDA -> CPU, logging what was
 chosen), loads the tokenizer with ``tokenizers`` and the token embedder with safetensors, and
 assembles a ``NanoEdge`` whose "encoder" is the onnxruntime session (its connector is the
@@ -36,12 +38,13 @@ from shared.adapters import AdapterConfig
 from shared.bundle import (
     ADAPTER_CONFIG_NAME,
     EMBEDDER_NAME,
-    ONNX_NAME,
     SELFTEST_TENSOR,
     TEMPLATE_NAME,
     TOKENIZER_NAME,
     BundleError,
     BundleManifest,
+    EncoderTarget,
+    EncoderVariant,
     load_embedder,
     verify_bundle,
 )
@@ -176,6 +179,7 @@ class NanoEdgeRuntime:
 
     folder: Path
     manifest: BundleManifest
+    target: EncoderTarget  # which of the bundle's encoder graphs runs here
     encoder: OnnxEncoder
     tokenizer: HFTokenizer
     template: PromptTemplate
@@ -185,6 +189,11 @@ class NanoEdgeRuntime:
     @property
     def bundle_version(self) -> str:
         return self.manifest.bundle_version
+
+    @property
+    def variant(self) -> EncoderVariant:
+        """The manifest's record of the encoder graph in use (file, calibration, gate)."""
+        return self.manifest.encoders[self.target]
 
     @property
     def n_visual(self) -> int:
@@ -204,7 +213,8 @@ class NanoEdgeRuntime:
 
     def self_test(self) -> SelfTestReport:
         """A real inference on the shipped image vs its fp32 tokens; ``SelfTestError`` if off."""
-        info = self.manifest.self_test
+        info, variant = self.manifest.self_test, self.variant
+        threshold = variant.quality_gate.threshold
         with Image.open(self.folder / info.image) as image:
             pixels = self.pixels([image])  # (1, 3, S, S)
         expected = load_file(str(self.folder / info.reference))[SELFTEST_TENSOR].float()  # (V, d)
@@ -212,14 +222,14 @@ class NanoEdgeRuntime:
         _check_tokens(tokens, (1, self.n_visual, self.manifest.model.width))
         cos = torch.cosine_similarity(tokens[0], expected, dim=-1)  # (V,)
         report = SelfTestReport(tuple(tokens.shape), float(cos.min()), float(cos.mean()),
-                                info.min_cosine, latency_ms, tuple(self.providers))
-        if report.min_cosine < info.min_cosine:
+                                threshold, latency_ms, tuple(self.providers))
+        if report.min_cosine < threshold:
             raise SelfTestError(
-                f"self-test on {report.providers}: token cosine to fp32 min "
-                f"{report.min_cosine:.4f} < {info.min_cosine:.4f} (CPU gave "
-                f"{info.cpu_cosine:.4f} at export); this provider mis-runs the bundle")
-        log.info("self-test passed on %s: cosine min %.4f, %.1f ms", report.providers,
-                 report.min_cosine, latency_ms)
+                f"self-test of the {self.target} graph on {report.providers}: token cosine to "
+                f"fp32 min {report.min_cosine:.4f} < {threshold:.4f} (CPU gave "
+                f"{variant.self_test_cosine:.4f} at export); this provider mis-runs the bundle")
+        log.info("self-test of the %s graph passed on %s: cosine min %.4f, %.1f ms",
+                 self.target, report.providers, report.min_cosine, latency_ms)
         return report
 
     def _timed_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -244,6 +254,7 @@ def load_bundle(
     path: Path,
     providers: Sequence[ProviderSpec] = (CPU_PROVIDER,),
     *,
+    target: EncoderTarget | None = None,
     intra_op_threads: int = 0,
     batch_size: int = 8,
     self_test: bool = True,
@@ -252,12 +263,18 @@ def load_bundle(
 
     ``providers`` are onnxruntime provider names or ``(name, options)`` pairs in priority
     order (``RuntimeSettings.ort_providers(state_dir)`` gives them); the ones this onnxruntime
-    build lacks are skipped, with CPU as the last resort.
+    build lacks are skipped, with CPU as the last resort. ``target`` picks the encoder graph;
+    None: the one made for the first provider that is really available (``encoder_target``).
     """
     folder = Path(path)
     manifest = verify_bundle(folder)
     model = manifest.model
-    session = open_session(folder / ONNX_NAME, providers, intra_op_threads=intra_op_threads)
+    chosen = choose_providers(providers)
+    target = target or encoder_target([name for name, _ in chosen])
+    variant = manifest.encoders[target]
+    log.info("bundle %s: %s encoder graph %s (%s activations)", manifest.bundle_version, target,
+             variant.file, variant.calibration.activations or "fp32")
+    session = open_session(folder / variant.file, chosen, intra_op_threads=intra_op_threads)
     encoder = OnnxEncoder(session, model.input, model.output, batch_size=batch_size)
     embedder = load_embedder(folder / EMBEDDER_NAME, manifest.embedder.dtype)
     if (embedder.num_embeddings, embedder.embedding_dim) != (model.vocab_size, model.width):
@@ -265,29 +282,41 @@ def load_bundle(
                           f"({model.vocab_size}, {model.width})")
     config = AdapterConfig.model_validate_json((folder / ADAPTER_CONFIG_NAME).read_bytes())
     runtime = NanoEdgeRuntime(
-        folder=folder, manifest=manifest, encoder=encoder,
+        folder=folder, manifest=manifest, target=target, encoder=encoder,
         tokenizer=HFTokenizer.from_file(str(folder / TOKENIZER_NAME)),
         template=_read_template(folder / TEMPLATE_NAME), adapter_config=config,
         edge=NanoEdge(nn.Identity(), embedder, config, encoder=encoder),
     )
-    _warn_tensorrt_u8(manifest, runtime.providers)
+    _warn_tensorrt_u8(runtime)
     if self_test:
         runtime.self_test()
     return runtime
 
 
-def _warn_tensorrt_u8(manifest: BundleManifest, providers: Sequence[str]) -> None:
-    if TENSORRT_PROVIDER in providers and manifest.calibration.activations == "u8":
-        log.warning("bundle %s has asymmetric u8 activations, which TensorRT does not run; "
-                    "export it with activations='s8-symmetric' for Jetson devices",
-                    manifest.bundle_version)
+def encoder_target(providers: Sequence[str]) -> EncoderTarget:
+    """The graph for these (available, ordered) providers: TensorRT's if it comes first.
+
+    onnxruntime assigns each node to the first provider that takes it, so the first provider
+    runs the graph; with CUDA first the QDQ graph runs as float kernels either way, and the
+    CPU graph is the one whose leftovers run fastest on the CPU.
+    """
+    return "tensorrt" if providers and providers[0] == TENSORRT_PROVIDER else "cpu"
+
+
+def _warn_tensorrt_u8(runtime: NanoEdgeRuntime) -> None:
+    if TENSORRT_PROVIDER in runtime.providers and (
+            runtime.variant.calibration.activations == "u8"):
+        log.warning("bundle %s: the %s graph has asymmetric u8 activations, which TensorRT does "
+                    "not run; use the tensorrt graph (profile runtime.encoder) on Jetson devices",
+                    runtime.bundle_version, runtime.target)
 
 
 def load_bundle_for_profile(
     path: Path, runtime: RuntimeSettings, state_dir: Path, *, self_test: bool = True,
 ) -> NanoEdgeRuntime:
-    """``load_bundle`` with the providers, threads and batch of a device profile."""
+    """``load_bundle`` with the providers, encoder graph, threads and batch of a profile."""
     loaded = load_bundle(path, runtime.ort_providers(state_dir),
+                         target=None if runtime.encoder == "auto" else runtime.encoder,
                          intra_op_threads=runtime.intra_op_threads,
                          batch_size=runtime.batch_size, self_test=self_test)
     if loaded.manifest.precision != runtime.precision:

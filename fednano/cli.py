@@ -110,26 +110,27 @@ def bundle_export(
                                       show_default=False)],
     precision: Annotated[Literal["int8", "fp32"], typer.Option(
         help="Encoder + connector graph: static QDQ int8 (calibrated) or fp32.")] = "int8",
-    activations: Annotated[Literal["s8-symmetric", "u8"], typer.Option(
-        help="int8 activations: s8-symmetric runs on TensorRT (Jetson) and everywhere; u8 is "
-        "faster on x86 CPUs only.")] = "s8-symmetric",
     embedder_dtype: Annotated[Literal["float16", "int8"], typer.Option(
         help="How the token embedder is stored.")] = "float16",
     min_cosine: Annotated[float, typer.Option(
-        help="Quality gate: least per-token cosine to fp32 torch on held-out images.")] = 0.97,
+        help="Quality gate: least per-token cosine to fp32 torch on held-out images, for "
+        "every encoder graph.")] = 0.97,
+    tensorrt_min_cosine: Annotated[float | None, typer.Option(
+        help="The TensorRT graph's own gate (default: --min-cosine).")] = None,
     calibration_images: Annotated[int, typer.Option(min=1)] = 64,
     holdout_images: Annotated[int, typer.Option(min=1)] = 32,
     archive: Annotated[bool, typer.Option(help="Also write OUT/<bundle_version>.tar.")] = False,
     home: Home = DEFAULT_HOME,
     threads: Threads = 0,
 ) -> None:
-    """Export the current base as a device bundle (exit 1 if the quality gate fails)."""
+    """Export the current base as a device bundle: an int8 encoder graph for onnxruntime's CPU
+    provider and one for TensorRT, each with its quality gate (exit 1 if a gate fails)."""
     from cloud.base.manifest import BaseNotBuiltError
     from cloud.bundle import ExportOptions, QualityGateError, export_from_home, log_progress
 
     try:
-        options = ExportOptions(precision=precision, activations=activations,
-                                embedder_dtype=embedder_dtype, min_cosine=min_cosine,
+        options = ExportOptions(precision=precision, embedder_dtype=embedder_dtype,
+                                min_cosine=min_cosine, tensorrt_min_cosine=tensorrt_min_cosine,
                                 archive=archive)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err

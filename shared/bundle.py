@@ -2,7 +2,10 @@
 
 A bundle is one flat folder (or a tar of it, ``<bundle_version>/<file>``)::
 
-    encoder_connector.onnx        pixels (B, 3, S, S) -> visual tokens (B, V, d), one graph
+    encoder_connector.cpu.onnx    pixels (B, 3, S, S) -> visual tokens (B, V, d): the graph
+                                  fastest on onnxruntime's CPU provider (int8, u8 activations)
+    encoder_connector.tensorrt.onnx   the same graph for TensorRT (int8, zero points of 0);
+                                  an fp32 export writes one encoder_connector.onnx for both
     embedder.safetensors          "weight" (vocab, d) float16, or "weight_int8" (vocab, d) int8
                                   + "scale" (vocab,) float32 (one scale per row)
     tokenizer.json                a ``tokenizers`` file (no transformers on the device)
@@ -12,10 +15,15 @@ A bundle is one flat folder (or a tar of it, ``<bundle_version>/<file>``)::
     selftest_tokens.safetensors   "tokens" (V, d): its fp32 torch tokens
     manifest.json                 ``BundleManifest``: sha256 + size of every other file, ...
 
+The manifest's ``encoders`` maps each execution-provider target ("cpu", "tensorrt") to its
+graph file, with that graph's calibration and its own quality gate; a device opens the graph of
+the provider it really runs on (``edge.runtime``). Format 1 bundles (one graph for every
+device) are refused with a one-line error that says to re-export them.
+
 ``bundle_version`` is the first 16 hex of the sha256 of the canonical JSON of the manifest's
-identity (format, base version, precision, model, embedder, files): the same content gives the
-same version, and an edit to a file or to those fields no longer matches it. That is integrity,
-not authenticity: whoever can rewrite the manifest can rewrite its version too.
+identity (format, base version, precision, model, embedder, encoders, files): the same content
+gives the same version, and an edit to a file or to those fields no longer matches it. That is
+integrity, not authenticity: whoever can rewrite the manifest can rewrite its version too.
 
 The cloud writes bundles (``cloud.bundle``), the device reads them (``edge.runtime``); both take
 the format from here, so the two sides cannot drift apart. Only torch, safetensors, pydantic
@@ -35,15 +43,15 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shared.files import atomic_writer
 
-BUNDLE_FORMAT: Final = 1
+BUNDLE_FORMAT: Final = 2
 MANIFEST_NAME = "manifest.json"
-ONNX_NAME = "encoder_connector.onnx"
+ONNX_NAME = "encoder_connector.onnx"  # fp32: one graph for every target
 EMBEDDER_NAME = "embedder.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -51,7 +59,7 @@ TEMPLATE_NAME = "prompt_template.json"
 SELFTEST_IMAGE_NAME = "selftest.png"
 SELFTEST_TOKENS_NAME = "selftest_tokens.safetensors"
 SELFTEST_TENSOR = "tokens"  # the tensor in SELFTEST_TOKENS_NAME: (V, d) float32
-REQUIRED_FILES = (ONNX_NAME, EMBEDDER_NAME, TOKENIZER_NAME, ADAPTER_CONFIG_NAME, TEMPLATE_NAME)
+REQUIRED_FILES = (EMBEDDER_NAME, TOKENIZER_NAME, ADAPTER_CONFIG_NAME, TEMPLATE_NAME)
 VERSION_PATTERN = r"^[0-9a-f]{16}$"
 # A plain file name: no folders, no "." or "..", no hidden files, no spaces.
 FILE_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
@@ -62,6 +70,16 @@ EmbedderDtype = Literal["float16", "int8"]
 # int8 activations: "s8-symmetric" runs on TensorRT (zero points must be 0) and everywhere;
 # "u8" (asymmetric) is what onnxruntime's x86 CPU kernels fuse fully (faster there).
 Activations = Literal["s8-symmetric", "u8"]
+# Which execution provider an encoder graph is made for: onnxruntime's CPU kernels, or TensorRT
+# (Jetson). Every bundle has a graph for each.
+EncoderTarget = Literal["cpu", "tensorrt"]
+ENCODER_TARGETS: tuple[EncoderTarget, ...] = ("cpu", "tensorrt")
+
+
+def encoder_file_name(target: EncoderTarget, precision: Precision) -> str:
+    """The graph file of ``target``: one per target for int8, one shared file for fp32."""
+    return ONNX_NAME if precision == "fp32" else f"encoder_connector.{target}.onnx"
+
 FileName = Annotated[str, Field(pattern=FILE_NAME_PATTERN)]
 
 
@@ -131,23 +149,43 @@ class CalibrationInfo(_Strict):
 
 
 class SelfTestInfo(_Strict):
-    """The start-up check: an image, its fp32 tokens and the cosine they must reach."""
+    """The start-up check: an image and its fp32 tokens (each encoder has its own threshold)."""
 
     image: FileName = SELFTEST_IMAGE_NAME
     reference: FileName = SELFTEST_TOKENS_NAME
-    min_cosine: float
-    cpu_cosine: float
+
+
+class EncoderVariant(_Strict):
+    """One encoder graph file, how it was quantized, and its own quality gate.
+
+    ``self_test_cosine`` is the min token cosine the CPU gave on the self-test image at export;
+    the device's self-test must reach ``quality_gate.threshold``.
+    """
+
+    file: FileName
+    precision: Precision
+    calibration: CalibrationInfo
+    quality_gate: GateInfo
+    self_test_cosine: float
 
 
 class BundleIdentity(_Strict):
-    """What defines a bundle and its version: the format, the base, the graph and every file."""
+    """What defines a bundle and its version: the format, the base, the graphs and every file."""
 
-    format: Literal[1] = BUNDLE_FORMAT
+    format: Literal[2] = BUNDLE_FORMAT
     base_version: str
     precision: Precision
     model: ModelInfo
     embedder: EmbedderInfo
+    encoders: dict[EncoderTarget, EncoderVariant]
     files: dict[FileName, FileRecord]
+
+    @model_validator(mode="after")
+    def _every_target(self) -> BundleIdentity:
+        missing = [t for t in ENCODER_TARGETS if t not in self.encoders]
+        if missing:
+            raise ValueError(f"encoders must have a graph for every target, missing {missing}")
+        return self
 
     def version_id(self) -> str:
         """``bundle_version_id`` of these fields."""
@@ -159,18 +197,16 @@ class BundleManifest(BundleIdentity):
 
     bundle_version: str = Field(pattern=VERSION_PATTERN)
     created_at: str
-    quality_gate: GateInfo
-    calibration: CalibrationInfo
-    self_test: SelfTestInfo
+    self_test: SelfTestInfo = SelfTestInfo()
 
     @classmethod
     def create(
-        cls, identity: BundleIdentity, *, created_at: str, quality_gate: GateInfo,
-        calibration: CalibrationInfo, self_test: SelfTestInfo,
+        cls, identity: BundleIdentity, *, created_at: str,
+        self_test: SelfTestInfo = SelfTestInfo(),
     ) -> BundleManifest:
         """The manifest of ``identity``, its ``bundle_version`` derived from it."""
         return cls(**dict(identity), bundle_version=identity.version_id(), created_at=created_at,
-                   quality_gate=quality_gate, calibration=calibration, self_test=self_test)
+                   self_test=self_test)
 
     def identity(self) -> BundleIdentity:
         """The fields ``bundle_version`` is derived from."""
@@ -189,14 +225,31 @@ def bundle_version_id(identity: Mapping[str, Any]) -> str:
 
 
 def read_manifest(folder: Path) -> BundleManifest:
-    """Parse and validate ``folder/manifest.json``; ``BundleError`` when absent or invalid."""
+    """Parse and validate ``folder/manifest.json``; ``BundleError`` when absent or invalid.
+
+    A manifest of another bundle format is refused with one line that says what to do.
+    """
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{folder} is not a NanoEdge bundle: no {MANIFEST_NAME}")
+    raw = path.read_bytes()
+    _check_format(path, raw)
     try:
-        return BundleManifest.model_validate_json(path.read_bytes())
+        return BundleManifest.model_validate_json(raw)
     except ValidationError as err:
         raise BundleError(f"{path}: invalid bundle manifest: {err}") from err
+
+
+def _check_format(path: Path, raw: bytes) -> None:
+    try:
+        found = json.loads(raw).get("format")
+    except (ValueError, AttributeError):
+        return  # not a JSON object: validation says so
+    if isinstance(found, int) and found != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path}: bundle format {found} is not supported (this version reads format "
+            f"{BUNDLE_FORMAT}: one encoder graph per execution provider); re-export the bundle "
+            "with `fednano bundle export`")
 
 
 # -------------------------------------------------------------------------- files + checks
@@ -247,7 +300,8 @@ def verify_bundle(folder: Path) -> BundleManifest:
     if manifest.identity().version_id() != manifest.bundle_version:
         raise BundleIntegrityError(
             f"{folder}: manifest content does not match bundle version {manifest.bundle_version}")
-    needed = {*REQUIRED_FILES, manifest.self_test.image, manifest.self_test.reference}
+    needed = {*REQUIRED_FILES, manifest.self_test.image, manifest.self_test.reference,
+              *(variant.file for variant in manifest.encoders.values())}
     missing = sorted(needed - set(manifest.files))
     if missing:
         raise BundleIntegrityError(f"{folder}: manifest lists no {missing}")

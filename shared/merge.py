@@ -88,8 +88,11 @@ def fisher_weighted_merge(
 class FisherAccumulator:
     """Streaming Fisher merge: ``add`` one client at a time, memory flat in the client count.
 
-    Keeps ``Σ λ F̃ Δ``, ``Σ λ F̃`` and ``Σ λ Δ`` per key in float64 (F̃: the client's Fisher
-    after ``normalize`` and ``floor``, see ``fisher_weighted_merge``); weights need not sum to 1.
+    Keeps ``Σ λ F̃ Δ``, ``Σ λ F̃`` and ``Σ λ Δ`` in float64 (F̃: the client's Fisher after
+    ``normalize`` and ``floor``, see ``fisher_weighted_merge``); weights need not sum to 1.
+    All keys live in one flat buffer per sum (``num``, ``mass`` and ``plain`` are per-key views
+    of it), so folding a client in costs a handful of tensor operations whatever the number of
+    keys; every element is still summed in client order, as a per-key loop would.
     """
 
     def __init__(
@@ -102,9 +105,13 @@ class FisherAccumulator:
         self.reference = reference
         self.normalize = normalize
         self.floor = floor
-        self.num = _zeros_like(reference)  # Σ λ F̃ Δ
-        self.mass = _zeros_like(reference)  # Σ λ F̃
-        self.plain = _zeros_like(reference)  # Σ λ Δ
+        self._layout = _FlatLayout(reference)
+        self._num = self._layout.zeros()  # Σ λ F̃ Δ, (P,)
+        self._mass = self._layout.zeros()  # Σ λ F̃, (P,)
+        self._plain = self._layout.zeros()  # Σ λ Δ, (P,)
+        self.num = self._layout.views(self._num)
+        self.mass = self._layout.views(self._mass)
+        self.plain = self._layout.views(self._plain)
         self.total_weight = 0.0
         self.count = 0
 
@@ -113,16 +120,24 @@ class FisherAccumulator:
         """Fold one client's delta and Fisher in with weight λ (finite, >= 0)."""
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{name}: weight must be finite and >= 0, got {weight!r}")
-        _check_states([delta], self.reference, f"{name} delta")
-        _check_states([fisher], self.reference, f"{name} fisher", nonnegative=True)
-        scaled = _floored(_normalize_fisher(fisher, self.normalize), self.floor)
-        for key in self.reference:
-            d = delta[key].double()
-            self.num[key].addcmul_(scaled[key], d, value=weight)
-            self.mass[key].add_(scaled[key], alpha=weight)
-            self.plain[key].add_(d, alpha=weight)
+        d = self._layout.flatten(delta, f"{name} delta")  # (P,) float64
+        f = self._layout.flatten(fisher, f"{name} fisher", nonnegative=True)  # (P,) float64
+        scaled = self._scaled(f)
+        self._num.addcmul_(scaled, d, value=weight)
+        self._mass.add_(scaled, alpha=weight)
+        self._plain.add_(d, alpha=weight)
         self.total_weight += weight
         self.count += 1
+
+    def _scaled(self, fisher: torch.Tensor) -> torch.Tensor:  # (P,) -> (P,)
+        """``_floored(_normalize_fisher(...))`` on the flat buffer: the scales come from the
+        same per-key reductions, the elementwise maths is the same."""
+        if self.normalize is not None:
+            scale = _fisher_scale(self._layout.views(fisher), self.normalize)
+            fisher = fisher if scale == 0.0 else fisher / scale
+        if self.floor != 0.0:
+            fisher = fisher.clamp(min=self.floor * _mean_over_keys(self._layout.views(fisher)))
+        return fisher
 
     def merged_delta(self, eps: float = 1e-8, fallback: float = 0.0) -> AdapterState:
         """The merged step ``Σ λ F̃ Δ / (Σ λ F̃ + ε)`` (FedAvg where the mass is below
@@ -145,6 +160,59 @@ class FisherAccumulator:
                                    step)
             merged[key] = step.to(ref.dtype)
         return merged
+
+
+class _FlatLayout:
+    """The keys and shapes of a reference state laid end to end in one flat float64 vector."""
+
+    def __init__(self, reference: AdapterState) -> None:
+        self.reference = reference
+        self.shapes = {key: tuple(value.shape) for key, value in reference.items()}
+        self.numel = sum(value.numel() for value in reference.values())
+        self.device = next(iter(reference.values())).device if reference else None
+
+    def zeros(self) -> torch.Tensor:  # (P,)
+        return torch.zeros(self.numel, dtype=torch.float64, device=self.device)
+
+    def views(self, flat: torch.Tensor) -> AdapterState:
+        """Per-key views of a flat (P,) vector, in the reference's shapes (no copies)."""
+        views, start = {}, 0
+        for key, shape in self.shapes.items():
+            size = math.prod(shape)
+            views[key] = flat[start:start + size].view(shape)
+            start += size
+        return views
+
+    def flatten(self, state: AdapterState, what: str, nonnegative: bool = False) -> torch.Tensor:
+        """The state as one float64 (P,) vector, checked like ``_check_states`` (same errors).
+
+        Fast path: the keys and shapes are compared in Python and the values with two
+        reductions (a finite sum means every value is finite; a min >= 0 that nothing is
+        negative); anything odd goes through ``_check_states`` for the precise error.
+        """
+        if self._fits(state):
+            flat = torch.cat([state[key].reshape(-1) for key in self.shapes]).double()
+            if _all_finite(flat) and (not nonnegative or bool(flat.min() >= 0)):
+                return flat
+        _check_states([state], self.reference, what, nonnegative=nonnegative)
+        if not self.shapes:
+            return self.zeros()
+        return torch.cat([state[key].reshape(-1).double() for key in self.shapes])
+
+    def _fits(self, state: AdapterState) -> bool:
+        if len(state) != len(self.shapes) or not self.shapes:
+            return False
+        for key, shape in self.shapes.items():
+            value = state.get(key)
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and tuple(value.shape) == shape):
+                return False
+        return True
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    """True iff every value is finite: their float64 sum is finite (NaN and ±Inf propagate)."""
+    return math.isfinite(float(flat.sum()))
 
 
 def apply_delta(global_state: AdapterState, delta: AdapterState) -> AdapterState:
@@ -236,31 +304,13 @@ def _mean_over_keys(state: AdapterState) -> float:
     return float(sum(float(t.sum()) for t in state.values()) / numel) if numel else 0.0
 
 
-def _normalize_fisher(fisher: AdapterState, normalize: str | None) -> AdapterState:
-    """Divide one client's Fisher by its own mean, max or L2 norm over all keys (float64)."""
-    as64 = {k: v.double() for k, v in fisher.items()}
-    if normalize is None:
-        return as64
+def _fisher_scale(fisher: AdapterState, normalize: str) -> float:
+    """One client's mean, L2 norm or max of its (float64) Fisher over all keys."""
     if normalize == "mean":
-        scale = _mean_over_keys(as64)
-    elif normalize == "l2":
-        scale = math.sqrt(sum(float(v.square().sum()) for v in as64.values()))
-    else:
-        scale = max((float(v.max()) for v in as64.values() if v.numel()), default=0.0)
-    return as64 if scale == 0.0 else {k: v / scale for k, v in as64.items()}
-
-
-def _floored(fisher: AdapterState, floor: float) -> AdapterState:
-    """Each element at least ``floor`` times the client's own mean Fisher (float64 in/out)."""
-    if floor == 0.0:
-        return fisher
-    low = floor * _mean_over_keys(fisher)
-    return {k: v.clamp(min=low) for k, v in fisher.items()}
-
-
-def _zeros_like(reference: AdapterState) -> AdapterState:
-    return {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device)
-            for k, v in reference.items()}
+        return _mean_over_keys(fisher)
+    if normalize == "l2":
+        return math.sqrt(sum(float(v.square().sum()) for v in fisher.values()))
+    return max((float(v.max()) for v in fisher.values() if v.numel()), default=0.0)
 
 
 def _normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:

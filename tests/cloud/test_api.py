@@ -249,13 +249,14 @@ def test_bundles_are_off_without_a_folder(client: TestClient) -> None:
 def _fake_bundle(root: Path) -> str:
     """A bundle folder with one file and a valid manifest (what the exporter would write)."""
     from shared.bundle import (
+        ENCODER_TARGETS,
         BundleIdentity,
         BundleManifest,
         CalibrationInfo,
         EmbedderInfo,
+        EncoderVariant,
         GateInfo,
         ModelInfo,
-        SelfTestInfo,
         file_records,
         write_archive,
     )
@@ -267,13 +268,14 @@ def _fake_bundle(root: Path) -> str:
         base_version="base-test-1", precision="fp32",
         model=ModelInfo(encoder="toy", image_size=8, n_visual=4, width=8, vocab_size=16,
                         input="pixels", output="tokens", opset=17),
-        embedder=EmbedderInfo(dtype="float16"), files=file_records(staging))
-    manifest = BundleManifest.create(
-        identity, created_at="2030-01-01T00:00:00Z",
-        quality_gate=GateInfo(metric="cosine", threshold=0.9, mean=1.0, min=1.0, n_images=0,
-                              n_tokens=0, passed=True),
-        calibration=CalibrationInfo(n_images=0), self_test=SelfTestInfo(min_cosine=0.9,
-                                                                        cpu_cosine=1.0))
+        embedder=EmbedderInfo(dtype="float16"), files=file_records(staging),
+        encoders={target: EncoderVariant(
+            file="encoder_connector.onnx", precision="fp32",
+            calibration=CalibrationInfo(n_images=0), self_test_cosine=1.0,
+            quality_gate=GateInfo(metric="cosine", threshold=0.9, mean=1.0, min=1.0,
+                                  n_images=0, n_tokens=0, passed=True))
+            for target in ENCODER_TARGETS})
+    manifest = BundleManifest.create(identity, created_at="2030-01-01T00:00:00Z")
     folder = staging.rename(root / manifest.bundle_version)
     (folder / "manifest.json").write_text(manifest.to_json())
     write_archive(folder, folder.with_suffix(".tar"))

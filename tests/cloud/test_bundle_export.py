@@ -28,6 +28,7 @@ from cloud.bundle import (
     EncoderConnector,
     ExportOptions,
     QualityGateError,
+    QuantRecipe,
     export_bundle,
     export_from_home,
     export_parts,
@@ -99,17 +100,19 @@ def test_int8_export_loads_and_matches_torch(tmp_path: Path) -> None:
     folder = export(tmp_path)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert folder.name == manifest["bundle_version"] and manifest["base_version"] == "tinybase"
-    assert manifest["quality_gate"]["passed"] and manifest["quality_gate"]["min"] >= 0.97
-    assert manifest["calibration"]["n_images"] == 16
+    for variant in manifest["encoders"].values():
+        assert variant["quality_gate"]["passed"] and variant["quality_gate"]["min"] >= 0.97
+        assert variant["calibration"]["n_images"] == 16
     assert manifest["model"]["n_visual"] == 4 and manifest["model"]["width"] == WIDTH
     assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest["files"], MANIFEST_NAME])
-    model = onnx.load(str(folder / ONNX_NAME))
+    trt_graph = folder / manifest["encoders"]["tensorrt"]["file"]
+    model = onnx.load(str(trt_graph))
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # static QDQ
     zero_points = [init for init in model.graph.initializer if init.name.endswith("zero_point")]
     assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)
 
-    runtime = load_bundle(folder)  # verifies hashes and runs the self-test
+    runtime = load_bundle(folder, target="tensorrt")  # verifies hashes and runs the self-test
     test = images(3, 3)
     got = runtime.visual_tokens(test)
     assert got.shape == (3, 4, WIDTH)
@@ -117,25 +120,44 @@ def test_int8_export_loads_and_matches_torch(tmp_path: Path) -> None:
     assert float(cos.min()) > 0.95
     assert runtime.visual_tokens(test[:1]).shape == (1, 4, WIDTH)  # dynamic batch
     other = tiny_parts(seed=1)  # the gate tells a wrong model apart
-    gate = quality_gate(EncoderConnector(other.encoder, other.connector), folder / ONNX_NAME,
+    gate = quality_gate(EncoderConnector(other.encoder, other.connector), trt_graph,
                         test, 0.97, SIZE, progress=False)
     assert not gate.passed and gate.n_tokens == 12
 
 
 def test_u8_activations_for_cpu_devices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = export(tmp_path, activations="u8")
-    model = onnx.load(str(folder / ONNX_NAME))
+    folder = export(tmp_path)
+    manifest = verify_bundle(folder)
+    cpu = manifest.encoders["cpu"]
+    model = onnx.load(str(folder / cpu.file))
     zero_points = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer
                    if init.name.endswith("zero_point")]
     assert any(z.dtype == np.uint8 for z in zero_points)  # activations: uint8, asymmetric
-    manifest = verify_bundle(folder)
-    assert manifest.calibration.activations == "u8" and manifest.quality_gate.passed
-    _warn_tensorrt_u8(manifest, ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert cpu.calibration.activations == "u8" and cpu.quality_gate.passed
+    runtime = load_bundle(folder, self_test=False)
+    assert runtime.target == "cpu"
+    runtime.encoder.session.get_providers = lambda: [  # type: ignore[method-assign]
+        "TensorrtExecutionProvider", "CPUExecutionProvider"]
+    _warn_tensorrt_u8(runtime)
     assert "TensorRT does not run" in caplog.text
 
 
+def test_each_graph_has_its_own_recipe_and_gate(tmp_path: Path) -> None:
+    recipes = {"cpu": QuantRecipe(activations="u8", method="Percentile"),
+               "tensorrt": QuantRecipe(activations="s8-symmetric")}
+    folder = export(tmp_path, recipes=recipes, tensorrt_min_cosine=0.9)
+    encoders = verify_bundle(folder).encoders
+    assert encoders["cpu"].calibration.method == "Percentile"
+    assert encoders["cpu"].quality_gate.threshold == 0.97
+    assert encoders["tensorrt"].quality_gate.threshold == 0.9
+    with pytest.raises(QualityGateError, match="quality gate of the tensorrt graph failed"):
+        export(tmp_path, tensorrt_min_cosine=1.01)
+    with pytest.raises(ValueError, match="recipes must cover"):
+        ExportOptions(recipes={"cpu": recipes["cpu"]})
+
+
 def test_gate_refuses_and_publishes_nothing(tmp_path: Path) -> None:
-    with pytest.raises(QualityGateError, match="quality gate failed") as info:
+    with pytest.raises(QualityGateError, match="quality gate of the cpu graph failed") as info:
         export(tmp_path, precision="fp32", min_cosine=1.01)
     assert info.value.gate.min < 1.01 and not info.value.gate.passed
     assert list((tmp_path / "bundles").iterdir()) == []
@@ -144,7 +166,10 @@ def test_gate_refuses_and_publishes_nothing(tmp_path: Path) -> None:
 def test_fp32_bundle_with_int8_embedder(tmp_path: Path) -> None:
     folder = export(tmp_path, precision="fp32", embedder_dtype="int8", archive=True)
     manifest = verify_bundle(folder)
-    assert manifest.precision == "fp32" and manifest.quality_gate.min > 0.9999
+    assert manifest.precision == "fp32"
+    assert manifest.encoders["cpu"] == manifest.encoders["tensorrt"]  # one graph for both
+    assert manifest.encoders["cpu"].file == ONNX_NAME
+    assert manifest.encoders["cpu"].quality_gate.min > 0.9999
     stored = load_file(str(folder / EMBEDDER_NAME))
     assert stored["weight_int8"].dtype == torch.int8 and stored["scale"].shape == (VOCAB,)
     runtime = load_bundle(folder)
@@ -234,7 +259,8 @@ def test_export_from_home_uses_the_bases_public_images(
                                                                  progress=False))
     manifest = verify_bundle(folder)
     assert loaded == [tmp_path / "home"] and manifest.precision == "fp32"
-    assert manifest.quality_gate.n_images == 2 and manifest.model.image_size == 224
+    assert manifest.encoders["cpu"].quality_gate.n_images == 2
+    assert manifest.model.image_size == 224
 
 
 def test_fednano_bundle_export_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,7 +275,7 @@ def test_fednano_bundle_export_command(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(cloud.bundle, "export_from_home", fake_export)
     args = ["bundle", "export", "--out", str(tmp_path / "out"), "--home", str(tmp_path),
-            "--precision", "int8", "--activations", "u8", "--embedder-dtype", "int8",
+            "--precision", "int8", "--tensorrt-min-cosine", "0.95", "--embedder-dtype", "int8",
             "--min-cosine", "0.9", "--archive", "--calibration-images", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -257,7 +283,7 @@ def test_fednano_bundle_export_command(tmp_path: Path, monkeypatch: pytest.Monke
     (call,) = calls
     assert (call["home"], call["out"], call["n_calibration"], call["n_holdout"]) == (
         tmp_path, tmp_path / "out", 8, 32)
-    assert call["options"] == ExportOptions(precision="int8", activations="u8",
+    assert call["options"] == ExportOptions(precision="int8", tensorrt_min_cosine=0.95,
                                             embedder_dtype="int8", min_cosine=0.9, archive=True)
     bad = CliRunner().invoke(app, ["bundle", "export", "--out", "x", "--precision", "int4"])
     assert bad.exit_code == 2 and not calls[1:]

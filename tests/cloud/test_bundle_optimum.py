@@ -37,7 +37,7 @@ from cloud.bundle_hf import (
 from cloud.split import LlavaVisionEncoder
 from edge.runtime import load_bundle
 from shared.adapters import AdapterConfig
-from shared.bundle import MANIFEST_NAME, ONNX_NAME, verify_bundle
+from shared.bundle import MANIFEST_NAME, verify_bundle
 from shared.vision import preprocess
 from tests.cloud.test_bundle_export import word_tokenizer
 from tests.device_probe import load_bundle_on_device
@@ -108,10 +108,12 @@ def test_int8_bundle_loads_on_the_edge_and_matches_llava(int8_bundle) -> None:
     n_visual = (SIZE // PATCH) ** 2 + int(has_cls and strategy == "full")
     assert manifest["model"]["encoder"].endswith("_vision_model (optimum)")
     assert (manifest["model"]["n_visual"], manifest["model"]["width"]) == (n_visual, WIDTH)
-    assert manifest["quality_gate"]["passed"] and manifest["quality_gate"]["min"] >= 0.97
-    assert manifest["calibration"]["format"] == "QDQ on Conv, MatMul, Gemm"
-    assert manifest["calibration"]["per_channel"]
-    graph = onnx.load(str(folder / ONNX_NAME)).graph
+    for graph_record in manifest["encoders"].values():
+        assert graph_record["quality_gate"]["passed"]
+        assert graph_record["quality_gate"]["min"] >= 0.97
+        assert graph_record["calibration"]["format"] == "QDQ on Conv, MatMul, Gemm"
+        assert graph_record["calibration"]["per_channel"]
+    graph = onnx.load(str(folder / manifest["encoders"]["tensorrt"]["file"])).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear"
                    for out in node.output}
     readers = {node.op_type for node in graph.node if node.input and node.input[0] in dequantized}
@@ -204,7 +206,7 @@ def test_export_refuses_a_tower_optimum_gets_wrong(
 def test_fp32_bundle_verifies(tmp_path: Path) -> None:
     folder = export(tiny_llava("clip-default"), tmp_path, precision="fp32")
     manifest = verify_bundle(folder)
-    assert manifest.precision == "fp32" and manifest.quality_gate.min > 0.9999
+    assert manifest.precision == "fp32" and manifest.encoders["cpu"].quality_gate.min > 0.9999
     assert load_bundle(folder).self_test().min_cosine > 0.9999
 
 

@@ -10,8 +10,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -28,6 +30,7 @@ from edge.runtime import (
     OnnxEncoder,
     SelfTestError,
     choose_providers,
+    encoder_target,
     load_bundle,
     load_bundle_for_profile,
     open_session,
@@ -174,6 +177,50 @@ def test_load_with_profile_settings(bundle: Path, tmp_path: Path) -> None:
                                batch_size=3, intra_op_threads=1)
     runtime = load_bundle_for_profile(bundle, settings, tmp_path / "state")
     assert runtime.encoder.batch_size == 3 and runtime.providers == [CPU_PROVIDER]
+    assert runtime.target == "cpu"  # auto on a CPU-only onnxruntime
+    forced = RuntimeSettings(providers=("CPUExecutionProvider",), encoder="tensorrt")
+    runtime = load_bundle_for_profile(bundle, forced, tmp_path / "state")
+    assert runtime.target == "tensorrt" and runtime.self_test().min_cosine >= 0.97
+
+
+def _zero_points(model: Path) -> list[np.ndarray]:
+    graph = onnx.load(str(model)).graph
+    names = {node.input[2] for node in graph.node
+             if node.op_type == "QuantizeLinear" and len(node.input) > 2}
+    return [numpy_helper.to_array(t) for t in graph.initializer if t.name in names]
+
+
+def test_each_provider_gets_its_own_graph(bundle: Path) -> None:
+    """The CPU graph has u8 activations (fused by onnxruntime's x86 kernels), the TensorRT
+    graph zero points of 0 (all TensorRT builds); each is a separate, gated file."""
+    manifest = verify_bundle(bundle)
+    cpu, trt = manifest.encoders["cpu"], manifest.encoders["tensorrt"]
+    assert cpu.file != trt.file and {cpu.file, trt.file} <= set(manifest.files)
+    assert (cpu.calibration.activations, trt.calibration.activations) == ("u8", "s8-symmetric")
+    assert all(z.dtype == np.uint8 for z in _zero_points(bundle / cpu.file))
+    trt_zero = _zero_points(bundle / trt.file)
+    assert trt_zero and all(z.dtype == np.int8 and not z.any() for z in trt_zero)
+    assert cpu.quality_gate.passed and trt.quality_gate.passed
+    runtime = load_bundle(bundle, self_test=False)
+    assert runtime.target == "cpu" and runtime.variant == cpu
+    assert load_bundle(bundle, target="tensorrt").variant == trt  # self-test with its gate
+
+
+def test_the_first_available_provider_picks_the_graph() -> None:
+    assert encoder_target(["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                           CPU_PROVIDER]) == "tensorrt"
+    assert encoder_target(["CUDAExecutionProvider", CPU_PROVIDER]) == "cpu"
+    assert encoder_target([CPU_PROVIDER]) == "cpu"
+
+
+def test_format_1_bundle_is_refused_in_one_line(bundle: Path) -> None:
+    path = bundle / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["format"] = 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"bundle format 1 is not supported.*re-export") as err:
+        load_bundle(bundle)
+    assert "\n" not in str(err.value)
 
 
 def test_unpack_refuses_paths_outside_the_bundle(tmp_path: Path) -> None:

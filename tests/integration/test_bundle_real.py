@@ -36,13 +36,21 @@ def bundle(real_base, fednano_home: Path, tmp_path_factory: pytest.TempPathFacto
     return folder
 
 
-def test_int8_bundle_passes_gate_and_self_test(bundle: Path) -> None:
-    runtime = load_bundle(bundle)  # hashes + self-test
-    gate = runtime.manifest.quality_gate
-    assert gate.passed and gate.min >= MIN_COSINE and gate.n_images == 34  # 32 + 2 photos
-    assert runtime.manifest.calibration.n_images == 64
-    assert runtime.self_test().min_cosine >= MIN_COSINE
-    assert (bundle / "encoder_connector.onnx").stat().st_size < 6 * 2**20  # int8: ~4.9 MB
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_int8_bundle_passes_gate_and_self_test(bundle: Path, target: str) -> None:
+    runtime = load_bundle(bundle, target=target)  # type: ignore[arg-type]  # hashes + self-test
+    variant = runtime.variant
+    gate = variant.quality_gate
+    assert gate.passed and gate.min >= gate.threshold and gate.n_images == 34  # 32 + 2 photos
+    assert variant.calibration.n_images == 64
+    assert runtime.self_test().min_cosine >= gate.threshold
+    assert (bundle / variant.file).stat().st_size < 6 * 2**20  # int8: ~4.9 MB
+
+
+def test_cpu_devices_get_the_cpu_graph_at_the_full_gate(bundle: Path) -> None:
+    runtime = load_bundle(bundle, self_test=False)  # onnxruntime's CPU provider here
+    assert runtime.target == "cpu" and runtime.variant.calibration.activations == "u8"
+    assert runtime.variant.quality_gate.threshold == MIN_COSINE
 
 
 def test_device_matches_the_cloud_base(real_base, bundle: Path) -> None:

@@ -20,7 +20,6 @@ from torch import nn
 from shared.bundle import (
     EMBEDDER_NAME,
     MANIFEST_NAME,
-    ONNX_NAME,
     REQUIRED_FILES,
     SELFTEST_IMAGE_NAME,
     SELFTEST_TOKENS_NAME,
@@ -30,10 +29,11 @@ from shared.bundle import (
     BundleManifest,
     CalibrationInfo,
     EmbedderInfo,
+    EncoderVariant,
     GateInfo,
     ModelInfo,
-    SelfTestInfo,
     bundle_version_id,
+    encoder_file_name,
     file_record,
     file_records,
     load_embedder,
@@ -45,25 +45,35 @@ from shared.bundle import (
 
 MODEL = ModelInfo(encoder="tiny", image_size=32, n_visual=4, width=16, vocab_size=8,
                   input="pixels", output="visual_tokens", opset=18)
+CPU_GRAPH = encoder_file_name("cpu", "int8")
+TRT_GRAPH = encoder_file_name("tensorrt", "int8")
+
+
+def _variant(file: str, activations: Any) -> EncoderVariant:
+    return EncoderVariant(
+        file=file, precision="int8",
+        calibration=CalibrationInfo(n_images=8, source="test", activations=activations),
+        quality_gate=GateInfo(metric="cosine", threshold=0.97, mean=0.99, min=0.98, n_images=2,
+                              n_tokens=8, passed=True),
+        self_test_cosine=0.99)
+
+
+ENCODERS = {"cpu": _variant(CPU_GRAPH, "u8"), "tensorrt": _variant(TRT_GRAPH, "s8-symmetric")}
 
 
 def _write_files(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (*REQUIRED_FILES, SELFTEST_IMAGE_NAME, SELFTEST_TOKENS_NAME):
+    for name in (*REQUIRED_FILES, CPU_GRAPH, TRT_GRAPH, SELFTEST_IMAGE_NAME,
+                 SELFTEST_TOKENS_NAME):
         (folder / name).write_bytes(f"placeholder {name}".encode())
 
 
 def _manifest(folder: Path, **identity: Any) -> BundleManifest:
     fields: dict[str, Any] = {"base_version": "tinybase", "precision": "int8", "model": MODEL,
-                              "embedder": EmbedderInfo(dtype="float16"),
+                              "embedder": EmbedderInfo(dtype="float16"), "encoders": ENCODERS,
                               "files": file_records(folder), **identity}
-    return BundleManifest.create(
-        BundleIdentity(**fields), created_at="2026-01-01T00:00:00+00:00",
-        quality_gate=GateInfo(metric="cosine", threshold=0.97, mean=0.99, min=0.98, n_images=2,
-                              n_tokens=8, passed=True),
-        calibration=CalibrationInfo(n_images=8, source="test", activations="s8-symmetric"),
-        self_test=SelfTestInfo(min_cosine=0.97, cpu_cosine=0.99),
-    )
+    return BundleManifest.create(BundleIdentity(**fields),
+                                 created_at="2026-01-01T00:00:00+00:00")
 
 
 @pytest.fixture
@@ -78,29 +88,33 @@ def test_manifest_round_trips_and_verifies(bundle: Path) -> None:
     manifest = verify_bundle(bundle)
     assert manifest == BundleManifest.model_validate_json(manifest.to_json())
     assert manifest.bundle_version == manifest.identity().version_id()
-    assert set(manifest.files) == {*REQUIRED_FILES, SELFTEST_IMAGE_NAME, SELFTEST_TOKENS_NAME}
-    assert manifest.files[ONNX_NAME] == file_record(bundle / ONNX_NAME)
+    assert set(manifest.files) == {*REQUIRED_FILES, CPU_GRAPH, TRT_GRAPH, SELFTEST_IMAGE_NAME,
+                                   SELFTEST_TOKENS_NAME}
+    assert manifest.files[CPU_GRAPH] == file_record(bundle / CPU_GRAPH)
+    assert manifest.encoders["cpu"].file == CPU_GRAPH
+    assert manifest.encoders["tensorrt"].calibration.activations == "s8-symmetric"
 
 
 def test_version_id_is_canonical_and_pinned() -> None:
     assert bundle_version_id({"b": 1, "a": [1, 2]}) == bundle_version_id({"a": [1, 2], "b": 1})
     # Pinned: devices verify bundles exported by older clouds, so the hashing must not drift.
     identity = BundleIdentity(base_version="tinybase", precision="int8", model=MODEL,
-                              embedder=EmbedderInfo(dtype="float16"),
-                              files={ONNX_NAME: {"sha256": "0" * 64, "size": 3}})
+                              embedder=EmbedderInfo(dtype="float16"), encoders=ENCODERS,
+                              files={CPU_GRAPH: {"sha256": "0" * 64, "size": 3}})
     assert identity.model_dump(mode="json") == {
-        "format": 1, "base_version": "tinybase", "precision": "int8",
+        "format": 2, "base_version": "tinybase", "precision": "int8",
         "model": MODEL.model_dump(), "embedder": {"dtype": "float16"},
-        "files": {ONNX_NAME: {"sha256": "0" * 64, "size": 3}},
+        "encoders": {t: v.model_dump(mode="json") for t, v in ENCODERS.items()},
+        "files": {CPU_GRAPH: {"sha256": "0" * 64, "size": 3}},
     }
-    assert identity.version_id() == "2d632a5b89f2da04"
+    assert identity.version_id() == "d9609972ec7e218d"
 
 
 def test_version_follows_content(bundle: Path) -> None:
     first = _manifest(bundle)
     assert _manifest(bundle).bundle_version == first.bundle_version  # same content, same id
     assert _manifest(bundle, precision="fp32").bundle_version != first.bundle_version
-    (bundle / ONNX_NAME).write_bytes(b"another graph")
+    (bundle / CPU_GRAPH).write_bytes(b"another graph")
     assert _manifest(bundle).bundle_version != first.bundle_version
 
 
@@ -114,7 +128,7 @@ def test_manifest_schema_is_strict(bundle: Path, edit: str) -> None:
     elif edit == "nested_unknown":
         data["model"]["layers"] = 3
     elif edit == "bad_file_name":
-        data["files"]["../escape"] = data["files"][ONNX_NAME]
+        data["files"]["../escape"] = data["files"][CPU_GRAPH]
     elif edit == "bad_version":
         data["bundle_version"] = "NOT-HEX"
     else:
@@ -122,6 +136,27 @@ def test_manifest_schema_is_strict(bundle: Path, edit: str) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="invalid bundle manifest"):
         verify_bundle(bundle)
+
+
+def test_every_target_needs_a_graph(bundle: Path) -> None:
+    with pytest.raises(ValueError, match=r"missing \['tensorrt'\]"):
+        _manifest(bundle, encoders={"cpu": ENCODERS["cpu"]})
+    with pytest.raises(ValueError, match="encoders"):
+        _manifest(bundle, encoders={**ENCODERS, "gpu": ENCODERS["cpu"]})
+
+
+def test_other_formats_are_refused_in_one_line(bundle: Path) -> None:
+    path = bundle / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    for key in ("encoders",):
+        data.pop(key)
+    data.update(format=1, quality_gate={}, calibration={})  # a format 1 manifest's shape
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError) as err:
+        verify_bundle(bundle)
+    message = str(err.value)
+    assert "bundle format 1 is not supported" in message and "fednano bundle export" in message
+    assert "\n" not in message
 
 
 def test_integrity_failures(bundle: Path) -> None:
@@ -138,10 +173,10 @@ def test_listing_must_be_exact(bundle: Path) -> None:
     with pytest.raises(BundleIntegrityError, match="not in the manifest"):
         verify_bundle(bundle)
     (bundle / "extra").rmdir()
-    (bundle / ONNX_NAME).unlink()
+    (bundle / TRT_GRAPH).unlink()
     with pytest.raises(BundleIntegrityError, match="missing"):
         verify_bundle(bundle)
-    unlisted = _manifest(bundle)  # a manifest written without the ONNX graph
+    unlisted = _manifest(bundle)  # a manifest written without the TensorRT graph
     (bundle / MANIFEST_NAME).write_text(unlisted.to_json())
     with pytest.raises(BundleIntegrityError, match="lists no"):
         verify_bundle(bundle)

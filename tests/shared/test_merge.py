@@ -243,6 +243,70 @@ def test_streaming_accumulator_equals_the_batch_merge() -> None:
         torch.testing.assert_close(streamed[key], batch[key])
 
 
+def _per_key_merge(ref: dict, deltas: list, fishers: list, weights: list, normalize: str | None,
+                   floor: float, eps: float) -> dict:
+    """The accumulator's maths written out key by key (how it was computed before the flat
+    buffers): the flat version must give exactly these bits."""
+    def mean(state: dict) -> float:
+        return sum(float(t.sum()) for t in state.values()) / sum(t.numel() for t in state.values())
+
+    num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in ref.items()}
+    mass = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in ref.items()}
+    for delta, fisher, weight in zip(deltas, fishers, weights, strict=True):
+        f = {k: v.double() for k, v in fisher.items()}
+        scale = {None: 0.0, "mean": mean(f),
+                 "l2": sum(float(v.square().sum()) for v in f.values()) ** 0.5,
+                 "max": max(float(v.max()) for v in f.values())}[normalize]
+        f = f if scale == 0.0 else {k: v / scale for k, v in f.items()}
+        if floor:
+            low = floor * mean(f)
+            f = {k: v.clamp(min=low) for k, v in f.items()}
+        for key in ref:
+            num[key].addcmul_(f[key], delta[key].double(), value=weight)
+            mass[key].add_(f[key], alpha=weight)
+    eps_abs = eps * mean(mass)
+    return {k: (num[k] / (mass[k] + eps_abs)).to(ref[k].dtype) for k in ref}
+
+
+@pytest.mark.parametrize("normalize", [None, "mean", "l2", "max"])
+@pytest.mark.parametrize("floor", [0.0, 0.2])
+def test_flat_accumulator_gives_the_per_key_bits(normalize: str | None, floor: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"a": (8, 5), "b": (5, 8), "c": (3,)}
+    ref = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    deltas = [{k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+              for _ in range(9)]
+    fishers = [{k: (torch.rand(s, generator=gen) ** 4).to(torch.bfloat16)  # as decoded
+                for k, s in shapes.items()} for _ in range(9)]
+    weights = [float(w) for w in torch.rand(9, generator=gen)]
+    merger = FisherAccumulator(ref, normalize=normalize, floor=floor)
+    for d, f, w in zip(deltas, fishers, weights, strict=True):
+        merger.add(d, f, w)
+    got = merger.merged_delta(eps=1e-6)
+    expected = _per_key_merge(ref, deltas, fishers, weights, normalize, floor, eps=1e-6)
+    assert all(torch.equal(got[k], expected[k]) for k in ref)
+
+
+def test_accumulator_checks_each_update_as_the_per_key_checks_did() -> None:
+    merger = FisherAccumulator({"a": torch.zeros(2), "b": torch.zeros(3)})
+    good = {"a": torch.ones(2), "b": torch.ones(3)}
+    cases = [({"a": torch.ones(2)}, "keys mismatch"),
+             ({**good, "b": torch.ones(4)}, "expected shape"),
+             ({**good, "b": torch.tensor([1.0, float("inf"), -float("inf")])}, "NaN or Inf"),
+             ({**good, "a": torch.tensor([float("nan"), 1.0])}, "NaN or Inf"),
+             ({**good, "a": torch.ones(2, dtype=torch.int64)}, "floating-point")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merger.add(bad, good, 1.0)
+        with pytest.raises(ValueError, match=message):
+            merger.add(good, bad, 1.0)
+    with pytest.raises(ValueError, match=r"'b'.*>= 0"):
+        merger.add(good, {**good, "b": torch.tensor([0.0, -0.5, 1.0])}, 1.0)
+    huge = {"a": torch.full((2,), 1e308, dtype=torch.float64), "b": torch.ones(3)}
+    merger.add(huge, good, 1e-300)  # a sum that overflows is still finite input
+    assert merger.count == 1 and merger.plain["a"].shape == (2,)
+
+
 def test_accumulator_refuses_bad_input_naming_the_client() -> None:
     merger = FisherAccumulator(GLOBAL)
     with pytest.raises(ValueError, match=r"dev-7 fisher.*>= 0"):
