@@ -136,19 +136,20 @@ def verdict_markdown(reports: list[Report], reference: str = "fedavg",
 
 
 def bytes_markdown(reports: list[Report]) -> str:
-    """Bytes per device per round (last round, mean over runs) for each method."""
-    sums: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
+    """Bytes per device per round (last round, mean over runs) per setting and method."""
+    sums: dict[tuple[str, str], list[tuple[int, int, int, int]]] = defaultdict(list)
     for report in reports:
         if report["rounds"]:
             last = report["rounds"][-1]
-            sums[method_label(report["config"])].append(
-                (last["param_bytes_up"], last["param_bytes_down"],
-                 last["activation_bytes_up"], last["activation_bytes_down"]))
-    lines = ["| method | parameters up | parameters down | activations up | activations down |",
-             "|---|---|---|---|---|"]
-    for method in sorted(sums, key=_method_order):
-        cols = [statistics.fmean(v[i] for v in sums[method]) for i in range(4)]
-        lines.append(f"| {method} | " + " | ".join(_kib(int(c)) for c in cols) + " |")
+            key = (cell_label(cell_of(report)), method_label(report["config"]))
+            sums[key].append((last["param_bytes_up"], last["param_bytes_down"],
+                              last["activation_bytes_up"], last["activation_bytes_down"]))
+    lines = ["| setting | method | parameters up | parameters down | activations up | "
+             "activations down |", "|---|---|---|---|---|---|"]
+    for setting, method in sorted(sums, key=lambda k: (k[0], _method_order(k[1]))):
+        rows = sums[(setting, method)]
+        cols = [statistics.fmean(v[i] for v in rows) for i in range(4)]
+        lines.append(f"| {setting} | {method} | " + " | ".join(_kib(int(c)) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -58,3 +58,18 @@ def test_update_fills_only_the_generated_blocks() -> None:
     assert "0.617 ± 0.067 (n=8)" in new  # fedavg's mean accuracy in the pivot
     with pytest.raises(ValueError, match="unknown generated section 'plots'"):
         update_document("<!-- generated: plots -->\n<!-- end generated -->", reports)
+
+
+def test_bytes_are_per_setting_and_method() -> None:
+    from fednano.compare import bytes_markdown
+
+    reports = runs([0.0] * 8) + runs([0.0] * 8, alpha=0.5)
+    for r in reports:
+        up = 2 if r["config"]["strategy"] == "fisher-norm" else 1
+        r["rounds"] = [{"param_bytes_up": up * 1024, "param_bytes_down": 1024,
+                        "activation_bytes_up": 10 * 1024 * r["config"]["alpha"] * 10,
+                        "activation_bytes_down": 0}]
+    table = bytes_markdown(reports)
+    assert ("| easyvqa K=5 α=0.5 3×8 | fisher-norm | 2.0 KiB | 1.0 KiB | 50.0 KiB | 0.0 KiB |"
+            in table)
+    assert "| easyvqa K=5 α=0.1 3×8 | fedavg | 1.0 KiB | 1.0 KiB | 10.0 KiB | 0.0 KiB |" in table
