@@ -1,22 +1,22 @@
 """FedNano's default merge: what the paired comparison measured best, which is FedAvg.
 
 FedNano is named after a Fisher merge (each device's delta weighted element-wise by its diagonal
-Fisher), and the comparison on the real base (``docs/results.md``) tried it every way this
-package offers: the paper's raw empirical Fisher (``fisher-raw``), the Fisher normalised per
-device with a floor and a FedAvg fallback (``fisher-norm``), the Fisher at the global point with
-sampled labels (``fisher-global``), FFA-LoRA and a server optimiser on top. Paired over seeds
-against FedAvg at α = 0.1, five devices:
+Fisher). The paired comparison on the real base (``docs/results.md``) ran the paper's raw
+empirical Fisher (``fisher-raw``) and the Fisher normalised per device with a floor and a FedAvg
+fallback (``fisher-norm``) against FedAvg over seeds at α = 0.1 with five devices (a two-seed
+screen also tried the Fisher at the global point, FFA-LoRA and a server optimiser, none ahead):
 
 - 3 rounds × 8 local steps (the default round): ``fisher-raw`` and ``fisher-norm`` both about 10
   points *below* FedAvg;
 - 1 round × 100 local steps, the one-shot regime Fisher merging was designed for:
-  ``fisher-norm`` level with FedAvg (a fraction of a point either way), ``fisher-raw`` below.
+  ``fisher-norm`` about 3 points below on average (within a point on 4 of 5 seeds, 16 below on
+  the fifth), ``fisher-raw`` about 8 below.
 
 No Fisher variant came out ahead in any setting, and a Fisher doubles each device's upload and
 adds a Fisher pass to its round. So ``fednano`` merges by the sample-weighted mean of the deltas
 and its devices spend nothing on a Fisher. Fisher merging stays one option away: with
 ``fisher_from_steps=N`` a round of N or more local steps is merged by ``fisher-norm`` (the
-variant that was level in the one-shot regime), and ``fisher-norm`` / ``fisher-raw`` remain
+variant closest to FedAvg in the one-shot regime), and ``fisher-norm`` / ``fisher-raw`` remain
 strategies of their own.
 """
 
