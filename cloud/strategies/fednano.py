@@ -3,8 +3,9 @@
 FedNano is named after a Fisher merge (each device's delta weighted element-wise by its diagonal
 Fisher). The paired comparison on the real base (``docs/results.md``) ran the paper's raw
 empirical Fisher (``fisher-raw``) and the Fisher normalised per device with a floor and a FedAvg
-fallback (``fisher-norm``) against FedAvg over seeds at α = 0.1 with five devices (a two-seed
-screen also tried the Fisher at the global point, FFA-LoRA and a server optimiser, none ahead):
+fallback (``fisher-norm``) against FedAvg over seeds at α = 0.1 with five devices (a short
+screen also tried the Fisher at the global point, FFA-LoRA and a server optimiser on top of
+``fisher-norm``; none improved it by more than a fraction of a point):
 
 - 3 rounds × 8 local steps (the default round): ``fisher-raw`` and ``fisher-norm`` both about 10
   points *below* FedAvg;
