@@ -180,7 +180,8 @@ def simulate(
     prox_mu: Annotated[float, typer.Option(help="FedProx proximal weight.")] = 0.01,
     fisher_samples: Annotated[int, typer.Option(help="Samples per device for the Fisher.")] = 64,
     fisher_normalize: Annotated[str | None, typer.Option(
-        help="FedNano: scale each device's Fisher by its own 'mean' or 'max' before merging.")]
+        help="Fisher strategies (fisher-raw, ...): scale each device's Fisher by its own "
+             "'mean', 'max' or 'l2' norm before merging.")]
     = None,
     eval_questions: Annotated[int, typer.Option(help="Held-out test questions.")] = 1000,
     round_eval_questions: Annotated[int, typer.Option(help="Questions for per-round curves.")]
