@@ -181,8 +181,7 @@ def simulate(
     fisher_samples: Annotated[int, typer.Option(help="Samples per device for the Fisher.")] = 64,
     fisher_normalize: Annotated[str | None, typer.Option(
         help="Fisher strategies (fisher-raw, ...): scale each device's Fisher by its own "
-             "'mean', 'max' or 'l2' norm before merging.")]
-    = None,
+             "'mean', 'max' or 'l2' norm before merging.")] = None,
     eval_questions: Annotated[int, typer.Option(help="Held-out test questions.")] = 1000,
     round_eval_questions: Annotated[int, typer.Option(help="Questions for per-round curves.")]
     = 300,
