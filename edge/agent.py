@@ -1,6 +1,6 @@
 """The edge agent: one process per device, serving the cloud's round tasks over MQTT.
 
-Lifecycle (DESIGN.md, A round / Transport / Edge)::
+Lifecycle::
 
     connect (device credentials, persistent session, last will = retained "offline" presence)
     -> retained "online" presence (profile, bundle, capabilities) -> subscribe tasks (QoS 1)

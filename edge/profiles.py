@@ -63,7 +63,7 @@ class JetPackRelease:
 
 # JetPack 5.1.x: Ubuntu 20.04, CUDA 11.4, TensorRT 8.5.2 (release notes). JetPack 6.0: CUDA 12.2,
 # TensorRT 8.6.2; 6.1/6.2/6.2.1: CUDA 12.6, TensorRT 10.3, cuDNN 9.3 (NVIDIA docs, Torch-TensorRT's
-# JetPack page, FACTS.md "Jetson"). Add newer releases here once documented.
+# JetPack page). Add newer releases here once documented.
 JETPACK_RELEASES: Mapping[str, JetPackRelease] = MappingProxyType({
     r.version: r for r in (
         JetPackRelease("5.1.1", "35.3.1", "11.4", "8.5.2", "20.04", "3.8"),
@@ -108,12 +108,12 @@ class ModuleSpec:
         return MappingProxyType({})
 
 
-# Power modes. From FACTS.md (documentation): Orin NX 16GB MAXN_SUPER=0, Orin Nano MAXN_SUPER=2,
+# Power modes. From NVIDIA documentation: Orin NX 16GB MAXN_SUPER=0, Orin Nano MAXN_SUPER=2,
 # AGX Orin 64GB MAXN=0 and 50W=3. The rest of the Orin Nano 6.2 table (15W=0, 25W=1, 7W=3), the
 # AGX 15W=1/30W=2 and the Xavier NX ids match nvpmodel listings users published; the other Orin NX
 # ids are our reading of NVIDIA's tables, unverified on a device. That is why a device resolves
 # names against its own /etc/nvpmodel.conf (``resolve_power_mode``) and these are the fallback.
-# Usable memory: Orin Nano 8GB ~5 GB is from FACTS.md; the others are our estimate with the same
+# Usable memory: Orin Nano 8GB ~5 GB is NVIDIA's figure; the others are our estimate with the same
 # ~3 GiB reserve. Xavier NX (8 GB module) stops at JetPack 5.x.
 MODULES: Mapping[str, ModuleSpec] = MappingProxyType({
     m.name: m for m in (

@@ -1,4 +1,4 @@
-"""The device's durable local state, so a reboot loses nothing (DESIGN.md, Edge).
+"""The device's durable local state, so a reboot loses nothing.
 
 One folder, ``<state_dir>/agent/``, one file per fact, each written atomically (temp file in the
 same folder, fsync, ``os.replace``, fsync of the folder): a crash leaves the old file or the new

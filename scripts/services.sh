@@ -17,7 +17,7 @@
 set -euo pipefail
 
 STATE=${FEDNANO_SERVICES_DIR:-/tmp/fednano-services-$(id -u)}
-MAX_PACKET=8388608   # 8 MiB: FACTS.md (set max_packet_size, not message_size_limit)
+MAX_PACKET=8388608   # 8 MiB (set max_packet_size, not message_size_limit)
 
 log() { echo "services.sh: $*" >&2; }
 die() { log "$*"; exit 1; }

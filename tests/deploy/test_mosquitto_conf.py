@@ -1,4 +1,4 @@
-"""docker/mosquitto/mosquitto.conf: the limits and listeners FACTS.md asks for, paths that line up
+"""docker/mosquitto/mosquitto.conf: the limits and listeners the product needs, paths that line up
 with the compose mounts, and — on a real Mosquitto here — that the file runs as written: TLS with
 the certificates of docker/gen-secrets.sh, the registry's dynamic-security file (put in place
 by start.sh), and the compose healthcheck command."""
@@ -76,7 +76,7 @@ def test_limits_from_facts() -> None:
     assert settings["max_packet_size"] == str(8 * 2**20)
     assert settings["max_queued_messages"] == "10000"
     assert settings["max_queued_bytes"] == "1073741824"
-    assert "message_size_limit" not in MOSQUITTO_CONF.read_text()  # deprecated (FACTS.md)
+    assert "message_size_limit" not in MOSQUITTO_CONF.read_text()  # deprecated
     assert settings["persistence"] == "true"
     assert (settings["autosave_on_changes"], settings["autosave_interval"]) == ("true", "1")
     assert settings["per_listener_settings"] == "false"  # one plugin instance owns the file
@@ -134,7 +134,7 @@ def conf_for_test(ports: dict[int, int], paths: dict[str, Path]) -> str:
 
 
 def hand_over(folder: Path) -> None:
-    """A root-started Mosquitto drops to its user, which must read the files (FACTS.md)."""
+    """A root-started Mosquitto drops to its user, which must read the files."""
     if os.geteuid() != 0:
         return
     try:
