@@ -77,3 +77,30 @@ def broker():  # type: ignore[no-untyped-def]
 def llm_broker():  # type: ignore[no-untyped-def]
     """Like ``broker``, with four devices: dev-a, dev-b, dev-c, dev-d."""
     yield from _private_broker(("dev-a", "dev-b", "dev-c", "dev-d"))
+
+
+@pytest.fixture
+def token(settings):  # type: ignore[no-untyped-def]
+    """An operator token in the database of the requesting module's ``settings`` fixture."""
+    from cloud.api.security import create_operator_token
+    from cloud.db.session import make_engine, make_session_factory, session_scope
+
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        _, value = create_operator_token(session, name="alice")
+    engine.dispose()
+    return value
+
+
+@pytest.fixture
+def client(settings, token: str):  # type: ignore[no-untyped-def]
+    """A TestClient of the cloud app on ``settings``, authorised with ``token``."""
+    from fastapi.testclient import TestClient
+
+    from cloud.api.main import create_app
+
+    app = create_app(settings)
+    with TestClient(app) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {token}"
+        yield test_client
+    app.state.fednano.engine.dispose()

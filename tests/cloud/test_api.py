@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
 from cloud.api.main import InsecureSettingsError, check_production_secrets, create_app
-from cloud.api.security import create_operator_token
 from cloud.db import crud
 from cloud.db.session import make_engine, make_session_factory, session_scope
 from cloud.settings import CloudSettings
@@ -31,24 +29,6 @@ def _settings(home: Path, url: str, **extra: object) -> CloudSettings:
 @pytest.fixture
 def settings(migrated_url: str, tmp_path: Path) -> CloudSettings:
     return _settings(tmp_path, migrated_url)
-
-
-@pytest.fixture
-def token(settings: CloudSettings) -> str:
-    engine = make_engine(settings.resolved_database_url)
-    with session_scope(make_session_factory(engine)) as session:
-        _, value = create_operator_token(session, name="alice")
-    engine.dispose()
-    return value
-
-
-@pytest.fixture
-def client(settings: CloudSettings, token: str) -> Iterator[TestClient]:
-    app = create_app(settings)
-    with TestClient(app) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {token}"
-        yield test_client
-    app.state.fednano.engine.dispose()
 
 
 # ------------------------------------------------------------------------------ auth, health

@@ -4,15 +4,12 @@ hostile stored device data: 4xx, never 500; a body refused before it is read."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from cloud.api.main import create_app
-from cloud.api.security import create_operator_token
 from cloud.db import crud
 from cloud.db.session import make_engine, make_session_factory, session_scope
 from cloud.settings import CloudSettings
@@ -27,24 +24,6 @@ def settings(migrated_url: str, tmp_path: Path) -> CloudSettings:
     return CloudSettings(home=tmp_path, database_url=migrated_url, environment="test",
                          secret_key=SecretStr("k" * 40), broker_password=SecretStr("p" * 40),
                          mqtt_hash_iterations=1000, max_request_bytes=2**20)
-
-
-@pytest.fixture
-def token(settings: CloudSettings) -> str:
-    engine = make_engine(settings.resolved_database_url)
-    with session_scope(make_session_factory(engine)) as session:
-        _, value = create_operator_token(session, name="alice")
-    engine.dispose()
-    return value
-
-
-@pytest.fixture
-def client(settings: CloudSettings, token: str) -> Iterator[TestClient]:
-    app = create_app(settings)
-    with TestClient(app) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {token}"
-        yield test_client
-    app.state.fednano.engine.dispose()
 
 
 @pytest.mark.parametrize("path", [
