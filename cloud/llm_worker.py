@@ -39,21 +39,19 @@ import torch
 from cloud import metrics
 from cloud.background import BackgroundService
 from cloud.llm_backend import InProcessLLM
-from shared import topics
+from shared import activations, topics
 from shared.backend import StepResult, check_step_inputs
 from shared.llm_batching import pad_batch, split_score, split_step
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    ActivationEncoding,
     LLMError,
     LLMRequest,
     LLMResponse,
     MessageError,
     MessageTooLarge,
     pack,
-    pack_tensors,
-    require_part,
     unpack,
-    unpack_tensors,
 )
 from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received, reply_properties
 from shared.prompts import IGNORE_INDEX
@@ -141,6 +139,7 @@ class Job:
     mask: torch.Tensor  # (B, L) int64, right-padded
     labels: torch.Tensor | None  # (B, L) int64 for "step"
     received_at: float = 0.0
+    encoding: ActivationEncoding = "fp32"  # how the request came, and how its reply goes
 
     @property
     def rows(self) -> int:
@@ -167,22 +166,27 @@ def parse_request(received: Received, llm: InProcessLLM, config: WorkerConfig) -
     if request.base_version != config.base_version:
         raise RequestError("base_mismatch", f"this worker serves base {config.base_version!r}, "
                            f"the request is for {request.base_version!r}", request.request_id)
-    embeds, mask, labels = _request_tensors(request, parts, llm)
+    embeds, mask, labels = _request_tensors(request, parts, llm, config)
     check_budget(request, tuple(embeds.shape), llm, config)
     return Job(request.request_id, request.op, reply_to, received.correlation_data,
-               embeds, mask, labels, received.received_at)
+               embeds, mask, labels, received.received_at, request.encoding)
 
 
-def reply_bytes(op: str, rows: int, tokens: int, llm: InProcessLLM) -> int:
-    """The size of a successful reply, known from the request's shape before any compute:
-    ``input_grads`` (rows, tokens, width) + ``sample_losses`` for a step, ``logprobs``
-    (rows, vocab) for a score, in the LLM's dtype, plus a bounded overhead."""
+def reply_bytes(op: str, rows: int, tokens: int, llm: InProcessLLM,
+                encoding: ActivationEncoding = "fp32") -> int:
+    """An upper bound of a successful reply's size, known from the request's shape before any
+    compute: ``input_grads`` (rows, tokens, width) in ``encoding`` (before zstd, which only
+    shrinks it) + ``sample_losses`` for a step, ``logprobs`` (rows, vocab) for a score, plus a
+    bounded overhead."""
     itemsize = torch.empty(0, dtype=_llm_dtype(llm)).element_size()
-    if op == "step":
-        values = rows * tokens * llm.width + rows
+    if op != "step":
+        return rows * (llm.vocab_size or llm.width) * itemsize + _REPLY_OVERHEAD_BYTES
+    grads = rows * tokens * llm.width
+    if encoding == "int8+zstd":
+        size = grads + 4 * rows * tokens  # int8 values + a float32 scale per token
     else:
-        values = rows * (llm.vocab_size or llm.width)
-    return values * itemsize + _REPLY_OVERHEAD_BYTES
+        size = grads * (2 if encoding == "bf16+zstd" else itemsize)
+    return size + rows * itemsize + _REPLY_OVERHEAD_BYTES
 
 
 def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
@@ -194,7 +198,7 @@ def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
         raise RequestError("over_budget", f"{rows} rows x {tokens} tokens = {rows * tokens} "
                            f"exceeds this worker's budget of {config.max_request_tokens} per "
                            "request: send fewer rows per request", request.request_id)
-    size = reply_bytes(request.op, rows, tokens, llm)
+    size = reply_bytes(request.op, rows, tokens, llm, request.encoding)
     if size > config.max_message_bytes:
         raise RequestError("over_budget", f"the reply would be {size:,} bytes, over the "
                            f"message limit of {config.max_message_bytes:,}: send fewer rows "
@@ -202,10 +206,15 @@ def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
 
 
 def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
+                     config: WorkerConfig,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    names = ("inputs_embeds", "attention_mask") + (("labels",) if request.op == "step" else ())
+    others = ("attention_mask",) + (("labels",) if request.op == "step" else ())
+    # A compressed request's embeddings decode to at most what the budget lets it compute.
+    max_decoded = config.max_request_tokens * llm.width * 8
     try:
-        tensors = unpack_tensors(require_part(parts, "tensors", request.kind), names)
+        tensors = activations.unpack(parts, ("inputs_embeds",), others, request.encoding,
+                                     kind=request.kind, max_bytes=config.max_message_bytes,
+                                     max_decoded_bytes=max_decoded)
         embeds, mask = tensors["inputs_embeds"], tensors["attention_mask"]
         labels = tensors.get("labels")
         check_step_inputs(embeds, mask, labels, llm.width, llm.max_tokens, llm.vocab_size)
@@ -242,13 +251,14 @@ def run_score(llm: InProcessLLM, jobs: list[Job]) -> list[torch.Tensor]:
     return split_score(llm.score(embeds, mask), jobs)
 
 
-def step_parts(result: StepResult) -> dict[str, bytes]:
-    return {"tensors": pack_tensors({"input_grads": result.input_grads,
-                                     "sample_losses": result.sample_losses})}
+def step_parts(result: StepResult, encoding: ActivationEncoding = "fp32") -> dict[str, bytes]:
+    return activations.pack({"input_grads": result.input_grads},
+                            {"sample_losses": result.sample_losses}, encoding)
 
 
 def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
-    return {"tensors": pack_tensors({"logprobs": logprobs})}
+    """Log-probabilities always as float32 (``shared.activations``)."""
+    return activations.pack({}, {"logprobs": logprobs}, "fp32")
 
 
 # --- Fair queueing ------------------------------------------------------------------------------
@@ -457,8 +467,8 @@ class LLMWorker(BackgroundService):
 
     def _reply_ok(self, job: Job, result: StepResult | torch.Tensor) -> None:
         if isinstance(result, StepResult):
-            response = self._response(job.request_id, loss=result.loss)
-            parts = step_parts(result)
+            response = self._response(job.request_id, loss=result.loss, encoding=job.encoding)
+            parts = step_parts(result, job.encoding)
         else:
             response, parts = self._response(job.request_id), score_parts(result)
         try:
@@ -467,8 +477,9 @@ class LLMWorker(BackgroundService):
             self._send_error(job.reply_to, job.correlation, job.request_id, "too_large",
                              f"the response is too large: {err}")
 
-    def _response(self, request_id: str, *, loss: float | None = None) -> LLMResponse:
-        return LLMResponse(request_id=request_id, ok=True, loss=loss,
+    def _response(self, request_id: str, *, loss: float | None = None,
+                  encoding: ActivationEncoding = "fp32") -> LLMResponse:
+        return LLMResponse(request_id=request_id, ok=True, loss=loss, encoding=encoding,
                            worker=self.config.worker_id)
 
     def _reply_error(self, received: Received, err: RequestError, request_id: str) -> None:

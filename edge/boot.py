@@ -22,6 +22,7 @@ from edge.feature_cache import FeatureCache, ImageLoader
 from edge.local_data import DataSpec, load_local_data
 from edge.remote_llm import RemoteLLM
 from edge.runtime import NanoEdgeRuntime, load_bundle_for_profile
+from shared.activations import DEFAULT_ENCODING, ActivationEncoding
 from shared.backend import LLMBackend
 from shared.batches import VQABatcher
 from shared.data.base import VQASample
@@ -34,10 +35,12 @@ BUNDLE_SUBDIR = "bundle"  # where ``fetch-bundle --dest`` puts it by default: <s
 
 @dataclass(frozen=True)
 class LLMSettings:
-    """How the device waits for the cloud LLM (a shutdown may wait for one call)."""
+    """How the device reaches the cloud LLM: waits (a shutdown may wait for one call) and
+    the encoding of its activations and gradients (``shared.activations``)."""
 
     timeout_s: float = 30.0
     retries: int = 3
+    encoding: ActivationEncoding = DEFAULT_ENCODING
 
 
 def default_bundle_dir(config: DeviceConfig) -> Path:
@@ -96,4 +99,4 @@ class RemoteLLMFactory:
     def __call__(self, client: MqttClient, stop: threading.Event) -> LLMBackend:
         return RemoteLLM(client, device_id=self.device_id, base_version=self.base_version,
                          timeout_s=self.settings.timeout_s, retries=self.settings.retries,
-                         stop=stop)
+                         stop=stop, encoding=self.settings.encoding)

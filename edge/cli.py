@@ -14,6 +14,7 @@ or data, 2 bad usage, 3 unusable local state (the message names the file and the
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -387,6 +388,10 @@ def run(
         help="Accept credentials.password written in the YAML (local demos only).")] = False,
     llm_timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the cloud LLM per attempt (3 retries).", min=1)] = 30.0,
+    activations: Annotated[str | None, typer.Option(
+        help="How activations go to the cloud LLM and gradients come back: 'fp32' (exact), "
+        "'bf16+zstd' or 'int8+zstd' (int8 per token). Default: the product's default "
+        "(docs/edge-agent.md).", show_default=False)] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[Literal["text", "json"], typer.Option(
         envvar="FEDNANO_LOG_FORMAT",
@@ -407,7 +412,15 @@ def run(
     except ConfigError as err:
         _fail(err)
     logs.configure(log_format, log_level.upper(), fields={"device_id": device.device_id})
-    _run_agent(device, _data_spec(data), bundle, llm_timeout)
+    _run_agent(device, _data_spec(data), bundle, llm_timeout, _encoding(activations))
+
+
+def _encoding(text: str | None) -> str | None:
+    choices = ("fp32", "bf16+zstd", "int8+zstd")  # shared.activations.ENCODINGS, without torch
+    if text is not None and text not in choices:
+        raise typer.BadParameter(f"expected one of {', '.join(choices)}, got {text!r}",
+                                 param_hint="--activations")
+    return text
 
 
 def _data_spec(text: str | None) -> DataSpec | None:
@@ -420,7 +433,7 @@ def _data_spec(text: str | None) -> DataSpec | None:
 
 
 def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
-               llm_timeout: float) -> None:
+               llm_timeout: float, encoding: str | None = None) -> None:
     """Load the bundle and data, build the agent, serve until a signal; exit codes above."""
     import torch
 
@@ -439,8 +452,10 @@ def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
         _fail_with("cannot start", f"{err} (install a bundle with: fednano-edge fetch-bundle "
                    f"URL --sha256 HEX --dest {folder})")
     try:
-        llm = RemoteLLMFactory(device.device_id, model.base_version,
-                               LLMSettings(timeout_s=llm_timeout))
+        settings = LLMSettings(timeout_s=llm_timeout)
+        if encoding is not None:
+            settings = dataclasses.replace(settings, encoding=encoding)  # type: ignore[arg-type]
+        llm = RemoteLLMFactory(device.device_id, model.base_version, settings)
         agent = EdgeAgent(device, model, samples, llm)
         stop_on_signals(agent)
         agent.run()

@@ -87,11 +87,12 @@ def execute_task(
     """Train one round for ``task`` and return its encoded update (see the module docstring)."""
     config = check_task(task, model, profile, n_samples=len(samples))
     global_state = load_global(task, parts, model.edge)
-    counting = CountingBackend(GuardedBackend(backend, should_stop))
+    counting = CountingBackend(backend)  # innermost: it reads the remote's wire bytes
     started = time.monotonic()
     try:
-        result = run_round(model.edge, counting, model.batcher, samples, global_state, config,
-                           client_id=update_id, seed=task.seed, base_version=task.global_version)
+        result = run_round(model.edge, GuardedBackend(counting, should_stop), model.batcher,
+                           samples, global_state, config, client_id=update_id, seed=task.seed,
+                           base_version=task.global_version)
     except FloatingPointError as err:  # the LLM sent NaN/Inf gradients: this round is lost
         raise TaskRefused("failed", f"task {task.task_id}: {err}") from err
     metrics = {**result.update.metrics, "train_seconds": time.monotonic() - started,

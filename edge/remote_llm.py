@@ -24,7 +24,8 @@ from typing import Literal
 
 import torch
 
-from shared import topics
+from shared import activations, topics
+from shared.activations import DEFAULT_ENCODING, ActivationEncoding
 from shared.backend import StepResult
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -32,10 +33,7 @@ from shared.messages import (
     LLMResponse,
     MessageError,
     pack,
-    pack_tensors,
-    require_part,
     unpack,
-    unpack_tensors,
 )
 from shared.mqtt import AckTimeout, Inbox, MqttClient, NotConnectedError, request_properties
 
@@ -72,6 +70,7 @@ class RemoteStats:
     bytes_up: int = 0
     bytes_down: int = 0
     ignored: int = 0  # responses for other request ids, or unreadable
+    last: tuple[int, int] = (0, 0)  # (up, down) bytes of the last call's answered attempt
 
 
 class RemoteLLM:
@@ -80,7 +79,8 @@ class RemoteLLM:
     def __init__(self, client: MqttClient, *, device_id: str, base_version: str,
                  timeout_s: float = 60.0, retries: int = 2,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 publish_timeout_s: float = 10.0, stop: threading.Event | None = None) -> None:
+                 publish_timeout_s: float = 10.0, stop: threading.Event | None = None,
+                 encoding: ActivationEncoding = DEFAULT_ENCODING) -> None:
         if timeout_s <= 0 or retries < 0:
             raise ValueError(f"need timeout_s > 0 and retries >= 0, got {timeout_s!r}, "
                              f"{retries!r}")
@@ -92,20 +92,29 @@ class RemoteLLM:
         self.max_message_bytes = max_message_bytes
         self.publish_timeout_s = publish_timeout_s
         self.stop = stop  # set: the waits and retries end with RemoteLLMStopped
+        activations.scheme_for(encoding, 1)  # ValueError for an unknown encoding
+        self.encoding = encoding  # how activations go up and gradients come down
         self.stats = RemoteStats()
         self._lock = threading.Lock()
+        self._answer_bytes = 0
         self._requests_topic = topics.llm_requests(device_id)
         self._responses_topic = topics.llm_responses(device_id)
         self._inbox: Inbox = client.subscribe(self._responses_topic, qos=1)
 
     # --- LLMBackend ---------------------------------------------------------------------------
 
+    def last_exchange(self) -> tuple[int, int]:
+        """Bytes published and received for the last answered call (``ReportsWireBytes``)."""
+        return self.stats.last
+
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
         """Remote frozen forward + backward; shapes (B, L, d), (B, L), (B, L)."""
-        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                   "labels": labels}
-        response, out = self._call("step", tensors, ("input_grads", "sample_losses"))
+        parts = activations.pack({"inputs_embeds": inputs_embeds},
+                                 {"attention_mask": attention_mask, "labels": labels},
+                                 self.encoding)
+        response, out = self._call("step", parts, ("input_grads",), ("sample_losses",),
+                                   {"input_grads": tuple(inputs_embeds.shape)})
         grads, losses = out["input_grads"], out["sample_losses"]
         batch = inputs_embeds.shape[0]
         if tuple(grads.shape) != tuple(inputs_embeds.shape) or tuple(losses.shape) != (batch,):
@@ -119,8 +128,9 @@ class RemoteLLM:
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Remote next-token log-probabilities (B, vocab) after each row's last real token."""
-        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        _, out = self._call("score", tensors, ("logprobs",))
+        parts = activations.pack({"inputs_embeds": inputs_embeds},
+                                 {"attention_mask": attention_mask}, self.encoding)
+        _, out = self._call("score", parts, (), ("logprobs",))
         logprobs = out["logprobs"]
         if logprobs.dim() != 2 or logprobs.shape[0] != inputs_embeds.shape[0]:
             raise RemoteLLMError("bad_response", f"expected logprobs ({inputs_embeds.shape[0]}, "
@@ -129,19 +139,25 @@ class RemoteLLM:
 
     # --- request / response -------------------------------------------------------------------
 
-    def _call(self, op: Literal["step", "score"], tensors: dict[str, torch.Tensor],
-              names: tuple[str, ...]) -> tuple[LLMResponse, dict[str, torch.Tensor]]:
+    def _call(self, op: Literal["step", "score"], parts: dict[str, bytes],
+              floats: tuple[str, ...], others: tuple[str, ...],
+              expected: dict[str, tuple[int, ...]] | None = None,
+              ) -> tuple[LLMResponse, dict[str, torch.Tensor]]:
+        """One request; the answer's tensors decoded in the encoding the answer declares."""
         request_id = uuid.uuid4().hex
-        request = LLMRequest(request_id=request_id, op=op, base_version=self.base_version)
-        payload = pack(request, {"tensors": pack_tensors(tensors)})
+        request = LLMRequest(request_id=request_id, op=op, base_version=self.base_version,
+                             encoding=self.encoding)
+        payload = pack(request, parts)
         with self._lock:
             self.stats.requests += 1
-            response, parts = self._exchange(request_id, payload)
+            response, answer = self._exchange(request_id, payload)
         if not response.ok:
             assert response.error is not None  # LLMResponse guarantees it
             raise RemoteLLMError(response.error.code, response.error.message, request_id)
         try:
-            return response, unpack_tensors(require_part(parts, "tensors", response.kind), names)
+            return response, activations.unpack(
+                answer, floats, others, response.encoding, kind=response.kind,
+                max_bytes=self.max_message_bytes, expected=expected)
         except MessageError as err:
             raise RemoteLLMError("bad_response", str(err), request_id) from None
 
@@ -162,6 +178,7 @@ class RemoteLLM:
                             attempt + 1, err)
             answer = self._await(request_id, time.monotonic() + self.timeout_s)
             if answer is not None:
+                self.stats.last = (len(payload), self._answer_bytes)
                 return answer
             log.warning("no answer to LLM request %s (attempt %d of %d)", request_id,
                         attempt + 1, 1 + self.retries)
@@ -184,6 +201,7 @@ class RemoteLLM:
                 continue
             if response.request_id == request_id:
                 self.stats.bytes_down += len(received.payload)
+                self._answer_bytes = len(received.payload)
                 return response, parts
             self.stats.ignored += 1  # a late answer to an earlier call
         return None

@@ -200,6 +200,10 @@ def simulate(
              "'topk/k0.1+zstd' (top-k with error feedback). Default: exact fp32.")] = None,
     fisher_codec: Annotated[str, typer.Option(
         help="Scheme for the Fisher when --delta-codec is set.")] = "bf16+zstd",
+    activations: Annotated[str | None, typer.Option(
+        help="How the devices' activations go up and gradients come down: 'fp32' (exact), "
+             "'bf16+zstd' or 'int8+zstd' (int8 per token). Default: the product's default "
+             "(shared/activations.py).")] = None,
     llm_device: Annotated[str, typer.Option(
         help="Where the frozen LLM runs: 'cpu', 'cuda' or 'cuda:N' (devices stay on the CPU).")]
     = "cpu",
@@ -233,6 +237,7 @@ def simulate(
                               fisher_samples=fisher_samples),
             adapter_rank=rank, llm_device=llm_device, delta_codec=delta_codec,
             fisher_codec=fisher_codec, lockstep=lockstep,
+            **({"activations": activations} if activations else {}),
         ) for name, options in methods]
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err

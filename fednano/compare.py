@@ -41,8 +41,9 @@ def cell_of(report: Report) -> Cell:
     """The setting a run belongs to: everything but the method and the seed."""
     config = report["config"]
     train = config.get("train", {})
+    # Runs on different bases are never paired: a base build is not bit-reproducible.
     return (*(config.get(k) for k in CELL), *(train.get(k) for k in TRAIN),
-            config.get("eval_questions"), config.get("eval_seed", 0))
+            config.get("eval_questions"), config.get("eval_seed", 0), report.get("base_version"))
 
 
 def cell_label(cell: Cell) -> str:
@@ -51,7 +52,8 @@ def cell_label(cell: Cell) -> str:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """The method: strategy and options, and the upload codec when one was used."""
+    """The method: strategy and options, the upload codec when one was used, and the
+    activation encoding when it was not fp32."""
     from fednano.simulate import method_spec
 
     options = dict(config.get("strategy_options") or {})
@@ -59,7 +61,9 @@ def method_label(config: dict[str, Any]) -> str:
         options.setdefault("mu", config.get("prox_mu", 0.01))
     label = method_spec({**config, "strategy_options": options})
     codec = config.get("delta_codec")
-    return f"{label} [{codec}]" if codec else label
+    label = f"{label} [{codec}]" if codec else label
+    activations = config.get("activations", "fp32")
+    return label if activations == "fp32" else f"{label} [activations {activations}]"
 
 
 def _mean_spread(values: list[float]) -> str:

@@ -28,6 +28,7 @@ from cloud.base.build import LoadedBase
 from cloud.strategies import STRATEGIES, make_strategy
 from edge.trainer import RoundResult, TrainConfig, local_steps, run_round
 from fednano.lockstep import run_rounds_lockstep
+from shared.activations import DEFAULT_ENCODING, ActivationEncoding, WireBackend
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, LLMBackend, Traffic
 from shared.batches import VisualLookup, VQABatcher
@@ -86,6 +87,10 @@ class SimConfig(BaseModel):
     # None: the server gets the exact fp32 deltas.
     delta_codec: str | None = None
     fisher_codec: str = "bf16+zstd"  # used only with delta_codec
+    # How the devices' activations and gradients travel to and from the LLM
+    # (``shared.activations``): every training call goes through the real encoding both ways.
+    # Evaluation by the cloud is exact whatever this says.
+    activations: ActivationEncoding = DEFAULT_ENCODING
 
     @field_validator("delta_codec", "fisher_codec")
     @classmethod
@@ -351,7 +356,7 @@ class Simulation:
             torch.manual_seed(cfg.seed * 1000 + 900 + k)  # the local pair's random A
             dual = DualNanoEdge(self.base.edge, self.base.edge.adapters.config, state)
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + 900 + k)
-            local_steps(dual, self.backend.inner, self.batcher, client.train,
+            local_steps(dual, self._link(), self.batcher, client.train,
                         dual.adapters.adapter_state_dict(), train_cfg, generator)
             dual.reference = torch.cat([dual.representation(*self.batcher.batch(
                 client.train[i:i + 64])) for i in range(0, len(client.train), 64)])
@@ -386,7 +391,7 @@ class Simulation:
 
         def device(k: int) -> Callable[[NanoEdge, LLMBackend], RoundResult]:
             def go(edge: NanoEdge, llm: LLMBackend) -> RoundResult:
-                counters[k].inner = llm
+                counters[k].inner = WireBackend(llm, self.config.activations)
                 return run_round(edge, counters[k], self.batcher, clients[k].train, state,
                                  train_cfg, client_id=clients[k].client_id, seed=seed + k,
                                  base_version=r - 1)
@@ -417,6 +422,10 @@ class Simulation:
             _add_traffic(self.backend.training, hit[1])
             results.append(hit[0])
         return results
+
+    def _link(self) -> LLMBackend:
+        """The LLM as a training device reaches it: through the run's activation encoding."""
+        return WireBackend(self.backend.inner, self.config.activations)
 
     def _upload(self, results: list[RoundResult], report: SimReport) -> int:
         """Replace each update by what the server decodes from the device's frames.
@@ -452,7 +461,7 @@ class Simulation:
         for k, client in enumerate(self.clients):
             state = initial
             for r in range(1, cfg.rounds + 1):
-                res = run_round(self.base.edge, self.backend, self.batcher, client.train, state,
+                res = run_round(self.base.edge, self._link(), self.batcher, client.train, state,
                                 train_cfg, client_id=client.client_id,
                                 seed=cfg.seed * 1000 + r * 100 + k)
                 state = {key: state[key] + res.update.delta[key] for key in state}

@@ -7,7 +7,7 @@ Tensors in, tensors out: the in-process implementation (simulation, tests) and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -113,8 +113,17 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@runtime_checkable
+class ReportsWireBytes(Protocol):
+    """A backend that knows what its last call put on the wire: (up, down) bytes."""
+
+    def last_exchange(self) -> tuple[int, int]: ...
+
+
 class CountingBackend:
-    """Wraps a backend and counts the activation traffic a remote one would carry."""
+    """Wraps a backend and counts its activation traffic: the bytes on the wire when the
+    backend reports them (``ReportsWireBytes``: the remote LLM, ``WireBackend``), else the raw
+    tensor bytes a float32 link would carry."""
 
     def __init__(self, inner: LLMBackend) -> None:
         self.inner = inner
@@ -125,18 +134,24 @@ class CountingBackend:
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> StepResult:
         result = self.inner.loss_and_input_grads(inputs_embeds, attention_mask, labels)
-        self._count(
-            self.training,
-            tensor_bytes(inputs_embeds, attention_mask, labels),
-            tensor_bytes(result.input_grads, result.sample_losses),
-        )
+        if isinstance(self.inner, ReportsWireBytes):
+            self._count(self.training, *self.inner.last_exchange())
+        else:
+            self._count(
+                self.training,
+                tensor_bytes(inputs_embeds, attention_mask, labels),
+                tensor_bytes(result.input_grads, result.sample_losses),
+            )
         return result
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logprobs = self.inner.score(inputs_embeds, attention_mask)
-        self._count(
-            self.scoring, tensor_bytes(inputs_embeds, attention_mask), tensor_bytes(logprobs)
-        )
+        if isinstance(self.inner, ReportsWireBytes):
+            self._count(self.scoring, *self.inner.last_exchange())
+        else:
+            self._count(
+                self.scoring, tensor_bytes(inputs_embeds, attention_mask), tensor_bytes(logprobs)
+            )
         return logprobs
 
     @staticmethod

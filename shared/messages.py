@@ -232,17 +232,23 @@ class UpdateMessage(Message):
     metrics: dict[Label, float] = Field(default_factory=dict, max_length=MAX_METRICS)
 
 
+# How activations and gradients travel (``shared.activations``): the request names it and the
+# reply uses the same one. A request without the field is fp32, as before the field existed.
+ActivationEncoding = Literal["fp32", "bf16+zstd", "int8+zstd"]
+
+
 class LLMRequest(Message):
     """device -> ``devices/{id}/llm/requests`` (v5 response topic + correlation data = request_id).
 
-    Part ``tensors``: safetensors with ``inputs_embeds`` (B, L, d) float, ``attention_mask``
-    (B, L) and, for ``op="step"``, ``labels`` (B, L) int64.
+    Parts (``shared.activations``): ``inputs_embeds`` (B, L, d) float, ``attention_mask``
+    (B, L) and, for ``op="step"``, ``labels`` (B, L) int, encoded as ``encoding`` says.
     """
 
     kind: ClassVar[str] = "llm.request"
     request_id: MessageId
     op: Literal["step", "score"]
     base_version: Label
+    encoding: ActivationEncoding = "fp32"
 
 
 class LLMError(BaseModel):
@@ -254,13 +260,15 @@ class LLMError(BaseModel):
 class LLMResponse(Message):
     """LLM worker -> the request's response topic.
 
-    On success part ``tensors`` holds ``input_grads`` and ``sample_losses`` (``step``) or
-    ``logprobs`` (``score``); on failure ``error`` says why and there are no parts.
+    On success the parts hold ``input_grads`` and ``sample_losses`` (``step``) or ``logprobs``
+    (``score``) in the request's ``encoding``; on failure ``error`` says why and there are no
+    parts.
     """
 
     kind: ClassVar[str] = "llm.response"
     request_id: MessageId
     ok: bool
+    encoding: ActivationEncoding = "fp32"
     loss: float | None = None
     error: LLMError | None = None
     worker: Label | None = None

@@ -9,7 +9,7 @@ import torch
 
 from cloud.llm_worker import Job, run_score, run_step
 from edge.remote_llm import RemoteLLM, RemoteLLMError
-from shared import topics
+from shared import activations, topics
 from shared.messages import LLMRequest, LLMResponse, pack, pack_tensors, unpack
 from shared.mqtt import request_properties
 from tests.llm_helpers import (
@@ -196,10 +196,25 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(  # type: ignore[
     assert garbage.error is not None and garbage.error.code == "bad_request"
     assert "does not start with" in garbage.error.message
     assert garbage.request_id == "raw-request-1"  # taken from the correlation data
+    # Says int8 but sends fp32 parts; then a frame whose declared shape exceeds the budget.
+    mislabelled = pack(LLMRequest(request_id="raw-request-2", op="step",
+                                  base_version=BASE_VERSION, encoding="int8+zstd"),
+                       {"tensors": pack_tensors({"inputs_embeds": embeds,
+                                                 "attention_mask": mask, "labels": labels})})
+    answer = _raw_request(llm_broker, "dev-b", mislabelled, "raw-request-2")
+    assert answer.error is not None and "unexpected ['inputs_embeds']" in answer.error.message
+    huge = torch.zeros(64, 512, 32)  # compresses to almost nothing, decodes to 4 MiB
+    bomb = pack(LLMRequest(request_id="raw-request-3", op="score", base_version=BASE_VERSION,
+                           encoding="int8+zstd"),
+                activations.pack({"inputs_embeds": huge},
+                                 {"attention_mask": torch.ones(64, 512, dtype=torch.long)},
+                                 "int8+zstd"))
+    answer = _raw_request(llm_broker, "dev-b", bomb, "raw-request-3")
+    assert answer.error is not None and "decoded tensors need" in answer.error.message
     result = remote.loss_and_input_grads(embeds, mask, labels)  # still serving
     assert_same(result.input_grads, llm.loss_and_input_grads(embeds, mask, labels).input_grads)
     stats = worker.stats
-    assert stats.errors == 7 and stats.error_codes["bad_request"] == 5
+    assert stats.errors == 9 and stats.error_codes["bad_request"] == 7
     assert stats.error_codes["too_large"] == 1 and stats.error_codes["base_mismatch"] == 1
     stop_worker(worker)
 

@@ -12,6 +12,8 @@ import torch
 from edge.remote_llm import RemoteLLM, RemoteLLMError, RemoteLLMStopped, RemoteLLMTimeout
 from edge.trainer import train_step
 from shared import topics
+from shared.activations import WireBackend
+from shared.backend import CountingBackend
 from shared.messages import LLMRequest, LLMResponse, MessageTooLarge, pack, unpack
 from shared.mqtt import Inbox, PublishError, SubscribeError, reply_properties
 from shared.prompts import PromptTemplate, collate
@@ -45,6 +47,28 @@ def test_a_train_step_through_the_broker_equals_in_process(  # type: ignore[no-u
     for key, param in edges["remote"].adapters.named_parameters():
         assert param.grad is not None and torch.equal(param.grad, local[key].grad), key
     assert remote.stats.bytes_up > 0 and remote.stats.bytes_down > 0
+    stop_worker(worker)
+
+
+@pytest.mark.parametrize("encoding", ["bf16+zstd", "int8+zstd"])
+def test_compressed_activations_through_the_broker_equal_the_simulated_wire(  # type: ignore[no-untyped-def]
+        broker, tiny_llm, encoding) -> None:
+    _, llm = tiny_llm
+    worker = start_worker(broker, llm)
+    remote = _remote(broker, encoding=encoding)
+    embeds, mask, labels = step_inputs(3, 8)
+    got = remote.loss_and_input_grads(embeds, mask, labels)
+    step_bytes = remote.stats.last
+    wire = WireBackend(llm, encoding)
+    simulated = wire.loss_and_input_grads(embeds, mask, labels)
+    assert got.loss == simulated.loss and torch.equal(got.input_grads, simulated.input_grads)
+    assert torch.equal(remote.score(embeds, mask), wire.score(embeds, mask))
+    plain = _remote(broker, "dev-b")
+    plain.loss_and_input_grads(embeds, mask, labels)
+    assert step_bytes[1] < plain.stats.last[1] * 0.75  # the gradients came compressed
+    counting = CountingBackend(remote)  # a device reports what went on the wire
+    counting.loss_and_input_grads(embeds, mask, labels)
+    assert counting.training.per_step == [remote.stats.last]
     stop_worker(worker)
 
 
