@@ -5,7 +5,9 @@ request to one worker, so more workers scale out). A request is an ``LLMRequest`
 ``devices/{id}/llm/requests`` with the v5 ResponseTopic ``devices/{id}/llm/responses`` and
 CorrelationData; the answer goes to the device's own response topic with the same
 CorrelationData, carrying ``input_grads`` + ``sample_losses`` (op ``step``) or ``logprobs``
-(op ``score``). A bad request gets ``LLMResponse(ok=False, error=...)`` and the worker goes on.
+(op ``score``) in the request's activation encoding (``shared.activations``). A bad request
+gets ``LLMResponse(ok=False, error=...)`` and the worker goes on. Requests and replies travel
+at QoS 0 (``topics.LLM_QOS``): the device resends an unanswered request under the same id.
 
 **Dynamic batching.** Requests from different devices are collected for up to ``max_wait_ms``
 (from the first one's arrival) or ``max_batch_rows`` rows and run as one forward/backward
@@ -116,7 +118,7 @@ class WorkerStats:
     batches: int = 0  # LLM calls (one per op per collected batch)
     errors: int = 0  # requests refused or failed (by code in error_codes)
     error_codes: Counter[str] = field(default_factory=Counter)
-    unanswered: int = 0  # replies the broker did not acknowledge (the device will retry)
+    unanswered: int = 0  # replies that could not be published (the device will retry)
     max_batch_requests: int = 0  # most requests seen in one LLM call
 
     def snapshot(self) -> WorkerStats:
@@ -325,7 +327,7 @@ class LLMWorker(BackgroundService):
 
     def subscribe(self) -> None:
         """Join the workers' shared subscription."""
-        self.client.subscribe(topics.SHARED_LLM_REQUESTS, inbox=self.inbox)
+        self.client.subscribe(topics.SHARED_LLM_REQUESTS, inbox=self.inbox, qos=topics.LLM_QOS)
 
     def start(self) -> LLMWorker:
         """Subscribe (idempotent: the same inbox on the same filter) and serve in a thread."""
@@ -497,7 +499,7 @@ class LLMWorker(BackgroundService):
     def _publish(self, topic: str, correlation: bytes | None, payload: bytes) -> None:
         try:
             self.client.publish(topic, payload, max_bytes=self.config.max_message_bytes,
-                                properties=reply_properties(correlation),
+                                qos=topics.LLM_QOS, properties=reply_properties(correlation),
                                 timeout=self.config.publish_timeout_s)
         except MqttError as err:  # the device retries with the same request id
             self._stats.unanswered += 1

@@ -99,7 +99,7 @@ class RemoteLLM:
         self._answer_bytes = 0
         self._requests_topic = topics.llm_requests(device_id)
         self._responses_topic = topics.llm_responses(device_id)
-        self._inbox: Inbox = client.subscribe(self._responses_topic, qos=1)
+        self._inbox: Inbox = client.subscribe(self._responses_topic, qos=topics.LLM_QOS)
 
     # --- LLMBackend ---------------------------------------------------------------------------
 
@@ -170,8 +170,8 @@ class RemoteLLM:
             self.stats.attempts += 1
             try:
                 self.client.publish(self._requests_topic, payload,
-                                    max_bytes=self.max_message_bytes, properties=properties,
-                                    timeout=self.publish_timeout_s)
+                                    max_bytes=self.max_message_bytes, qos=topics.LLM_QOS,
+                                    properties=properties, timeout=self.publish_timeout_s)
                 self.stats.bytes_up += len(payload)
             except (AckTimeout, NotConnectedError) as err:  # the link is down: wait, then retry
                 log.warning("request %s attempt %d not acknowledged: %s", request_id,

@@ -50,6 +50,12 @@ ALL_UPDATES = f"{DEVICES}/+/updates"
 ALL_LLM_REQUESTS = f"{DEVICES}/+/llm/requests"
 # LLM workers share the request stream: the broker hands each request to one of them.
 SHARED_LLM_REQUESTS = f"$share/{LLM_SHARE_GROUP}/{ALL_LLM_REQUESTS}"
+# LLM requests and replies travel at QoS 0. A device resends an unanswered request under the
+# same id, so nothing depends on the broker keeping them, and a QoS 1 message is a change the
+# broker's database is saved after (what keeps acknowledged updates through a kill -9): at
+# QoS 1 the saves cut split training's round trips 6.3x (benchmarks/llm_qos.py,
+# docs/security.md). Tasks, updates and presence stay QoS 1.
+LLM_QOS = 0
 
 
 def device_of(topic: str) -> str:
