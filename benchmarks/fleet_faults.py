@@ -30,6 +30,7 @@ SCENARIOS = {
     "slow-device": "slow-device",
     "cloud-restart": "cloud-restart",
     "broker-restart": "broker-restart",
+    "broker-kill": "broker-kill",
     "all": "all",
 }
 

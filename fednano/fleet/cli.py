@@ -105,7 +105,8 @@ def simulate(
     = "sqlite",
     faults: Annotated[str, typer.Option(help="Comma-separated: kill-device, slow-device, "
                                         "corrupt, truncated, oversized, nan, duplicate, "
-                                        "stale-base, cloud-restart, broker-restart; or all.")]
+                                        "stale-base, cloud-restart, broker-restart, broker-kill; "
+                                        "or all.")]
     = "",
     seed: int = 0,
     llm_timeout: Annotated[float, typer.Option(help="Seconds a device waits for the LLM worker "

@@ -7,6 +7,7 @@
   start it again 2 s later.
 - ``broker-restart``: stop the broker mid-round (SIGTERM: it saves its sessions and queued
   messages), start it again on the same port 2 s later.
+- ``broker-kill``: the same with SIGKILL, a crash: what survives is what its persistence saved.
 - ``duplicate``: with the first device's own credentials (a second connection), publish its
   accepted update twice more, then once under a new update id.
 - ``corrupt``, ``truncated``, ``oversized``, ``nan``, ``stale-base``: a rogue client with a
@@ -228,6 +229,19 @@ class BrokerRestart(_ProcessFault):
         fleet.note(self.fault, self.fired_round, "broker started again on the same port")
 
 
+class BrokerKill(BrokerRestart):
+    """A broker crash: SIGKILL, so only what its persistence saved survives (sessions,
+    subscriptions and queued QoS 1 messages are saved after every change)."""
+
+    fault: Fault = "broker-kill"
+
+    def _fire(self, fleet: Fleet, round_: RoundView, target: str, now: float) -> float:
+        fleet.broker.kill()
+        fleet.note(self.fault, round_.id, f"broker killed (SIGKILL) while {target} trained "
+                   f"round {round_.id}")
+        return now + DOWN_S
+
+
 # ------------------------------------------------------------------------------ MQTT faults
 
 
@@ -446,5 +460,5 @@ class FaultPlan:
 def default_round(fault: str, rounds: int) -> int:
     """Where a fault fires by default: spread over the run so they do not pile up."""
     preferred = {"kill-device": 1, "duplicate": 1, "slow-device": 2, "cloud-restart": 2,
-                 "broker-restart": 3}.get(fault, 1)
+                 "broker-restart": 3, "broker-kill": 3}.get(fault, 1)
     return min(preferred, rounds)

@@ -10,15 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cloud.strategies import STRATEGIES, make_strategy
 
 Fault = Literal["kill-device", "slow-device", "corrupt", "truncated", "oversized", "nan",
-                "duplicate", "stale-base", "cloud-restart", "broker-restart"]
+                "duplicate", "stale-base", "cloud-restart", "broker-restart", "broker-kill"]
 FAULTS: tuple[Fault, ...] = ("kill-device", "slow-device", "corrupt", "truncated", "oversized",
-                             "nan", "duplicate", "stale-base", "cloud-restart", "broker-restart")
+                             "nan", "duplicate", "stale-base", "cloud-restart", "broker-restart",
+                             "broker-kill")
 # Payloads a rogue client publishes with a provisioned identity of its own.
 ROGUE_FAULTS: frozenset[str] = frozenset({"corrupt", "truncated", "oversized", "nan",
                                           "stale-base"})
 # Faults that take a process down: they fire one at a time.
 DISRUPTIVE_FAULTS: frozenset[str] = frozenset({"kill-device", "slow-device", "cloud-restart",
-                                               "broker-restart"})
+                                               "broker-restart", "broker-kill"})
 
 
 def parse_faults(text: str | None) -> tuple[Fault, ...]:

@@ -46,6 +46,7 @@ from fednano.broker import Mosquitto, ensure_mosquitto
 from fednano.fleet import provision as prov
 from fednano.fleet import report as rep
 from fednano.fleet.faults import (
+    BrokerKill,
     BrokerRestart,
     CloudRestart,
     Duplicate,
@@ -393,7 +394,7 @@ class FleetRunner:
                                      password=self._service.password, factory=factory))
         processes = {"kill-device": (KillDevice, ids[::-1]), "slow-device": (
             SlowDevice, ids[-2::-1] or ids), "cloud-restart": (CloudRestart, ids),
-            "broker-restart": (BrokerRestart, ids)}
+            "broker-restart": (BrokerRestart, ids), "broker-kill": (BrokerKill, ids)}
         for fault, (kind, candidates) in processes.items():
             if fault in o.faults:
                 actions.append(kind(default_round(fault, o.rounds), candidates))
