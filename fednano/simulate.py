@@ -46,7 +46,9 @@ CODEC_SCHEMES = [Scheme.parse(s) for s in (
 
 
 class SimConfig(BaseModel):
-    """One simulation run. Every field is a CLI option of ``fednano simulate``."""
+    """One simulation run. Every field is a CLI option of ``fednano simulate`` (``clients`` is
+    ``--devices`` and ``max_client_samples`` ``--max-samples``: reports keep the field names
+    they always had)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
