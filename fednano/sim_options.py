@@ -3,9 +3,10 @@ and one default each, so a setting reads the same in the in-process simulation a
 
 The defaults are the setting the paired comparison measured (``docs/results.md``): 5 devices,
 3 rounds of 8 local steps of batch 16 at lr 2e-3, a Fisher from 32 samples per device when the
-merge reads one; the training values are ``shared.training.TrainConfig``'s, which the cloud's
-rounds and the devices use too. Options renamed here keep their old names as hidden aliases
-that still work and print a one-line note (``renamed``).
+merge reads one; the training values are ``shared.training_defaults``, which the cloud's rounds
+and the devices use too (plain numbers: ``--help`` need not import pydantic). Options renamed
+here keep their old names as hidden aliases that still work and print a one-line note
+(``renamed``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from shared.training import TrainConfig
-
-TRAINING = TrainConfig()  # the product defaults
+from shared import training_defaults as training
 
 DEVICES = 5
 ROUNDS = 3
 ALPHA = 0.5
-STEPS = TRAINING.steps
-BATCH_SIZE = TRAINING.batch_size
-LR = TRAINING.lr
-FISHER_SAMPLES = TRAINING.fisher_samples
+STEPS = training.STEPS
+BATCH_SIZE = training.BATCH_SIZE
+LR = training.LR
+FISHER_SAMPLES = training.FISHER_SAMPLES
 ROUND_EVAL_QUESTIONS = 300
 STRATEGY = "fednano"
 

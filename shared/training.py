@@ -31,6 +31,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from shared import training_defaults as defaults
+
 # The bounds of each parameter, written once: a profile, a simulation and a task from the
 # cloud are held to the same ones.
 Steps = Annotated[int, Field(ge=1, le=100_000)]
@@ -43,22 +45,18 @@ FisherPoint = Literal["local", "global"]
 
 
 class TrainConfig(BaseModel):
-    """Every local-training parameter of a device round, with the product defaults.
-
-    The defaults are the setting the paired comparison measured (``docs/results.md``: 8 local
-    steps of batch 16 at lr 2e-3, a Fisher from 32 samples per device): devices, the cloud and
-    both simulate commands use this one set.
-    """
+    """Every local-training parameter of a device round, with the product defaults (the
+    measured setting: ``shared.training_defaults``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: Steps = 8
-    batch_size: BatchSize = 16
-    lr: LearningRate = 2e-3
+    steps: Steps = defaults.STEPS
+    batch_size: BatchSize = defaults.BATCH_SIZE
+    lr: LearningRate = defaults.LR
     weight_decay: float = Field(0.0, ge=0)
     prox_mu: ProxMu = 0.0
     grad_clip: float = Field(1.0, gt=0)
-    fisher_samples: FisherSamples = 32
+    fisher_samples: FisherSamples = defaults.FISHER_SAMPLES
     fisher_batch_size: BatchSize = 32
     fisher_labels: FisherLabels = "empirical"
     fisher_point: FisherPoint = "local"
