@@ -86,7 +86,7 @@ def method_folder(spec: str) -> str:
 
 def command(cell: Cell, seed: int, methods: list[str], args: argparse.Namespace) -> list[str]:
     out = args.out / args.grid / cell.folder() / f"s{seed}"
-    cmd = ["fednano", "simulate", "--task", cell.task, "--clients", str(cell.clients),
+    cmd = ["fednano", "simulate", "--task", cell.task, "--devices", str(cell.clients),
            "--alpha", str(cell.alpha), "--rounds", str(cell.rounds), "--steps", str(cell.steps),
            "--seed", str(seed), "--eval-questions", str(args.eval_questions),
            "--threads", str(args.threads), "--llm-device", args.llm_device,

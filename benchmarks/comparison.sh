@@ -23,7 +23,7 @@ settings="--rounds 3 --steps 8 --batch-size 16 --lr 2e-3 --fisher-samples 32 \
 for alpha in $alphas; do for seed in $seeds; do for m in $methods; do
   dir="$out/k$clients/a$alpha/$m${TAG:-}/s$seed"
   [ -f "$dir/report.json" ] && continue
-  echo "fednano simulate --strategy $m --clients $clients --alpha $alpha --seed $seed $settings --out $dir"
+  echo "fednano simulate --strategy $m --devices $clients --alpha $alpha --seed $seed $settings --out $dir"
 done; done; done > "${TMPDIR:-/tmp}/comparison-$$.txt"
 if [ -n "${LIST:-}" ]; then cat "${TMPDIR:-/tmp}/comparison-$$.txt"; rm -f "${TMPDIR:-/tmp}/comparison-$$.txt"; exit 0; fi
 xargs -P "$jobs" -I{} bash -c '{} > /dev/null 2>&1 || echo "FAILED: {}"' < "${TMPDIR:-/tmp}/comparison-$$.txt"

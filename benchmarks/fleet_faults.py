@@ -39,7 +39,7 @@ def command(args: argparse.Namespace, faults: str, out: Path) -> list[str]:
     argv = [sys.executable, "-m", "fednano.cli", "fleet", "simulate", "--overwrite",
             "--devices", str(args.devices), "--rounds", str(args.rounds),
             "--steps", str(args.steps), "--max-samples", str(args.max_samples),
-            "--eval-questions", str(args.eval_questions), "--deadline", str(args.deadline),
+            "--round-eval-questions", str(args.eval_questions), "--deadline", str(args.deadline),
             "--alpha", str(args.alpha), "--seed", str(args.seed), "--out", str(out)]
     return [*argv, "--faults", faults] if faults else argv
 

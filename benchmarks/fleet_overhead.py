@@ -51,8 +51,8 @@ def work_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def sim_command(args: argparse.Namespace, n: int, out: Path) -> list[str]:
-    flags = work_options(args) | {"--clients": str(n), "--strategy": "fednano",
-                                  "--max-client-samples": str(args.max_samples),
+    flags = work_options(args) | {"--devices": str(n), "--strategy": "fednano",
+                                  "--max-samples": str(args.max_samples),
                                   "--round-eval-questions": "0", "--eval-questions": "50",
                                   "--client-holdout": "0", "--out": str(out)}
     return [sys.executable, "-m", "fednano.cli", "simulate",
@@ -61,7 +61,7 @@ def sim_command(args: argparse.Namespace, n: int, out: Path) -> list[str]:
 
 def fleet_command(args: argparse.Namespace, n: int, out: Path) -> list[str]:
     flags = work_options(args) | {"--devices": str(n), "--max-samples": str(args.max_samples),
-                                  "--eval-questions": "0", "--out": str(out)}
+                                  "--round-eval-questions": "0", "--out": str(out)}
     return [sys.executable, "-m", "fednano.cli", "fleet", "simulate", "--overwrite",
             *[x for pair in flags.items() for x in pair]]
 

@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from edge.trainer import RoundResult, TrainConfig, run_round
+from edge.trainer import RoundResult, run_round
 from fednano.lockstep import DeviceRound, run_rounds_lockstep
 from fednano.simulate import SimConfig, Simulation, load_base_and_task
 from shared.backend import CountingBackend
+from shared.training import TrainConfig
 
 
 def rounds_of(sim: Simulation, config: TrainConfig) -> list[DeviceRound]:

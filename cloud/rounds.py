@@ -20,7 +20,8 @@ from cloud.db import crud
 from cloud.db.crud import ConflictError
 from cloud.db.models import Device, DeviceStatus
 from cloud.strategies import Strategy, make_strategy
-from shared.messages import TaskHParams, UpdateCodec
+from shared.messages import UpdateCodec
+from shared.training import TaskHParams, TrainConfig, resolve_training, round_hparams
 
 DEFAULTS_KEY = "round_defaults"
 SCHEDULE_KEY = "schedule"
@@ -54,7 +55,10 @@ class RoundConfig(BaseModel):
     required_capabilities: dict[str, Any] = Field(
         default_factory=dict,
         description="a device qualifies if each value matches (numbers: at least this much)")
-    hparams: TaskHParams = TaskHParams()
+    hparams: TaskHParams = Field(
+        default_factory=TaskHParams,
+        description="training parameters set for every device of the round; a device keeps "
+                    "its own value (its profile, else the product default) for the rest")
     codec: UpdateCodec = UpdateCodec()
     max_update_bytes: int = Field(4 * 2**20, ge=1024, le=64 * 2**20)
     max_delta_norm: float | None = Field(100.0, gt=0, description="L2 bound on Δθ (all keys)")
@@ -72,7 +76,7 @@ class RoundConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RoundConfig:
-        self.make_strategy()  # ValueError names an unknown strategy or a bad option
+        self.task_hparams()  # ValueError: unknown strategy, bad option, no Fisher for a merge
         if self.max_participants is not None and self.max_participants < self.min_participants:
             raise ValueError(f"max_participants ({self.max_participants}) is below "
                              f"min_participants ({self.min_participants})")
@@ -81,16 +85,23 @@ class RoundConfig(BaseModel):
                              f"({self.min_participants}): a round could never aggregate")
         return self
 
+    def assumed_training(self) -> TrainConfig:
+        """What a device that keeps the product defaults trains with in this round: the cloud
+        picks the merge for these steps and bounds merge weights by these steps × batch."""
+        return resolve_training(task=self.hparams)
+
     @property
     def sample_bound(self) -> int:
         """The most samples one update counts for (``max_update_samples`` or steps × batch)."""
         if self.max_update_samples is not None:
             return self.max_update_samples
-        return self.hparams.steps * self.hparams.batch_size
+        training = self.assumed_training()
+        return training.steps * training.batch_size
 
     def make_strategy(self) -> Strategy:
         """The strategy that merges this round (the configured one, for its local steps)."""
-        return make_strategy(self.strategy, **self.strategy_options).for_round(self.hparams.steps)
+        steps = self.assumed_training().steps
+        return make_strategy(self.strategy, **self.strategy_options).for_round(steps)
 
     def quorum_for(self, participants: int) -> tuple[int, int]:
         """``(k, minimum)`` for ``participants`` sampled devices: 1 <= minimum <= k <= n."""
@@ -101,13 +112,14 @@ class RoundConfig(BaseModel):
         return k, min(self.min_updates, k)
 
     def task_hparams(self) -> TaskHParams:
-        """Hyper-parameters sent to devices: the strategy's (FedProx mu) and no Fisher work
-        when the strategy does not use it."""
-        strategy = self.make_strategy()
-        extra: dict[str, Any] = dict(strategy.client_hparams())
-        if not strategy.requires_fisher:
-            extra["fisher_samples"] = 0
-        return self.hparams.model_copy(update=extra)
+        """What every device's task sets (``shared.training.round_hparams``): the strategy's
+        values (FedProx mu, no Fisher work when the merge reads none) over the operator's,
+        and the steps when the strategy picks its merge by them."""
+        configured = make_strategy(self.strategy, **self.strategy_options)
+        hparams = round_hparams(self.hparams, self.make_strategy().training_needs())
+        if configured.picks_by_steps:
+            hparams = hparams.model_copy(update={"steps": self.assumed_training().steps})
+        return hparams
 
 
 class Schedule(BaseModel):

@@ -75,6 +75,7 @@ from shared.mqtt import (
     Received,
     Will,
 )
+from shared.training import resolve_training
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +365,9 @@ class EdgeAgent:
         """Train the current task and deliver its update (one round, top to bottom)."""
         assert self._current is not None
         task, parts = self._current
+        steps = resolve_training(self.config.profile.training, task.hparams).steps
         log.info("%s: round %d: training (task %s, %d samples, %d steps)", self.device_id,
-                 task.round_id, task.task_id, len(self.samples), task.hparams.steps,
+                 task.round_id, task.task_id, len(self.samples), steps,
                  extra={"round_id": task.round_id, "task_id": task.task_id})
         try:
             encoded = execute_task(

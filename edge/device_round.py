@@ -21,7 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from edge.profiles import DeviceProfile
-from edge.trainer import TrainConfig, run_round
+from edge.trainer import run_round
 from shared import codec
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, LLMBackend, StepResult
@@ -36,6 +36,7 @@ from shared.messages import (
     require_part,
 )
 from shared.nanoedge import NanoEdge
+from shared.training import TrainConfig, resolve_training
 from shared.update import AdapterUpdate
 
 
@@ -122,7 +123,7 @@ def check_task(
     if n_samples < 1:
         raise TaskRefused("rejected", "this device has no local samples to train on")
     try:
-        return profile.training.to_train_config(**task.hparams.model_dump())
+        return resolve_training(profile.training, task.hparams)
     except ValidationError as err:
         raise TaskRefused("rejected", f"task {task.task_id}: hyper-parameters do not fit "
                           f"this device: {err.errors()[0]['msg']}") from err

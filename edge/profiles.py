@@ -3,7 +3,7 @@
 A profile names the module, its JetPack release (which implies L4T, CUDA and TensorRT), the
 power mode *by name*, the onnxruntime providers in priority order, the encoder precision and
 batch, a memory budget checked against the module's usable memory, the feature-cache limits,
-the local-training defaults (the fields of ``edge.trainer.TrainConfig``) and the largest update
+the device's local-training values (a ``shared.training.TrainConfig``) and the largest update
 the device may publish. Every section forbids unknown keys, so a typo fails at boot naming the
 field; ``ConfigError`` carries every problem as ``file: field: message``.
 
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,8 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-if TYPE_CHECKING:
-    from edge.trainer import TrainConfig
+from shared.training import TrainConfig
 
 PROFILE_SCHEMA_FILE = "profile.schema.json"
 NVPMODEL_CONF = Path("/etc/nvpmodel.conf")
@@ -346,39 +345,6 @@ class FeatureCacheSettings(StrictModel):
     max_entries: int = Field(100_000, ge=1)
 
 
-class TrainingDefaults(StrictModel):
-    """The device's defaults for ``edge.trainer.TrainConfig`` (same fields and bounds).
-
-    ``batch_size`` is also the most rows the device puts through one step at once: a round
-    that asks for a larger batch is trained in micro-batches of this size with the gradients
-    accumulated (the same step), so a task never overrides the profile's memory budget.
-    """
-
-    steps: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    prox_mu: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    fisher_samples: int = Field(64, ge=0)
-    fisher_batch_size: int = Field(32, ge=1)
-    fisher_labels: Literal["empirical", "sampled"] = "empirical"
-    fisher_point: Literal["local", "global"] = "local"
-    train_a: bool = True
-    micro_batch_size: int | None = Field(None, ge=1)
-
-    def to_train_config(self, **overrides: Any) -> TrainConfig:
-        """A ``TrainConfig`` from these defaults; ``overrides`` (e.g. a round's task) win,
-        except that a batch larger than the profile's is split into micro-batches of it."""
-        from edge.trainer import TrainConfig  # torch is only needed once training starts
-
-        merged = {**self.model_dump(), **overrides}
-        cap = min(self.batch_size, self.micro_batch_size or self.batch_size)
-        if merged["batch_size"] > cap:
-            merged["micro_batch_size"] = min(cap, merged.get("micro_batch_size") or cap)
-        return TrainConfig(**merged)
-
-
 # ---------------------------------------------------------------------------------- profile
 
 
@@ -392,7 +358,9 @@ class DeviceProfile(StrictModel):
     runtime: RuntimeSettings
     memory_budget_mib: int = Field(gt=0, description="all of the agent's memory, CPU + GPU")
     feature_cache: FeatureCacheSettings = FeatureCacheSettings()
-    training: TrainingDefaults = TrainingDefaults()
+    # The device's own values (its batch sizes are its memory budget); a round's task sets
+    # only what the operator or the strategy chose (shared.training.resolve_training).
+    training: TrainConfig = TrainConfig()
     max_update_bytes: int = Field(
         ge=1024, le=MQTT_MAX_PACKET_BYTES,
         description="the device refuses to publish a larger update; keep it under the "

@@ -2,7 +2,8 @@
 
 A round reads top to bottom: load the global adapters -> local steps (AdamW, optional FedProx
 term) -> Δθ -> diagonal Fisher -> an ``AdapterUpdate``. Each LLM call goes through an
-``LLMBackend``, so the same code trains against an in-process LLM or a remote one.
+``LLMBackend``, so the same code trains against an in-process LLM or a remote one. The round's
+parameters are a ``shared.training.TrainConfig`` (``resolve_training`` says whose values).
 
 Fisher estimator: the diagonal Fisher ``F = 1/M Σ_i (∇θ log p(y_i | x_i))²`` over
 ``M = min(fisher_samples, n_local)`` local samples. ``fisher_labels="empirical"`` uses the true
@@ -24,10 +25,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from shared.adapters import AdapterState
 from shared.backend import LLMBackend
@@ -35,28 +34,8 @@ from shared.batches import VQABatcher
 from shared.data.base import VQASample
 from shared.nanoedge import NanoEdge
 from shared.prompts import IGNORE_INDEX, EncodedBatch
+from shared.training import TrainConfig
 from shared.update import AdapterUpdate
-
-
-class TrainConfig(BaseModel):
-    """Local training hyper-parameters (a device's defaults come from its firmware profile)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    prox_mu: float = Field(0.0, ge=0)  # FedProx: adds mu/2 * ||θ - θ_global||²
-    grad_clip: float = Field(1.0, gt=0)
-    fisher_samples: int = Field(64, ge=0)  # 0: no Fisher (FedAvg/FedProx)
-    fisher_batch_size: int = Field(32, ge=1)
-    fisher_labels: Literal["empirical", "sampled"] = "empirical"
-    fisher_point: Literal["local", "global"] = "local"
-    train_a: bool = True  # False: FFA-LoRA, only B trains
-    # Rows per LLM call and backward (the device's memory cap); a larger batch is trained in
-    # micro-batches whose gradients add up to the whole batch's, so the step is the same.
-    micro_batch_size: int | None = Field(None, ge=1)
 
 
 @dataclass

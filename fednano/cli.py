@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from fednano import sim_options as opts
 from fednano.choices import simulation_baselines, strategy_help
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
@@ -164,27 +165,26 @@ def simulate(
              "'fisher-norm:ffa=true,server_lr=2'). "
              "Repeat it for a paired run: every method on the same data, seed and held-out "
              "questions, one report each under --out/<method>/.")] = None,
-    clients: Annotated[int, typer.Option(help="Number of simulated devices.", min=1)] = 5,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller: more skew).")]
-    = 0.5,
+    devices: opts.Devices = opts.DEVICES,
+    alpha: opts.Alpha = opts.ALPHA,
     task: Annotated[str, typer.Option(
         help="'easyvqa', or 'easyvqa+digits' so devices also differ by task.")] = "easyvqa",
     partition: Annotated[str, typer.Option(
         help="Skew over 'question' (type x answer) or 'image-class' (shape x colour).")]
     = "question",
-    rounds: Annotated[int, typer.Option(min=1)] = 3,
-    steps: Annotated[int, typer.Option(help="Local steps per device per round.", min=1)] = 20,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    lr: float = 2e-3,
+    rounds: opts.Rounds = opts.ROUNDS,
+    steps: opts.Steps = opts.STEPS,
+    batch_size: opts.BatchSize = opts.BATCH_SIZE,
+    lr: opts.Lr = opts.LR,
     rank: Annotated[int, typer.Option(help="NanoAdapter rank.", min=1)] = 8,
     prox_mu: Annotated[float, typer.Option(help="FedProx proximal weight.")] = 0.01,
-    fisher_samples: Annotated[int, typer.Option(help="Samples per device for the Fisher.")] = 64,
+    fisher_samples: opts.FisherSamples = opts.FISHER_SAMPLES,
     fisher_normalize: Annotated[str | None, typer.Option(
         help="Fisher strategies (fisher-raw, ...): scale each device's Fisher by its own "
              "'mean', 'max' or 'l2' norm before merging.")] = None,
-    eval_questions: Annotated[int, typer.Option(help="Held-out test questions.")] = 1000,
-    round_eval_questions: Annotated[int, typer.Option(help="Questions for per-round curves.")]
-    = 300,
+    eval_questions: Annotated[int, typer.Option(
+        help="Held-out test questions the final model is evaluated on.", min=1)] = 1000,
+    round_eval_questions: opts.RoundEvalQuestions = opts.ROUND_EVAL_QUESTIONS,
     min_samples: Annotated[int, typer.Option(help="Minimum training samples per device.")] = 32,
     client_holdout: Annotated[int, typer.Option(
         help="Per-device held-out images (questions with --holdout-by question).")] = 100,
@@ -192,9 +192,8 @@ def simulate(
         help="Hold out whole 'image's (default) or 'question's of each device's data.")] = "image",
     eval_seed: Annotated[int, typer.Option(
         help="Seed of the shared held-out test sample (same for every run).")] = 0,
-    max_client_samples: Annotated[int | None, typer.Option(
-        help="Cap each device's training samples (quick runs).")] = None,
-    seed: int = 0,
+    max_samples: opts.MaxSamples = None,
+    seed: opts.Seed = 0,
     delta_codec: Annotated[str | None, typer.Option(
         help="Compress uploads like a device: a codec scheme such as 'int8/b64+zstd' or "
              "'topk/k0.1+zstd' (top-k with error feedback). Default: exact fp32.")] = None,
@@ -216,21 +215,27 @@ def simulate(
     = None,
     home: Home = DEFAULT_HOME,
     threads: Threads = 0,
+    clients: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
+    max_client_samples: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
 ) -> None:
     """Federated simulation in one process on the real base and easy-VQA."""
     from pydantic import ValidationError
 
-    from edge.trainer import TrainConfig
     from fednano.simulate import SimConfig, parse_method
+    from shared.training import TrainConfig
 
-    methods = [parse_method(spec) for spec in (strategy or ["fednano"])]
+    devices = opts.renamed(devices, clients, old="--clients", new="--devices",
+                           default=opts.DEVICES)
+    max_samples = opts.renamed(max_samples, max_client_samples, old="--max-client-samples",
+                               new="--max-samples", default=None)
+    methods = [parse_method(spec) for spec in (strategy or [opts.STRATEGY])]
     try:
         configs = [SimConfig(
-            strategy=name, strategy_options=options, task=task, clients=clients, alpha=alpha,
+            strategy=name, strategy_options=options, task=task, clients=devices, alpha=alpha,
             partition=partition, rounds=rounds,
             seed=seed, prox_mu=prox_mu, fisher_normalize=fisher_normalize,
-            eval_questions=eval_questions,
-            round_eval_questions=round_eval_questions, max_client_samples=max_client_samples,
+            eval_questions=eval_questions, round_eval_questions=round_eval_questions,
+            max_client_samples=opts.whole_shard(max_samples),
             min_samples=min_samples, client_holdout=client_holdout, holdout_by=holdout_by,
             eval_seed=eval_seed,
             train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr,

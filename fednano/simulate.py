@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cloud.base.build import LoadedBase
 from cloud.strategies import STRATEGIES, make_strategy
-from edge.trainer import RoundResult, TrainConfig, local_steps, run_round
+from edge.trainer import RoundResult, local_steps, run_round
 from fednano.lockstep import run_rounds_lockstep
 from shared.activations import DEFAULT_ENCODING, ActivationEncoding, WireBackend
 from shared.adapters import AdapterState
@@ -37,6 +37,7 @@ from shared.data.base import VQASample, VQATask
 from shared.data.partition import partition_samples, split_holdout
 from shared.evaluation import EvalResult, evaluate
 from shared.nanoedge import NanoEdge
+from shared.training import TrainConfig, resolve_training
 
 BASELINES = ("local", "centralized", "feddpa-f")
 # Schemes measured on real deltas for the report when a run compresses its uploads.
@@ -46,7 +47,9 @@ CODEC_SCHEMES = [Scheme.parse(s) for s in (
 
 
 class SimConfig(BaseModel):
-    """One simulation run. Every field is a CLI option of ``fednano simulate``."""
+    """One simulation run. Every field is a CLI option of ``fednano simulate`` (``clients`` is
+    ``--devices`` and ``max_client_samples`` ``--max-samples``: reports keep the field names
+    they always had)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -316,12 +319,11 @@ class Simulation:
         strategy = make_strategy(strategy_name,
                                  **(strategy_options(cfg) if strategy_name == cfg.strategy
                                     else {})).for_round(cfg.train.steps)
-        train_cfg = cfg.train.model_copy(update={
-            **strategy.client_hparams(),
-            "fisher_samples": cfg.train.fisher_samples if strategy.requires_fisher else 0,
-            # Centralized: one "device" with all the data does the fleet's steps per round.
-            "steps": cfg.train.steps * (cfg.clients if centralized else 1),
-        })
+        # The run's settings stand for the devices' own values (the profile); the strategy's
+        # come first, as on a device of the fleet.
+        train_cfg = resolve_training(cfg.train, needs=strategy.training_needs())
+        if centralized:  # one "device" with all the data does the fleet's steps per round
+            train_cfg = train_cfg.model_copy(update={"steps": train_cfg.steps * cfg.clients})
         clients = [_pooled(self.clients)] if centralized else self.clients
         state, previous_step = initial, None
         for r in range(1, cfg.rounds + 1):
@@ -350,7 +352,8 @@ class Simulation:
         cfg = self.config
         state = self._federated_rounds(initial, report, "fedavg")
         global_accuracy = self.evaluate(state, self.eval_set)
-        train_cfg = cfg.train.model_copy(update={"fisher_samples": 0, "prox_mu": 0.0})
+        # The local pair trains like a FedAvg device: no Fisher, no proximal term.
+        train_cfg = resolve_training(cfg.train, needs=make_strategy("fedavg").training_needs())
         finals: list[EvalResult] = []
         for k, client in enumerate(self.clients):
             torch.manual_seed(cfg.seed * 1000 + 900 + k)  # the local pair's random A

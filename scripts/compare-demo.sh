@@ -8,7 +8,7 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-common=(--clients 3 --alpha 0.5 --rounds 2 --steps 15 --max-client-samples 600
+common=(--devices 3 --alpha 0.5 --rounds 2 --steps 15 --max-samples 600
         --eval-questions 300 --round-eval-questions 0 "$@")
 fednano simulate --strategy fednano --out runs/demo/fednano "${common[@]}"
 fednano simulate --strategy fedavg --out runs/demo/fedavg "${common[@]}"

@@ -54,6 +54,7 @@ from safetensors.torch import save as _st_save
 
 from shared.codec import DEFAULT_DELTA_SCHEME, DEFAULT_FISHER_SCHEME, Scheme
 from shared.protocol import DEVICE_ID_PATTERN
+from shared.training import TaskHParams
 
 ENVELOPE_MAGIC = b"FNM1"
 _HEAD = struct.Struct("<4sI")
@@ -151,21 +152,6 @@ class RoundAnnouncement(Message):
 
 
 # --- Envelope messages --------------------------------------------------------------------------
-
-
-class TaskHParams(BaseModel):
-    """Local-training hyper-parameters for one round (fields of ``edge.trainer.TrainConfig``)."""
-
-    model_config = _STRICT
-    steps: int = Field(8, ge=1, le=100_000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    lr: float = Field(2e-3, gt=0, le=1.0)
-    prox_mu: float = Field(0.0, ge=0)
-    fisher_samples: int = Field(32, ge=0, le=100_000)
-    # How the device estimates its Fisher and which factors it trains (set by the strategy).
-    fisher_labels: Literal["empirical", "sampled"] = "empirical"
-    fisher_point: Literal["local", "global"] = "local"
-    train_a: bool = True  # False: FFA-LoRA (only B trains)
 
 
 class UpdateCodec(BaseModel):

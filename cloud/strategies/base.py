@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from shared.adapters import AdapterState
 from shared.merge import apply_delta, server_step
+from shared.training import StrategyNeeds, TaskHParams
 from shared.update import AdapterUpdate
 
 
@@ -50,6 +51,19 @@ class Strategy(ABC):
     def client_hparams(self) -> dict[str, object]:
         """Hyper-parameters every device gets in its round task (no proximal term by default)."""
         return {"prox_mu": 0.0, "train_a": not self.ffa}
+
+    def training_needs(self) -> StrategyNeeds:
+        """What this merge asks of every device's training: a Fisher or none, and
+        ``client_hparams`` (``shared.training`` says how they rank against the operator's
+        values and the device's own)."""
+        return StrategyNeeds(fisher=self.requires_fisher,
+                             hparams=TaskHParams.model_validate(self.client_hparams()))
+
+    @property
+    def picks_by_steps(self) -> bool:
+        """True when ``for_round`` picks the merge by the local steps, so a round's task must
+        say how many steps devices train (they could not keep their own)."""
+        return False
 
     def for_round(self, local_steps: int) -> Strategy:
         """The strategy that merges a round whose devices train ``local_steps`` steps each.

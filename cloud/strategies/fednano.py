@@ -50,6 +50,10 @@ class FedNano(FedAvg):
     def config(self) -> dict[str, object]:
         return {**super().config(), "fisher_from_steps": self.fisher_from_steps}
 
+    @property
+    def picks_by_steps(self) -> bool:
+        return self.fisher_from_steps is not None
+
     def for_round(self, local_steps: int) -> Strategy:
         if self.fisher_from_steps is None or local_steps < self.fisher_from_steps:
             return self

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from fednano import sim_options as opts
 from fednano.choices import strategy_help, strategy_parser
 
 if TYPE_CHECKING:
@@ -81,23 +82,18 @@ def _default_out(kind: str) -> Path:
 
 @fleet_app.command("simulate")
 def simulate(
-    devices: Annotated[int, typer.Option(help="Device processes.", min=1)] = 4,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration of the data shards "
-                                         "(question skew; small = non-IID).")] = 0.5,
-    rounds: Annotated[int, typer.Option(help="Rounds the cloud's schedule runs.", min=1)] = 2,
+    devices: opts.Devices = opts.DEVICES,
+    alpha: opts.Alpha = opts.ALPHA,
+    rounds: opts.Rounds = opts.ROUNDS,
     strategy: Annotated[str, typer.Option(
-        parser=strategy_parser(),
-        help=f"Aggregation strategy, {strategy_help()} (fednano: Fisher merge).")]
-    = "fednano",
-    steps: Annotated[int, typer.Option(help="Local steps per round.", min=1)] = 8,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(min=0)] = 2e-3,
-    fisher_samples: Annotated[int, typer.Option(min=0)] = 32,
-    max_samples: Annotated[int, typer.Option(help="Samples per device (0: the whole shard).",
-                                             min=0)] = 200,
-    eval_questions: Annotated[int, typer.Option(help="Held-out easy-VQA questions each new "
-                                                "version is evaluated on (0: none).",
-                                                min=0)] = 200,
+        parser=strategy_parser(), help=f"Aggregation strategy, {strategy_help()}.")]
+    = opts.STRATEGY,
+    steps: opts.Steps = opts.STEPS,
+    batch_size: opts.BatchSize = opts.BATCH_SIZE,
+    lr: opts.Lr = opts.LR,
+    fisher_samples: opts.FisherSamples = opts.FISHER_SAMPLES,
+    max_samples: opts.MaxSamples = None,
+    round_eval_questions: opts.RoundEvalQuestions = opts.ROUND_EVAL_QUESTIONS,
     deadline: Annotated[float, typer.Option(help="A round's deadline in seconds.",
                                             min=1)] = 600.0,
     database: Annotated[str, typer.Option(help="'sqlite' (a file in the run folder) or the URL "
@@ -108,7 +104,7 @@ def simulate(
                                         "stale-base, cloud-restart, broker-restart, broker-kill; "
                                         "or all.")]
     = "",
-    seed: int = 0,
+    seed: opts.Seed = 0,
     llm_timeout: Annotated[float, typer.Option(help="Seconds a device waits for the LLM worker "
                                                "per attempt.", min=1)] = 20.0,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.",
@@ -120,6 +116,7 @@ def simulate(
     bundles: Annotated[Path | None, typer.Option(help="Exported bundles (default HOME/bundles; "
                                                  "exported there if missing).",
                                                  show_default=False)] = None,
+    eval_questions: Annotated[int | None, typer.Option(hidden=True, min=0)] = None,
 ) -> None:
     """Provision N devices, start the broker, the cloud and N device processes, run the rounds,
     inject faults, print and save the report (report.md, report.json)."""
@@ -127,11 +124,15 @@ def simulate(
 
     from fednano.fleet.options import FleetOptions, parse_faults
 
+    round_eval_questions = opts.renamed(
+        round_eval_questions, eval_questions, old="--eval-questions",
+        new="--round-eval-questions", default=opts.ROUND_EVAL_QUESTIONS)
     try:
         options = FleetOptions(
             devices=devices, alpha=alpha, rounds=rounds, strategy=strategy, steps=steps,
             batch_size=batch_size, lr=lr, fisher_samples=fisher_samples,
-            max_samples=max_samples or None, eval_questions=eval_questions, deadline_s=deadline,
+            max_samples=opts.whole_shard(max_samples), eval_questions=round_eval_questions,
+            deadline_s=deadline,
             database=database, faults=parse_faults(faults), seed=seed, llm_timeout_s=llm_timeout,
             timeout_s=timeout)
     except (ValidationError, ValueError) as err:

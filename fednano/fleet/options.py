@@ -1,5 +1,5 @@
-"""What a fleet run does: ``FleetOptions`` (every field is an option of ``fleet simulate``)
-and the fault names ``--faults`` accepts."""
+"""What a fleet run does: ``FleetOptions`` (every field is an option of ``fleet simulate``;
+``eval_questions`` is ``--round-eval-questions``) and the fault names ``--faults`` accepts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloud.strategies import STRATEGIES, make_strategy
+from fednano import sim_options as opts
+from shared.training import (
+    BatchSize,
+    FisherSamples,
+    LearningRate,
+    Steps,
+    TaskHParams,
+    round_hparams,
+)
 
 Fault = Literal["kill-device", "slow-device", "corrupt", "truncated", "oversized", "nan",
                 "duplicate", "stale-base", "cloud-restart", "broker-restart", "broker-kill"]
@@ -41,16 +50,19 @@ class FleetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    devices: int = Field(4, ge=1, le=512)
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the shards")
-    rounds: int = Field(2, ge=1)
-    strategy: str = "fednano"
-    steps: int = Field(8, ge=1, description="local steps per round")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    fisher_samples: int = Field(32, ge=0)
-    max_samples: int | None = Field(200, ge=1, description="per device (quick runs)")
-    eval_questions: int = Field(200, ge=0, description="held-out questions per version")
+    # The defaults are ``fednano simulate``'s (fednano.sim_options).
+    devices: int = Field(opts.DEVICES, ge=1, le=512)
+    alpha: float = Field(opts.ALPHA, gt=0, description="Dirichlet concentration of the shards")
+    rounds: int = Field(opts.ROUNDS, ge=1)
+    strategy: str = opts.STRATEGY
+    steps: Steps = Field(opts.STEPS, description="local steps per round")
+    batch_size: BatchSize = opts.BATCH_SIZE
+    lr: LearningRate = opts.LR
+    fisher_samples: FisherSamples = opts.FISHER_SAMPLES
+    max_samples: int | None = Field(None, ge=1, description="per device (quick runs); None: "
+                                                            "the whole shard")
+    eval_questions: int = Field(opts.ROUND_EVAL_QUESTIONS, ge=0,
+                                description="held-out questions per version")
     deadline_s: float = Field(600.0, gt=0, description="a round's deadline")
     database: str = Field("sqlite", description="'sqlite' (a file in the run folder) or the "
                                                 "URL of an empty database")
@@ -68,10 +80,8 @@ class FleetOptions(BaseModel):
 
     @model_validator(mode="after")
     def _fisher_when_needed(self) -> FleetOptions:
-        strategy = make_strategy(self.strategy).for_round(self.steps)
-        if self.fisher_samples == 0 and strategy.requires_fisher:
-            raise ValueError(f"strategy {self.strategy!r} merges with the Fisher: "
-                             "fisher_samples must be at least 1")
+        needs = make_strategy(self.strategy).for_round(self.steps).training_needs()
+        round_hparams(TaskHParams(fisher_samples=self.fisher_samples), needs)  # ValueError
         return self
 
     @property

@@ -304,7 +304,8 @@ def report_markdown(report: FleetReport) -> str:
         "",
         f"- base {report.base_version}, bundle {report.bundle_version}, database "
         f"{report.database}; {o['steps']} local steps x batch {o['batch_size']}, "
-        f"{o['max_samples']} samples per device, {o['eval_questions']} held-out questions",
+        f"{o['max_samples'] or 'all'} samples per device, {o['eval_questions']} held-out "
+        "questions per version",
         f"- final accuracy {_acc(report.final_accuracy)}; wall time {report.seconds:.0f} s "
         f"(fleet ready after {report.ready_seconds:.0f} s)",
         "",

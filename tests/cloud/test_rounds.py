@@ -70,6 +70,33 @@ def test_task_hparams_follow_the_strategy() -> None:
     assert long.fisher_samples == 32
 
 
+def test_a_task_sets_only_what_the_round_chose() -> None:
+    # Nothing set by the operator: the strategy's values only; each device keeps its own steps,
+    # batch, lr (its profile) and the cloud assumes the product defaults for its bounds.
+    assert RoundConfig().task_hparams().set_values() == {
+        "prox_mu": 0.0, "train_a": True, "fisher_samples": 0}
+    assert RoundConfig().sample_bound == 8 * 16
+    assert RoundConfig(hparams=TaskHParams(steps=4, batch_size=4)).sample_bound == 16
+    # A strategy that picks its merge by the steps pins the steps it picked for.
+    picking = RoundConfig(strategy_options={"fisher_from_steps": 100})
+    assert picking.task_hparams().steps == 8 and picking.make_strategy().name == "fednano"
+
+
+def test_a_stored_round_that_spelled_out_every_field_keeps_its_strategy() -> None:
+    old = {"steps": 8, "batch_size": 16, "lr": 0.002, "prox_mu": 0.0, "fisher_samples": 32,
+           "fisher_labels": "empirical", "fisher_point": "local", "train_a": True}
+    stored = RoundConfig.model_validate({"strategy": "fedprox", "strategy_options": {"mu": 0.1},
+                                         "hparams": old})
+    task = stored.task_hparams()
+    assert (task.prox_mu, task.fisher_samples, task.steps, task.batch_size) == (0.1, 0, 8, 16)
+    assert RoundConfig.model_validate(stored.model_dump(mode="json")) == stored
+
+
+def test_a_fisher_merge_refuses_a_round_without_fisher_samples() -> None:
+    with pytest.raises(ValidationError, match="fisher_samples must be at least 1"):
+        RoundConfig(strategy="fisher-norm", hparams=TaskHParams(fisher_samples=0))
+
+
 @pytest.mark.parametrize(("fields", "field"), [
     ({"strategy": "fedsgd"}, "unknown strategy"),
     ({"strategy_options": {"nope": 1}}, "bad arguments"),

@@ -121,6 +121,23 @@ def test_check_task(model, fields, code) -> None:  # type: ignore[no-untyped-def
     assert info.value.code == code
 
 
+def test_a_round_that_sets_no_batch_trains_with_the_profiles(model) -> None:  # type: ignore[no-untyped-def]
+    # jetson-orin-nano-8gb's profile says batch 8 (its memory budget). A round whose operator
+    # left the batch alone must not impose one: the device trains batches of 8 in one pass,
+    # the cloud's task having travelled the wire as it does in production.
+    from cloud.rounds import RoundConfig
+
+    sent, _ = _task(model, hparams=RoundConfig().task_hparams())
+    task, _ = unpack(pack(sent), TrainTask)
+    config = check_task(task, model, load_profile("jetson-orin-nano-8gb"), n_samples=3)
+    assert (config.batch_size, config.micro_batch_size) == (8, None)
+    # The operator's batch still wins; the profile's 8 then caps each pass.
+    sent, _ = _task(model, hparams=RoundConfig(hparams=TaskHParams(batch_size=16)).task_hparams())
+    config = check_task(unpack(pack(sent), TrainTask)[0], model,
+                        load_profile("jetson-orin-nano-8gb"), n_samples=3)
+    assert (config.batch_size, config.micro_batch_size) == (16, 8)
+
+
 def test_bad_global_adapter_is_refused(tiny_llm, model, samples) -> None:  # type: ignore[no-untyped-def]
     task, _ = _task(model)
     wrong = codec.encode({"image.lora_A.weight": torch.zeros(1, 1)}, codec.Scheme())

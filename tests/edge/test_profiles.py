@@ -20,7 +20,6 @@ from edge.profiles import (
     PROFILE_SCHEMA_FILE,
     ConfigError,
     DeviceProfile,
-    TrainingDefaults,
     default_profiles_dir,
     list_profiles,
     load_profile,
@@ -30,6 +29,7 @@ from edge.profiles import (
     query_power_mode,
     resolve_power_mode,
 )
+from shared.training import TaskHParams, TrainConfig, resolve_training
 
 SHIPPED = [
     "jetson-agx-orin-64gb", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-xavier-nx",
@@ -120,21 +120,9 @@ def test_known_providers_match_onnxruntime() -> None:
 # ------------------------------------------------------------------------- training
 
 
-def test_training_defaults_mirror_train_config() -> None:
-    from edge.trainer import TrainConfig
-
-    mine, theirs = TrainingDefaults.model_fields, TrainConfig.model_fields
-    assert list(mine) == list(theirs)
-    for name, info in theirs.items():
-        assert mine[name].default == info.default, name
-        assert repr(mine[name].metadata) == repr(info.metadata), name
-
-
 def test_to_train_config_uses_the_profile_and_overrides() -> None:
-    from edge.trainer import TrainConfig
-
     profile = load_profile("jetson-orin-nano-8gb")
-    config = profile.training.to_train_config(steps=5)
+    config = resolve_training(profile.training, TaskHParams(steps=5))
     assert isinstance(config, TrainConfig)
     assert (config.steps, config.batch_size, config.fisher_samples) == (5, 8, 32)
 
@@ -451,6 +439,6 @@ def test_a_task_batch_above_the_profile_is_split_not_imposed() -> None:
     # jetson-orin-nano-8gb puts at most 8 rows through a step: a round asking for 16 keeps
     # its batch of 16 (the same step) in micro-batches of 8 (the device's memory budget).
     profile = load_profile("jetson-orin-nano-8gb")
-    config = profile.training.to_train_config(batch_size=16, steps=5)
+    config = resolve_training(profile.training, TaskHParams(batch_size=16, steps=5))
     assert (config.batch_size, config.micro_batch_size) == (16, 8)
-    assert profile.training.to_train_config(batch_size=4).micro_batch_size is None
+    assert resolve_training(profile.training, TaskHParams(batch_size=4)).micro_batch_size is None

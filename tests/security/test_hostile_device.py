@@ -160,8 +160,8 @@ def test_5_an_acknowledged_update_survives_a_broker_kill(cloud: Cloud) -> None:
 
 def test_8_a_device_cannot_take_the_merge(cloud: Cloud) -> None:
     round_id, devices = _round(cloud, "dev-a", "dev-b")
-    hparams = RoundConfig().hparams
-    bound = hparams.steps * hparams.batch_size  # what the task asked the device to train on
+    training = RoundConfig().assumed_training()
+    bound = training.steps * training.batch_size  # what the round asks a device to train on
     devices["dev-a"].send(device_update(*devices["dev-a"].task(), "dev-a", n_samples=2**62))
     devices["dev-b"].send(device_update(*devices["dev-b"].task(), "dev-b", n_samples=bound))
     wait_for(lambda: cloud.query(lambda s: crud.latest_adapter_version(s).round_id) == round_id)
