@@ -57,7 +57,7 @@ def test_a_broker_that_refuses_the_password(tmp_path: Path) -> None:
     try:
         line = one_error_line(fednano("cloud", "coordinator", env={
             **STRONG, "FEDNANO_HOME": str(tmp_path), "FEDNANO_BROKER_URL": broker.url,
-            "FEDNANO_BROKER_USERNAME": "cloud"}, timeout=60))
+            "FEDNANO_BROKER_USERNAME": "cloud"}, timeout=120))
     finally:
         broker.close()
     assert "refused client" in line and "FEDNANO_BROKER_PASSWORD" in line
