@@ -57,6 +57,17 @@ from shared.messages import (
 )
 from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received, reply_properties
 from shared.prompts import IGNORE_INDEX
+from shared.protocol import (
+    ATTENTION_MASK,
+    INPUT_GRADS,
+    INPUTS_EMBEDS,
+    LABELS,
+    LOGPROBS,
+    SAMPLE_LOSSES,
+    SCORE_REQUEST,
+    STEP_REQUEST,
+    TENSORS_PART,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +214,11 @@ def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
 
 def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    names = ("inputs_embeds", "attention_mask") + (("labels",) if request.op == "step" else ())
+    names = STEP_REQUEST if request.op == "step" else SCORE_REQUEST
     try:
-        tensors = unpack_tensors(require_part(parts, "tensors", request.kind), names)
-        embeds, mask = tensors["inputs_embeds"], tensors["attention_mask"]
-        labels = tensors.get("labels")
+        tensors = unpack_tensors(require_part(parts, TENSORS_PART, request.kind), names)
+        embeds, mask = tensors[INPUTS_EMBEDS], tensors[ATTENTION_MASK]
+        labels = tensors.get(LABELS)
         check_step_inputs(embeds, mask, labels, llm.width, llm.max_tokens, llm.vocab_size)
         if labels is not None:
             _check_answer_tokens(labels)
@@ -243,12 +254,12 @@ def run_score(llm: InProcessLLM, jobs: list[Job]) -> list[torch.Tensor]:
 
 
 def step_parts(result: StepResult) -> dict[str, bytes]:
-    return {"tensors": pack_tensors({"input_grads": result.input_grads,
-                                     "sample_losses": result.sample_losses})}
+    return {TENSORS_PART: pack_tensors({INPUT_GRADS: result.input_grads,
+                                        SAMPLE_LOSSES: result.sample_losses})}
 
 
 def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
-    return {"tensors": pack_tensors({"logprobs": logprobs})}
+    return {TENSORS_PART: pack_tensors({LOGPROBS: logprobs})}
 
 
 # --- Fair queueing ------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ from shared.messages import (
     unpack_tensors,
 )
 from shared.mqtt import AckTimeout, Inbox, MqttClient, NotConnectedError, request_properties
+from shared.protocol import (
+    ATTENTION_MASK,
+    INPUT_GRADS,
+    INPUTS_EMBEDS,
+    LABELS,
+    LOGPROBS,
+    SAMPLE_LOSSES,
+    SCORE_REPLY,
+    STEP_REPLY,
+    TENSORS_PART,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +114,10 @@ class RemoteLLM:
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
         """Remote frozen forward + backward; shapes (B, L, d), (B, L), (B, L)."""
-        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                   "labels": labels}
-        response, out = self._call("step", tensors, ("input_grads", "sample_losses"))
-        grads, losses = out["input_grads"], out["sample_losses"]
+        tensors = {INPUTS_EMBEDS: inputs_embeds, ATTENTION_MASK: attention_mask,
+                   LABELS: labels}
+        response, out = self._call("step", tensors, STEP_REPLY)
+        grads, losses = out[INPUT_GRADS], out[SAMPLE_LOSSES]
         batch = inputs_embeds.shape[0]
         if tuple(grads.shape) != tuple(inputs_embeds.shape) or tuple(losses.shape) != (batch,):
             raise RemoteLLMError("bad_response", f"expected input_grads "
@@ -119,9 +130,9 @@ class RemoteLLM:
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Remote next-token log-probabilities (B, vocab) after each row's last real token."""
-        tensors = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        _, out = self._call("score", tensors, ("logprobs",))
-        logprobs = out["logprobs"]
+        tensors = {INPUTS_EMBEDS: inputs_embeds, ATTENTION_MASK: attention_mask}
+        _, out = self._call("score", tensors, SCORE_REPLY)
+        logprobs = out[LOGPROBS]
         if logprobs.dim() != 2 or logprobs.shape[0] != inputs_embeds.shape[0]:
             raise RemoteLLMError("bad_response", f"expected logprobs ({inputs_embeds.shape[0]}, "
                                  f"vocab), got {tuple(logprobs.shape)}")
@@ -133,7 +144,7 @@ class RemoteLLM:
               names: tuple[str, ...]) -> tuple[LLMResponse, dict[str, torch.Tensor]]:
         request_id = uuid.uuid4().hex
         request = LLMRequest(request_id=request_id, op=op, base_version=self.base_version)
-        payload = pack(request, {"tensors": pack_tensors(tensors)})
+        payload = pack(request, {TENSORS_PART: pack_tensors(tensors)})
         with self._lock:
             self.stats.requests += 1
             response, parts = self._exchange(request_id, payload)
@@ -141,7 +152,7 @@ class RemoteLLM:
             assert response.error is not None  # LLMResponse guarantees it
             raise RemoteLLMError(response.error.code, response.error.message, request_id)
         try:
-            return response, unpack_tensors(require_part(parts, "tensors", response.kind), names)
+            return response, unpack_tensors(require_part(parts, TENSORS_PART, response.kind), names)
         except MessageError as err:
             raise RemoteLLMError("bad_response", str(err), request_id) from None
 
