@@ -358,6 +358,20 @@ def frame_info(frame: bytes, *, verify: bool = True, max_bytes: int = DEFAULT_MA
     }
 
 
+def split_frame(frame: bytes) -> tuple[bytes, bytes]:
+    """A frame's JSON header and stored payload as bytes, prefix checked, nothing decoded."""
+    data = bytes(frame)
+    header_len, _, _ = _read_prefix(data)
+    return data[_PREFIX_SIZE : _PREFIX_SIZE + header_len], data[_PREFIX_SIZE + header_len :]
+
+
+def seal_frame(header: bytes, payload: bytes) -> bytes:
+    """A frame around ``header`` and ``payload`` as given, with a checksum that matches: with
+    ``split_frame``, how fault injection builds a well-formed frame carrying values ``encode``
+    refuses (NaN, for one). ``decode`` still checks everything else."""
+    return _assemble(bytes(header), bytes(payload))
+
+
 def _open(frame: bytes, max_bytes: int, verify: bool) -> tuple[FrameHeader, bytes]:
     """Check sizes, magic, version, lengths and checksum; parse and validate the header."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
