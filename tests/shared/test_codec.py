@@ -294,6 +294,15 @@ def test_split_and_seal_follow_the_documented_layout() -> None:
         split_frame(frame[:20])
 
 
+def test_a_cached_header_is_still_checked_against_its_payload() -> None:
+    frame, header, payload = frame_and_parts(Scheme(kind="fp32"))
+    decode(frame)  # the header is now cached
+    with pytest.raises(MalformedFrame, match="payload of"):
+        decode(build(header, payload[:-4]))
+    with pytest.raises(NonFiniteValues, match=f"^{list(adapter_like())[-1]}: "):
+        decode(build(header, payload[:-4] + struct.pack("<f", float("inf"))))
+
+
 def test_decode_size_limits() -> None:
     frame = frame_and_parts()[0]
     with pytest.raises(FrameTooLarge):
