@@ -10,6 +10,7 @@ after reading the blobs). Median of ``--repeats`` runs.
     python benchmarks/aggregation.py [--counts 10 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --streaming [--counts 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
+    python benchmarks/aggregation.py --decode-before REF [--counts 1000] [--repeats 5]
 
 ``--streaming`` times what a memory-flat aggregation does: decode one update's two frames, fold
 them into the Fisher accumulator, drop them, for every update; the accumulator of
@@ -17,13 +18,20 @@ them into the Fisher accumulator, drop them, for every update; the accumulator o
 kept here as the "before") run interleaved in the same process, and each update's frames
 come from a pool of 100 encoded updates so that the frames' own memory does not grow with the
 count. Peak RSS growth is read from ``/proc/self/status`` (VmHWM, reset before each run).
+
+``--decode-before REF`` times the same streaming merge (flat accumulator) with the frame decoder
+of ``shared/codec.py`` as of git ``REF`` ("before") and as it is now ("after"), interleaved in
+one process, and checks that both give identical merged deltas.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -110,15 +118,16 @@ class PerKeyFisherAccumulator:
 
 def stream_merge(make: Callable[[AdapterState], object], global_state: AdapterState,
                  frames: list[tuple[bytes, bytes, int]], count: int,
-                 expected: dict[str, tuple[int, ...]]) -> AdapterState:
+                 expected: dict[str, tuple[int, ...]],
+                 decode: Callable[..., AdapterState] = codec.decode) -> AdapterState:
     """Decode and fold ``count`` updates one at a time (frames reused from the pool)."""
     merger: object = make(global_state)
     weights = [frames[i % len(frames)][2] for i in range(count)]
     total = sum(weights)
     for i in range(count):
         delta_frame, fisher_frame, _ = frames[i % len(frames)]
-        delta = codec.decode(delta_frame, expected=expected)
-        fisher = codec.decode(fisher_frame, expected=expected)
+        delta = decode(delta_frame, expected=expected)
+        fisher = decode(fisher_frame, expected=expected)
         merger.add(delta, fisher, weights[i] / total)  # type: ignore[attr-defined]
     return merger.merged_delta()  # type: ignore[attr-defined]
 
@@ -202,6 +211,44 @@ def parts(args: argparse.Namespace, global_state: AdapterState,
                   f"{min(t) * 1e3:.1f} |")
 
 
+def codec_at(ref: str) -> types.ModuleType:
+    """``shared/codec.py`` as of git ``ref``, imported as module ``codec_at_ref``."""
+    source = subprocess.run(["git", "show", f"{ref}:shared/codec.py"], check=True, text=True,
+                            capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    module = types.ModuleType("codec_at_ref")
+    sys.modules[module.__name__] = module  # pydantic resolves the models' annotations there
+    exec(compile(source, f"{ref}:shared/codec.py", "exec"), module.__dict__)
+    return module
+
+
+def decoders(args: argparse.Namespace, global_state: AdapterState,
+             expected: dict[str, tuple[int, ...]]) -> None:
+    """The streaming merge with the decoder of ``--decode-before`` and today's, interleaved."""
+    frames = make_frames(POOL, global_state)
+    decode = {f"before ({args.decode_before})": codec_at(args.decode_before).decode,
+              "after (working tree)": codec.decode}
+    print(f"delta {DELTA_SCHEME.label()}, Fisher {FISHER_SCHEME.label()}; frames "
+          f"{statistics.mean(len(d) + len(f) for d, f, _ in frames):,.0f} B per update\n")
+    print("| updates | decoder | decode + merge, median (ms) | min (ms) | per update (ms) |")
+    print("|---|---|---|---|---|")
+    for count in args.counts:
+        times: dict[str, list[float]] = {name: [] for name in decode}
+        results = {}
+        for repeat in range(args.repeats):
+            order = list(decode) if repeat % 2 == 0 else list(reversed(decode))
+            for name in order:
+                started = time.perf_counter()
+                results[name] = stream_merge(FisherAccumulator, global_state, frames, count,
+                                             expected, decode[name])
+                times[name].append(time.perf_counter() - started)
+        first, second = results.values()
+        assert all(torch.equal(first[k], second[k]) for k in first), "results differ"
+        for name, t in times.items():
+            ms = statistics.median(t) * 1e3
+            print(f"| {count:,} | {name} | {ms:.1f} | {min(t) * 1e3:.1f} | {ms / count:.3f} |")
+    print("\nidentical merged deltas (torch.equal) for every count")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
@@ -211,6 +258,8 @@ def main() -> None:
                         help="before/after of the streaming decode + Fisher merge")
     parser.add_argument("--parts", action="store_true",
                         help="decode alone and the fold alone (before/after), interleaved")
+    parser.add_argument("--decode-before", metavar="REF",
+                        help="streaming merge with shared/codec.py of git REF vs today's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,6 +269,9 @@ def main() -> None:
     params = sum(v.numel() for v in global_state.values())
     print(f"adapter: rank {RANK}, width {WIDTH}, {params:,} parameters; torch threads "
           f"{torch.get_num_threads()}; median of {args.repeats}\n")
+    if args.decode_before:
+        decoders(args, global_state, expected)
+        return
     if args.streaming or args.parts:
         (streaming if args.streaming else parts)(args, global_state, expected)
         return

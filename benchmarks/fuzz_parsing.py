@@ -54,6 +54,7 @@ from cloud.rounds import RoundConfig
 from shared import topics
 from shared.messages import ENVELOPE_MAGIC, LLMRequest, TrainTask, pack, pack_tensors
 from shared.mqtt import Received
+from shared.protocol import ATTENTION_MASK, INPUTS_EMBEDS, LABELS, TENSORS_PART
 
 TARGETS = ("update", "llm_request", "presence", "api")
 PROGRESS_EVERY = 500  # inputs between progress files (``--out``), so a cut run still reports
@@ -263,7 +264,7 @@ def fuzz_llm_requests(tally: Tally, examples: int, seed: int, hang_s: float) -> 
     llm = InProcessLLM.from_causal_lm(model, max_tokens=128)
     config = WorkerConfig(base_version=BASE_VERSION, max_request_tokens=512)
     embeds, mask, labels = step_inputs(2, 6)
-    valid_tensors = {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels}
+    valid_tensors = {INPUTS_EMBEDS: embeds, ATTENTION_MASK: mask, LABELS: labels}
     header = json.loads(pack(LLMRequest(request_id="req-000001", op="step",
                                         base_version=BASE_VERSION))[8:])
     header.pop("parts")
@@ -276,9 +277,9 @@ def fuzz_llm_requests(tally: Tally, examples: int, seed: int, hang_s: float) -> 
         st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
         st.sets(st.sampled_from(sorted(valid_tensors)), min_size=1))
     strategy = st.one_of(
-        mutated_envelopes(header, {"tensors": pack_tensors(valid_tensors)}),
-        st.builds(lambda part: _envelope(_header_bytes(header, {"tensors": part}),
-                                         {"tensors": part}), tensors))
+        mutated_envelopes(header, {TENSORS_PART: pack_tensors(valid_tensors)}),
+        st.builds(lambda part: _envelope(_header_bytes(header, {TENSORS_PART: part}),
+                                         {TENSORS_PART: part}), tensors))
 
     def call(payload: bytes) -> str | None:
         received = Received(topics.llm_requests("dev-a"), payload, 1, False,

@@ -78,7 +78,7 @@ from cloud.rounds import RoundConfig
 from fednano.broker import Mosquitto
 from fednano.fleet import provision as prov
 from fednano.processes import ManagedProcess
-from shared import codec, topics
+from shared import protocol, topics
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Presence,
@@ -140,7 +140,7 @@ class LightDevice:
             session_expiry_s=0))
         self.tasks = self.client.subscribe(topics.tasks(device_id))  # before connect
         self.task: TrainTask | None = None
-        self.global_frame: bytes | None = None
+        self.task_parts: dict[str, bytes] | None = None
 
     def connect(self) -> None:
         self.client.connect()
@@ -154,7 +154,7 @@ class LightDevice:
         if received is None:
             raise BenchError(f"{self.device_id}: no task within {timeout:g} s")
         task, parts = unpack(received.payload, TrainTask)
-        self.task, self.global_frame = task, parts["global"]
+        self.task, self.task_parts = task, parts
         return task
 
     def update(self, parts: dict[str, bytes]) -> tuple[str, bytes]:
@@ -172,16 +172,15 @@ class LightDevice:
         self.client.close()
 
 
-def precomputed_parts(task: TrainTask, global_frame: bytes) -> list[dict[str, bytes]]:
+def precomputed_parts(task: TrainTask, task_parts: dict[str, bytes]) -> list[dict[str, bytes]]:
     """``VARIANTS`` valid (Δθ, Fisher) part sets at the global adapter's shapes and codec."""
-    state = codec.decode(global_frame)
+    state = protocol.decode_global(task_parts)
     generator = torch.Generator().manual_seed(0)
     variants = []
     for _ in range(VARIANTS):
         delta = {k: 1e-3 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
         fisher = {k: torch.rand(v.shape, generator=generator) + 1e-3 for k, v in state.items()}
-        variants.append({"delta": codec.encode(delta, task.codec.delta),
-                         "fisher": codec.encode(fisher, task.codec.fisher)})
+        variants.append(protocol.update_parts(delta, fisher, task.codec))
     return variants
 
 
@@ -205,8 +204,8 @@ def swarm_process(conn: Connection, broker_url: str, credentials: list[tuple[str
         for device in devices:
             device.receive_task(timeout_s)
         first = devices[0]
-        assert first.task is not None and first.global_frame is not None
-        variants = precomputed_parts(first.task, first.global_frame)
+        assert first.task is not None and first.task_parts is not None
+        variants = precomputed_parts(first.task, first.task_parts)
         updates = [d.update(variants[(first_index + i) % VARIANTS])
                    for i, d in enumerate(devices)]
         conn.send(("ready", len(updates[0][1])))

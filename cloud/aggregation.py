@@ -23,8 +23,7 @@ from cloud.db import crud
 from cloud.db.models import AdapterVersion, Round, Update, UpdateStatus
 from cloud.rounds import RoundConfig
 from cloud.strategies import Strategy
-from cloud.validation import DELTA_PART, FISHER_PART
-from shared import codec
+from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.merge import clip_to_median_norm, sample_weights
 from shared.messages import UpdateMessage, unpack
@@ -79,15 +78,13 @@ def ensure_initial_version(session: Session, blobs: BlobStore,
 
 
 def load_update(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterUpdate:
-    """Decode a stored (already validated) update envelope into an ``AdapterUpdate``."""
+    """Decode a stored (already validated) update envelope into an ``AdapterUpdate``, with
+    the decoder the validation gate used on it (``shared.protocol.decode_update``)."""
     if row.blob_sha256 is None:
         raise AggregationError(f"update {row.update_id!r} has no stored blob")
     message, parts = unpack(blobs.get(row.blob_sha256), UpdateMessage, max_bytes=MAX_BLOB_BYTES)
     expected = {key: tuple(value.shape) for key, value in global_state.items()}
-    delta = codec.decode(parts[DELTA_PART], max_bytes=MAX_BLOB_BYTES, expected=expected)
-    fisher = None
-    if FISHER_PART in parts:
-        fisher = codec.decode(parts[FISHER_PART], max_bytes=MAX_BLOB_BYTES, expected=expected)
+    delta, fisher = protocol.decode_update(parts, expected=expected, max_bytes=MAX_BLOB_BYTES)
     return AdapterUpdate(client_id=row.device_id, delta=delta, n_samples=row.n_samples,
                          fisher=fisher, base_version=message.global_version,
                          metrics=dict(message.metrics))

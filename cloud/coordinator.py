@@ -71,7 +71,7 @@ from cloud.validation import (
     task_id_for,
     validate_update,
 )
-from shared import topics
+from shared import protocol, topics
 from shared.adapters import AdapterState
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -297,7 +297,7 @@ class Coordinator:
                          codec=config.codec, deadline_at=round_.deadline_at.timestamp(),
                          max_update_bytes=config.max_update_bytes,
                          seed=round_seed(config, round_.id), created_at=self.clock().timestamp())
-        return pack(task, {"global": global_frame})
+        return protocol.encode_task(task, global_frame)
 
     def _check_collection(self, round_id: int) -> RoundState:
         """COLLECTING -> AGGREGATING at quorum, or at the deadline (or once nobody is left to

@@ -57,6 +57,14 @@ from shared.messages import (
 )
 from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received, reply_properties
 from shared.prompts import IGNORE_INDEX
+from shared.protocol import (
+    ATTENTION_MASK,
+    INPUT_GRADS,
+    INPUTS_EMBEDS,
+    LABELS,
+    LOGPROBS,
+    SAMPLE_LOSSES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +218,15 @@ def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
 def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
                      config: WorkerConfig,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    others = ("attention_mask",) + (("labels",) if request.op == "step" else ())
+    others = (ATTENTION_MASK,) + ((LABELS,) if request.op == "step" else ())
     # A compressed request's embeddings decode to at most what the budget lets it compute.
     max_decoded = config.max_request_tokens * llm.width * 8
     try:
-        tensors = activations.unpack(parts, ("inputs_embeds",), others, request.encoding,
+        tensors = activations.unpack(parts, (INPUTS_EMBEDS,), others, request.encoding,
                                      kind=request.kind, max_bytes=config.max_message_bytes,
                                      max_decoded_bytes=max_decoded)
-        embeds, mask = tensors["inputs_embeds"], tensors["attention_mask"]
-        labels = tensors.get("labels")
+        embeds, mask = tensors[INPUTS_EMBEDS], tensors[ATTENTION_MASK]
+        labels = tensors.get(LABELS)
         check_step_inputs(embeds, mask, labels, llm.width, llm.max_tokens, llm.vocab_size)
         if labels is not None:
             _check_answer_tokens(labels)
@@ -254,13 +262,13 @@ def run_score(llm: InProcessLLM, jobs: list[Job]) -> list[torch.Tensor]:
 
 
 def step_parts(result: StepResult, encoding: ActivationEncoding = "fp32") -> dict[str, bytes]:
-    return activations.pack({"input_grads": result.input_grads},
-                            {"sample_losses": result.sample_losses}, encoding)
+    return activations.pack({INPUT_GRADS: result.input_grads},
+                            {SAMPLE_LOSSES: result.sample_losses}, encoding)
 
 
 def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
     """Log-probabilities always as float32 (``shared.activations``)."""
-    return activations.pack({}, {"logprobs": logprobs}, "fp32")
+    return activations.pack({}, {LOGPROBS: logprobs}, "fp32")
 
 
 # --- Fair queueing ------------------------------------------------------------------------------

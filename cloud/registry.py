@@ -39,7 +39,7 @@ from cloud.db.crud import Page
 from cloud.db.models import Device, DeviceStatus
 from shared import topics
 from shared.files import atomic_write
-from shared.protocol import (
+from shared.identity import (
     ALL_TOPICS_FILTER,
     BROADCAST_TOPIC_FILTER,
     validate_device_id,

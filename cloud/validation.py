@@ -19,13 +19,11 @@ from datetime import datetime
 import torch
 
 from cloud.db.models import RoundState, UpdateStatus
-from shared import codec
+from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.messages import UpdateMessage
+from shared.protocol import DELTA_PART, FISHER_PART
 from shared.update import AdapterUpdate
-
-DELTA_PART = "delta"
-FISHER_PART = "fisher"
 
 
 class RejectionCode(str, enum.Enum):
@@ -163,21 +161,22 @@ def _check_timing(context: RoundContext, now: datetime) -> bool:
 
 def _decode_parts(parts: Mapping[str, bytes], global_state: AdapterState,
                   context: RoundContext) -> tuple[AdapterState, AdapterState | None]:
-    unexpected = sorted(set(parts) - {DELTA_PART, FISHER_PART})
-    if unexpected:
-        raise _Reject(RejectionCode.UNEXPECTED_PART, f"unexpected parts {unexpected}")
-    if DELTA_PART not in parts:
-        raise _Reject(RejectionCode.MISSING_PART, "the update has no 'delta' part")
-    if context.requires_fisher and FISHER_PART not in parts:
-        raise _Reject(RejectionCode.MISSING_PART, "the round's strategy needs a 'fisher' part")
-    delta = _decode(parts[DELTA_PART], global_state, DELTA_PART, context.max_update_bytes)
-    fisher = None
-    if FISHER_PART in parts:
-        fisher = _decode(parts[FISHER_PART], global_state, FISHER_PART, context.max_update_bytes)
+    """The update's Δθ and Fisher through the protocol's one decoder, failures as codes."""
+    expected = {key: tuple(value.shape) for key, value in global_state.items()}
+    try:
+        delta, fisher = protocol.decode_update(parts, expected=expected,
+                                               max_bytes=context.max_update_bytes,
+                                               requires_fisher=context.requires_fisher)
+    except (protocol.UnexpectedPart, protocol.MissingPart, codec.CodecError) as err:
+        raise _Reject(_rejection_code(err), str(err)) from None
+    _check_dtypes(delta, global_state, DELTA_PART)
+    _check_dtypes(fisher or {}, global_state, FISHER_PART)
     return delta, fisher
 
 
-_CODEC_CODES: tuple[tuple[type[codec.CodecError], RejectionCode], ...] = (
+_ERROR_CODES: tuple[tuple[type[ValueError], RejectionCode], ...] = (
+    (protocol.UnexpectedPart, RejectionCode.UNEXPECTED_PART),
+    (protocol.MissingPart, RejectionCode.MISSING_PART),
     (codec.FrameTooLarge, RejectionCode.TOO_LARGE),
     (codec.NonFiniteValues, RejectionCode.NON_FINITE),
     (codec.ShapeMismatch, RejectionCode.SHAPE),
@@ -185,28 +184,14 @@ _CODEC_CODES: tuple[tuple[type[codec.CodecError], RejectionCode], ...] = (
 )
 
 
-def _decode(frame: bytes, global_state: AdapterState, name: str, max_bytes: int) -> AdapterState:
-    expected = {key: tuple(value.shape) for key, value in global_state.items()}
-    try:
-        state = codec.decode(frame, max_bytes=max_bytes, expected=expected)
-    except codec.CodecError as err:
-        code = next(c for kind, c in _CODEC_CODES if isinstance(err, kind))
-        raise _Reject(code, f"{name}: {err}") from None
-    _check_layout(state, global_state, name)
-    return state
+def _rejection_code(err: ValueError) -> RejectionCode:
+    return next(code for kind, code in _ERROR_CODES if isinstance(err, kind))
 
 
-def _check_layout(state: AdapterState, global_state: AdapterState, name: str) -> None:
-    if set(state) != set(global_state):
-        missing = sorted(set(global_state) - set(state))
-        extra = sorted(set(state) - set(global_state))
-        raise _Reject(RejectionCode.SHAPE, f"{name}: keys differ from the global adapter, "
-                      f"missing {missing}, unexpected {extra}")
+def _check_dtypes(state: AdapterState, global_state: AdapterState, name: str) -> None:
+    """Keys and shapes are the decoder's check (``expected``); the dtype is the gate's."""
     for key, ref in global_state.items():
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise _Reject(RejectionCode.SHAPE, f"{name} {key}: shape {tuple(state[key].shape)}, "
-                          f"the global adapter's is {tuple(ref.shape)}")
-        if state[key].dtype != ref.dtype:
+        if key in state and state[key].dtype != ref.dtype:
             raise _Reject(RejectionCode.DTYPE, f"{name} {key}: dtype {state[key].dtype}, "
                           f"the global adapter's is {ref.dtype}")
 

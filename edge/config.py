@@ -42,7 +42,7 @@ from edge.profiles import (
     read_yaml_mapping,
     validate_model,
 )
-from shared.protocol import DEVICE_ID_PATTERN  # the cloud registry validates ids with it too
+from shared.identity import DEVICE_ID_PATTERN  # the cloud registry validates ids with it too
 
 DEVICE_CONFIG_SCHEMA_FILE = "device-config.schema.json"
 MQTT_MAX_PASSWORD_BYTES = 65_535

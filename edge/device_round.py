@@ -22,19 +22,12 @@ from pydantic import ValidationError
 
 from edge.profiles import DeviceProfile
 from edge.trainer import run_round
-from shared import codec
+from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, LLMBackend, StepResult
 from shared.batches import VQABatcher
 from shared.data.base import VQASample
-from shared.messages import (
-    MessageError,
-    TrainTask,
-    UpdateMessage,
-    check_size,
-    pack,
-    require_part,
-)
+from shared.messages import MessageError, TrainTask, UpdateMessage, check_size
 from shared.nanoedge import NanoEdge
 from shared.training import TrainConfig, resolve_training
 from shared.update import AdapterUpdate
@@ -133,8 +126,7 @@ def load_global(task: TrainTask, parts: Mapping[str, bytes], edge: NanoEdge) -> 
     """Decode the task's global adapter, checked against this device's adapter shapes."""
     expected = {k: tuple(v.shape) for k, v in edge.adapters.adapter_state_dict().items()}
     try:
-        frame = require_part(parts, "global", task.kind)
-        state = codec.decode(frame, expected=expected)
+        state = protocol.decode_global(parts, expected=expected)
     except (MessageError, codec.CodecError) as err:
         raise TaskRefused("rejected", f"task {task.task_id}: bad global adapter: {err}") from err
     return {k: v.float() for k, v in state.items()}
@@ -161,24 +153,14 @@ def encode_update(
     residual: AdapterState, update_id: str,
 ) -> EncodedUpdate:
     """The UpdateMessage envelope: Δθ through error feedback, then the task's codecs."""
-    feedback = codec.ErrorFeedback(task.codec.delta)
-    if _fits(residual, update.delta):
-        feedback.load_state_dict(residual)  # else: the adapter layout changed, start afresh
-    sent = feedback.compress(update.delta)
-    parts = {"delta": codec.encode(sent, task.codec.delta)}
-    if update.fisher is not None:
-        parts["fisher"] = codec.encode(update.fisher, task.codec.fisher)
+    sent, residual = protocol.error_feedback(update.delta, task.codec.delta, residual)
     message = UpdateMessage(
         update_id=update_id, task_id=task.task_id, round_id=task.round_id,
         global_version=task.global_version, base_version=task.base_version,
         n_samples=update.n_samples, metrics=dict(metrics),
     )
-    return EncodedUpdate(pack(message, parts), message, feedback.state_dict())
-
-
-def _fits(residual: AdapterState, delta: AdapterState) -> bool:
-    return bool(residual) and set(residual) == set(delta) and all(
-        tuple(residual[k].shape) == tuple(delta[k].shape) for k in delta)
+    payload = protocol.encode_update(message, sent, update.fisher, task.codec)
+    return EncodedUpdate(payload, message, residual)
 
 
 # ------------------------------------------------------------------------ interruption

@@ -36,6 +36,14 @@ from shared.messages import (
     unpack,
 )
 from shared.mqtt import AckTimeout, Inbox, MqttClient, NotConnectedError, request_properties
+from shared.protocol import (
+    ATTENTION_MASK,
+    INPUT_GRADS,
+    INPUTS_EMBEDS,
+    LABELS,
+    LOGPROBS,
+    SAMPLE_LOSSES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +118,11 @@ class RemoteLLM:
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
         """Remote frozen forward + backward; shapes (B, L, d), (B, L), (B, L)."""
-        parts = activations.pack({"inputs_embeds": inputs_embeds},
-                                 {"attention_mask": attention_mask, "labels": labels},
-                                 self.encoding)
-        response, out = self._call("step", parts, ("input_grads",), ("sample_losses",),
-                                   {"input_grads": tuple(inputs_embeds.shape)})
-        grads, losses = out["input_grads"], out["sample_losses"]
+        parts = activations.pack({INPUTS_EMBEDS: inputs_embeds},
+                                 {ATTENTION_MASK: attention_mask, LABELS: labels}, self.encoding)
+        response, out = self._call("step", parts, (INPUT_GRADS,), (SAMPLE_LOSSES,),
+                                   {INPUT_GRADS: tuple(inputs_embeds.shape)})
+        grads, losses = out[INPUT_GRADS], out[SAMPLE_LOSSES]
         batch = inputs_embeds.shape[0]
         if tuple(grads.shape) != tuple(inputs_embeds.shape) or tuple(losses.shape) != (batch,):
             raise RemoteLLMError("bad_response", f"expected input_grads "
@@ -128,10 +135,10 @@ class RemoteLLM:
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Remote next-token log-probabilities (B, vocab) after each row's last real token."""
-        parts = activations.pack({"inputs_embeds": inputs_embeds},
-                                 {"attention_mask": attention_mask}, self.encoding)
-        _, out = self._call("score", parts, (), ("logprobs",))
-        logprobs = out["logprobs"]
+        parts = activations.pack({INPUTS_EMBEDS: inputs_embeds},
+                                 {ATTENTION_MASK: attention_mask}, self.encoding)
+        _, out = self._call("score", parts, (), (LOGPROBS,))
+        logprobs = out[LOGPROBS]
         if logprobs.dim() != 2 or logprobs.shape[0] != inputs_embeds.shape[0]:
             raise RemoteLLMError("bad_response", f"expected logprobs ({inputs_embeds.shape[0]}, "
                                  f"vocab), got {tuple(logprobs.shape)}")

@@ -195,8 +195,8 @@ def simulate(
     max_samples: opts.MaxSamples = None,
     seed: opts.Seed = 0,
     delta_codec: Annotated[str | None, typer.Option(
-        help="Compress uploads like a device: a codec scheme such as 'int8/b64+zstd' or "
-             "'topk/k0.1+zstd' (top-k with error feedback). Default: exact fp32.")] = None,
+        help="Compress uploads like a device, error feedback included: a codec scheme such "
+             "as 'int8/b64+zstd' or 'topk/k0.1+zstd'. Default: exact fp32.")] = None,
     fisher_codec: Annotated[str, typer.Option(
         help="Scheme for the Fisher when --delta-codec is set.")] = "bf16+zstd",
     activations: Annotated[str | None, typer.Option(

@@ -32,11 +32,13 @@ from shared.activations import DEFAULT_ENCODING, ActivationEncoding, WireBackend
 from shared.adapters import AdapterState
 from shared.backend import CountingBackend, LLMBackend, Traffic
 from shared.batches import VisualLookup, VQABatcher
-from shared.codec import ErrorFeedback, Scheme, compression_report, decode, encode
+from shared.codec import Scheme, compression_report
 from shared.data.base import VQASample, VQATask
 from shared.data.partition import partition_samples, split_holdout
 from shared.evaluation import EvalResult, evaluate
+from shared.messages import UpdateCodec
 from shared.nanoedge import NanoEdge
+from shared.protocol import decode_update, error_feedback, update_parts
 from shared.training import TrainConfig, resolve_training
 
 BASELINES = ("local", "centralized", "feddpa-f")
@@ -86,7 +88,7 @@ class SimConfig(BaseModel):
     # Where the frozen LLM runs ("cuda" on a GPU machine); the devices' adapters stay on the CPU.
     llm_device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     # Compress what devices upload, as the edge agent does (``shared.codec`` scheme labels such
-    # as "int8/b64+zstd" or "topk/k0.1+zstd"; top-k keeps an error-feedback residual per device).
+    # as "int8/b64+zstd" or "topk/k0.1+zstd"; each device keeps an error-feedback residual).
     # None: the server gets the exact fp32 deltas.
     delta_codec: str | None = None
     fisher_codec: str = "bf16+zstd"  # used only with delta_codec
@@ -214,7 +216,7 @@ class Simulation:
         self.batcher = VQABatcher(
             base.tokenizer, base.template, self._visual_lookup(), base.connector.num_tokens
         )
-        self._feedback: dict[str, ErrorFeedback] = {}  # per device, for top-k uploads
+        self._feedback: dict[str, AdapterState] = {}  # error-feedback residual per device
 
     def _visual_lookup(self) -> VisualLookup:
         """Connector outputs of every image the run touches, computed once (frozen base)."""
@@ -436,24 +438,20 @@ class Simulation:
         Returns the mean bytes uploaded per device (delta frame + Fisher frame).
         """
         assert self.config.delta_codec is not None
-        scheme = Scheme.parse(self.config.delta_codec)
-        fisher_scheme = Scheme.parse(self.config.fisher_codec)
+        schemes = UpdateCodec(delta=Scheme.parse(self.config.delta_codec),
+                              fisher=Scheme.parse(self.config.fisher_codec))
         if not report.codec_report:
             report.codec_report = compression_report(results[0].update.delta, CODEC_SCHEMES)
         sizes = []
         for res in results:
             update = res.update
-            feedback = self._feedback.setdefault(update.client_id, ErrorFeedback(scheme))
-            # top-k: compress() returns exactly what the server decodes, residual kept
-            delta = feedback.compress(update.delta) if scheme.kind == "topk" else update.delta
-            frame = encode(delta, scheme)
-            update.delta = decode(frame)  # what the server merges
-            size = len(frame)
-            if update.fisher is not None:
-                frame = encode(update.fisher, fisher_scheme)
-                update.fisher = decode(frame)
-                size += len(frame)
-            sizes.append(size)
+            # The device's path (edge.device_round.encode_update): error feedback, then frames.
+            sent, self._feedback[update.client_id] = error_feedback(
+                update.delta, schemes.delta, self._feedback.get(update.client_id, {}))
+            parts = update_parts(sent, update.fisher, schemes)
+            expected = {k: tuple(v.shape) for k, v in update.delta.items()}
+            update.delta, update.fisher = decode_update(parts, expected=expected)  # the server's
+            sizes.append(sum(len(frame) for frame in parts.values()))
         return sum(sizes) // len(sizes)
 
     def _run_local(self, initial: AdapterState, report: SimReport) -> None:

@@ -36,18 +36,26 @@ from shared.messages import (
     require_part,
     unpack_tensors,
 )
+from shared.protocol import (
+    ATTENTION_MASK,
+    FRAME_PART,
+    INPUT_GRADS,
+    INPUTS_EMBEDS,
+    LABELS,
+    LOGPROBS,
+    SAMPLE_LOSSES,
+    TENSORS_PART,
+)
 
 ENCODINGS: tuple[str, ...] = get_args(ActivationEncoding)
 # What a device sends unless its configuration says otherwise; see docs/results.md
 # ("Split-training traffic") for the bytes and the paired accuracy runs behind it.
 DEFAULT_ENCODING: ActivationEncoding = "fp32"
 
-TENSORS_PART = "tensors"
-FRAME_PART = "frame"
 _DEFAULT_MAX_DECODED = 256 * 2**20
 # Compressed encodings also narrow the small tensors: a mask of 0/1 as uint8, token ids (< 2^31)
 # as int32. The worker accepts both and widens them again.
-_COMPACT = {"attention_mask": torch.uint8, "labels": torch.int32}
+_COMPACT = {ATTENTION_MASK: torch.uint8, LABELS: torch.int32}
 
 
 class ActivationCodecError(MalformedMessage):
@@ -144,26 +152,26 @@ class WireBackend:
 
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
-        up = pack({"inputs_embeds": inputs_embeds},
-                  {"attention_mask": attention_mask, "labels": labels}, self.encoding)
-        sent = self._decode(up, ("inputs_embeds",), ("attention_mask", "labels"))
+        up = pack({INPUTS_EMBEDS: inputs_embeds},
+                  {ATTENTION_MASK: attention_mask, LABELS: labels}, self.encoding)
+        sent = self._decode(up, (INPUTS_EMBEDS,), (ATTENTION_MASK, LABELS))
         result = self.inner.loss_and_input_grads(
-            sent["inputs_embeds"].to(inputs_embeds.dtype), sent["attention_mask"].long(),
-            sent["labels"].long())
-        down = pack({"input_grads": result.input_grads},
-                    {"sample_losses": result.sample_losses}, self.encoding)
-        back = self._decode(down, ("input_grads",), ("sample_losses",))
+            sent[INPUTS_EMBEDS].to(inputs_embeds.dtype), sent[ATTENTION_MASK].long(),
+            sent[LABELS].long())
+        down = pack({INPUT_GRADS: result.input_grads},
+                    {SAMPLE_LOSSES: result.sample_losses}, self.encoding)
+        back = self._decode(down, (INPUT_GRADS,), (SAMPLE_LOSSES,))
         self._last = (encoded_size(up), encoded_size(down))
-        grads = back["input_grads"].to(inputs_embeds.dtype)
-        return StepResult(result.loss, back["sample_losses"], grads)
+        grads = back[INPUT_GRADS].to(inputs_embeds.dtype)
+        return StepResult(result.loss, back[SAMPLE_LOSSES], grads)
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        up = pack({"inputs_embeds": inputs_embeds}, {"attention_mask": attention_mask},
+        up = pack({INPUTS_EMBEDS: inputs_embeds}, {ATTENTION_MASK: attention_mask},
                   self.encoding)
-        sent = self._decode(up, ("inputs_embeds",), ("attention_mask",))
-        logprobs = self.inner.score(sent["inputs_embeds"].to(inputs_embeds.dtype),
-                                    sent["attention_mask"].long())
-        down = pack({}, {"logprobs": logprobs}, "fp32")
+        sent = self._decode(up, (INPUTS_EMBEDS,), (ATTENTION_MASK,))
+        logprobs = self.inner.score(sent[INPUTS_EMBEDS].to(inputs_embeds.dtype),
+                                    sent[ATTENTION_MASK].long())
+        down = pack({}, {LOGPROBS: logprobs}, "fp32")
         self._last = (encoded_size(up), encoded_size(down))
         return logprobs
 

@@ -29,6 +29,7 @@ declares, which is itself bounded by ``max_bytes`` (no zip bombs).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -337,8 +338,11 @@ def decode(
         _check_expected(header, expected)
     _check_decoded_size(header, max_decoded_bytes)
     raw = _decompress(payload, header, max_bytes)
-    decoder = _DECODERS[header.scheme.kind]
-    return {entry.name: _finish(entry, decoder(entry, raw)) for entry in header.tensors}
+    flat = _DECODERS[header.scheme.kind](header, raw)  # (Σ numel,) every tensor, in order
+    if not np.isfinite(flat).all():  # once per frame, not once per tensor
+        raise NonFiniteValues(f"{_first_non_finite(header, flat)}: decoded values contain "
+                              "NaN or Inf")
+    return dict(_split(header, torch.from_numpy(flat)))
 
 
 def frame_info(frame: bytes, *, verify: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
@@ -358,6 +362,20 @@ def frame_info(frame: bytes, *, verify: bool = True, max_bytes: int = DEFAULT_MA
     }
 
 
+def split_frame(frame: bytes) -> tuple[bytes, bytes]:
+    """A frame's JSON header and stored payload as bytes, prefix checked, nothing decoded."""
+    data = bytes(frame)
+    header_len, _, _ = _read_prefix(data)
+    return data[_PREFIX_SIZE : _PREFIX_SIZE + header_len], data[_PREFIX_SIZE + header_len :]
+
+
+def seal_frame(header: bytes, payload: bytes) -> bytes:
+    """A frame around ``header`` and ``payload`` as given, with a checksum that matches: with
+    ``split_frame``, how fault injection builds a well-formed frame carrying values ``encode``
+    refuses (NaN, for one). ``decode`` still checks everything else."""
+    return _assemble(bytes(header), bytes(payload))
+
+
 def _open(frame: bytes, max_bytes: int, verify: bool) -> tuple[FrameHeader, bytes]:
     """Check sizes, magic, version, lengths and checksum; parse and validate the header."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
@@ -370,11 +388,21 @@ def _open(frame: bytes, max_bytes: int, verify: bool) -> tuple[FrameHeader, byte
     header_len, payload_len, digest = _read_prefix(data)
     start = _PREFIX_SIZE
     header, payload = data[start : start + header_len], data[start + header_len :]
-    if verify and hashlib.sha256(data[: _HEAD.size] + header + payload).digest() != digest:
+    if verify and _digest(data) != digest:
         raise ChecksumMismatch("frame checksum does not match its contents")
     parsed = _parse_header(header)
-    _check_layout(parsed, payload_len)
+    if not parsed.scheme.zstd and payload_len != parsed.raw_bytes:
+        raise MalformedFrame(f"payload of {payload_len} bytes, header declares "
+                             f"{parsed.raw_bytes}")
     return parsed, payload
+
+
+def _digest(data: bytes) -> bytes:
+    """sha256 of the prefix's first fields, the header and the payload, without copying them."""
+    view = memoryview(data)
+    digest = hashlib.sha256(view[: _HEAD.size])
+    digest.update(view[_PREFIX_SIZE:])
+    return digest.digest()
 
 
 def _read_prefix(data: bytes) -> tuple[int, int, bytes]:
@@ -399,10 +427,29 @@ def _read_prefix(data: bytes) -> tuple[int, int, bytes]:
 
 
 def _parse_header(header: bytes) -> FrameHeader:
+    """The validated header, its parts checked to tile the raw payload. Headers of up to
+    ``_CACHED_HEADER_BYTES`` are cached: every update of a round carries the same header (same
+    scheme, names and shapes; zstd changes only the payload) and a ``FrameHeader`` is frozen."""
+    if len(header) <= _CACHED_HEADER_BYTES:
+        return _parse_header_cached(bytes(header))
+    return _parse_header_once(header)
+
+
+_CACHED_HEADER_BYTES = 16 * 1024  # an adapter's 4 tensors take ~1 KiB; at most 4 MiB cached
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header_cached(header: bytes) -> FrameHeader:
+    return _parse_header_once(header)  # failures raise, and are not cached
+
+
+def _parse_header_once(header: bytes) -> FrameHeader:
     try:
-        return FrameHeader.model_validate_json(header)
+        parsed = FrameHeader.model_validate_json(header)
     except ValidationError as err:  # also unknown schemes, bad JSON, too-deep nesting
         raise MalformedFrame(f"invalid frame header: {_short(err)}") from None
+    _check_layout(parsed)
+    return parsed
 
 
 def _short(err: ValidationError) -> str:
@@ -410,7 +457,7 @@ def _short(err: ValidationError) -> str:
     return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
-def _check_layout(header: FrameHeader, payload_len: int) -> None:
+def _check_layout(header: FrameHeader) -> None:
     """Parts must tile the raw payload in order, each exactly as long as its tensor needs."""
     offset, names = 0, set()
     for entry in header.tensors:
@@ -426,8 +473,6 @@ def _check_layout(header: FrameHeader, payload_len: int) -> None:
             offset += length
     if offset != header.raw_bytes:
         raise MalformedFrame(f"parts cover {offset} bytes, header declares {header.raw_bytes}")
-    if not header.scheme.zstd and payload_len != header.raw_bytes:
-        raise MalformedFrame(f"payload of {payload_len} bytes, header declares {header.raw_bytes}")
 
 
 def _expected_parts(entry: TensorEntry, kind: str) -> dict[str, int]:
@@ -491,45 +536,65 @@ def _decompress(payload: bytes, header: FrameHeader, max_bytes: int) -> bytes:
     return raw
 
 
-def _array(raw: bytes, entry: TensorEntry, part: str, dtype: str) -> torch.Tensor:
-    """A writable tensor over one part of the raw payload (little-endian ``dtype``)."""
+def _part(raw: bytes, entry: TensorEntry, part: str, dtype: str) -> np.ndarray:
+    """A read-only numpy view of one part of the raw payload (little-endian ``dtype``)."""
     offset, length = entry.parts[part]
-    count = length // np.dtype(dtype).itemsize
-    return torch.from_numpy(np.frombuffer(raw, dtype, count, offset).astype(dtype[1:]))
+    return np.frombuffer(raw, dtype, length // np.dtype(dtype).itemsize, offset)
 
 
-def _decode_fp32(entry: TensorEntry, raw: bytes) -> torch.Tensor:
-    return _array(raw, entry, "values", "<f4")
+def _numel(header: FrameHeader) -> int:
+    return sum(math.prod(entry.shape) for entry in header.tensors)
 
 
-def _decode_fp16(entry: TensorEntry, raw: bytes) -> torch.Tensor:
-    return _array(raw, entry, "values", "<f2").float()
+# Each decoder returns every tensor of the frame as one float32 array, in header order (numpy:
+# on arrays of this size its calls cost a fraction of torch's). For the dense schemes the parts
+# tile the raw payload (``_check_layout``), so decoding is one conversion.
+Decoder = Callable[[FrameHeader, bytes], np.ndarray]
 
 
-def _decode_bf16(entry: TensorEntry, raw: bytes) -> torch.Tensor:
-    return _array(raw, entry, "values", "<i2").view(torch.bfloat16).float()
+def _decode_fp32(header: FrameHeader, raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, "<f4").astype(np.float32)
 
 
-def _decode_int8(entry: TensorEntry, raw: bytes) -> torch.Tensor:
-    q = _array(raw, entry, "values", "|i1").float()  # (n,)
-    scales = _array(raw, entry, "scales", "<f4")  # (blocks,)
-    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-        raise NonFiniteValues(f"{entry.name}: int8 scales must be finite and >= 0")
-    return q * scales.repeat_interleave(entry.block or 1)[: q.numel()]
+def _decode_fp16(header: FrameHeader, raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, "<f2").astype(np.float32)
 
 
-def _decode_topk(entry: TensorEntry, raw: bytes) -> torch.Tensor:
-    values = _array(raw, entry, "values", "<f2").float()  # (k,)
-    indices = _array(raw, entry, "indices", "<u4").long().cumsum(0)  # (k,) ascending
-    numel = math.prod(entry.shape)
-    if indices.numel() and (bool((indices[1:] <= indices[:-1]).any()) or indices[-1] >= numel):
-        raise MalformedFrame(f"{entry.name}: top-k indices must increase and stay below {numel}")
-    dense = torch.zeros(numel, dtype=torch.float32)
-    dense[indices] = values
-    return dense
+def _decode_bf16(header: FrameHeader, raw: bytes) -> np.ndarray:
+    bits = np.frombuffer(raw, "<u2").astype(np.uint32)  # bfloat16 = float32's upper 16 bits
+    return (bits << 16).view(np.float32)
 
 
-_DECODERS: dict[str, Callable[[TensorEntry, bytes], torch.Tensor]] = {
+def _decode_int8(header: FrameHeader, raw: bytes) -> np.ndarray:
+    flat = np.empty(_numel(header), dtype=np.float32)
+    offset = 0
+    for entry in header.tensors:
+        q = _part(raw, entry, "values", "|i1")  # (n,)
+        scales = _part(raw, entry, "scales", "<f4")  # (blocks,)
+        if scales.size and not scales.min() >= 0:  # NaN fails ">=" too
+            raise NonFiniteValues(f"{entry.name}: int8 scales must be finite and >= 0")
+        n = q.size
+        np.multiply(q, np.repeat(scales, entry.block or 1)[:n], out=flat[offset : offset + n])
+        offset += n
+    return flat  # an overflow (a finite scale times 127 beyond float32) is caught after
+
+
+def _decode_topk(header: FrameHeader, raw: bytes) -> np.ndarray:
+    flat = np.zeros(_numel(header), dtype=np.float32)
+    offset = 0
+    for entry in header.tensors:
+        values = _part(raw, entry, "values", "<f2")  # (k,)
+        indices = np.cumsum(_part(raw, entry, "indices", "<u4"), dtype=np.int64)  # ascending
+        numel = math.prod(entry.shape)
+        if indices.size and (bool((np.diff(indices) <= 0).any()) or indices[-1] >= numel):
+            raise MalformedFrame(f"{entry.name}: top-k indices must increase and stay below "
+                                 f"{numel}")
+        flat[offset + indices] = values
+        offset += numel
+    return flat
+
+
+_DECODERS: dict[str, Decoder] = {
     "fp32": _decode_fp32,
     "fp16": _decode_fp16,
     "bf16": _decode_bf16,
@@ -538,12 +603,29 @@ _DECODERS: dict[str, Callable[[TensorEntry, bytes], torch.Tensor]] = {
 }
 
 
-def _finish(entry: TensorEntry, flat: torch.Tensor) -> torch.Tensor:
-    """Reshape, restore the original dtype, and refuse anything non-finite."""
-    tensor = flat.reshape(entry.shape).to(_DTYPES[entry.dtype])
-    if not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteValues(f"{entry.name}: decoded values contain NaN or Inf")
-    return tensor
+def _split(header: FrameHeader, flat: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) per entry: views of ``flat`` reshaped, in the original dtype."""
+    offset = 0
+    for entry in header.tensors:
+        numel = math.prod(entry.shape)
+        tensor = flat[offset : offset + numel].view(entry.shape)
+        offset += numel
+        if entry.dtype != "float32":
+            tensor = tensor.to(_DTYPES[entry.dtype])
+            if not bool(torch.isfinite(tensor).all()):  # e.g. beyond float16's range
+                raise NonFiniteValues(f"{entry.name}: decoded values contain NaN or Inf")
+        yield entry.name, tensor
+
+
+def _first_non_finite(header: FrameHeader, flat: np.ndarray) -> str:
+    """The name of the first tensor with a NaN or Inf in ``flat`` (for the error message)."""
+    offset = 0
+    for entry in header.tensors:
+        numel = math.prod(entry.shape)
+        if not np.isfinite(flat[offset : offset + numel]).all():
+            return entry.name
+        offset += numel
+    return "frame"
 
 
 # ------------------------------------------------------------------- device-side error feedback

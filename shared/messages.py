@@ -53,7 +53,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from shared.codec import DEFAULT_DELTA_SCHEME, DEFAULT_FISHER_SCHEME, Scheme
-from shared.protocol import DEVICE_ID_PATTERN
+from shared.identity import DEVICE_ID_PATTERN
 from shared.training import TaskHParams
 
 ENVELOPE_MAGIC = b"FNM1"

@@ -1,7 +1,7 @@
 """The MQTT topic tree, built in one place.
 
 Every topic a device or a cloud service publishes or subscribes to comes from a function here,
-so the tree, the broker ACL (``shared.protocol.DEVICE_ACL_PATTERN``) and the code agree::
+so the tree, the broker ACL (``shared.identity.DEVICE_ACL_PATTERN``) and the code agree::
 
     fednano/v1/devices/{id}/status        device -> cloud  retained presence, last will "offline"
     fednano/v1/devices/{id}/tasks         cloud -> device  round task / control
@@ -13,7 +13,7 @@ so the tree, the broker ACL (``shared.protocol.DEVICE_ACL_PATTERN``) and the cod
 
 from __future__ import annotations
 
-from shared.protocol import TOPIC_ROOT, validate_device_id
+from shared.identity import TOPIC_ROOT, validate_device_id
 
 DEVICES = f"{TOPIC_ROOT}/devices"
 ROUND_ANNOUNCEMENT = f"{TOPIC_ROOT}/rounds/current"

@@ -9,8 +9,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from cloud.db.models import DeviceStatus, ParticipationStatus, RoundState, UpdateStatus
 from cloud.rounds import RoundConfig
+from shared.identity import DEVICE_ID_PATTERN, PROFILE_NAME_PATTERN
 from shared.messages import MAX_CAPABILITIES_BYTES, MAX_CAPABILITIES_DEPTH, check_bounded_json
-from shared.protocol import DEVICE_ID_PATTERN, PROFILE_NAME_PATTERN
 
 T = TypeVar("T")
 MAX_ASK_IMAGE_BYTES = 4 * 2**20

@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from shared.protocol import DEVICE_ID_MAX_LENGTH, PROFILE_NAME_MAX_LENGTH
+from shared.identity import DEVICE_ID_MAX_LENGTH, PROFILE_NAME_MAX_LENGTH
 
 # Constraint names are deterministic, so migrations can name what they drop (SQLite batch mode
 # needs names for everything it recreates).

@@ -8,7 +8,6 @@ refused before they can be an ``updates`` row and are audited instead).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import uuid
 from collections.abc import Mapping
@@ -16,13 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import codec
+from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.messages import TrainTask, UpdateMessage, pack, unpack
+from shared.protocol import DELTA_PART, FISHER_PART
 
-_FRAME_HEAD = struct.Struct("<4sHIQ")  # shared.codec's frame prefix: magic, version, H, P
-_DIGEST = 32
-PADDING_PART = "padding"
+PADDING_PART = "padding"  # not a part of the protocol: what makes the update too large
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ def new_update_id(prefix: str) -> str:
 
 def global_state(task: TrainTask, parts: Mapping[str, bytes]) -> AdapterState:
     """The task's global adapter (its ``global`` part)."""
-    return codec.decode(parts["global"])
+    return protocol.decode_global(parts)
 
 
 def finite_update(task: TrainTask, state: AdapterState, *, update_id: str,
@@ -51,8 +49,7 @@ def finite_update(task: TrainTask, state: AdapterState, *, update_id: str,
     """A well-formed update for ``task``: Δθ = 0, Fisher = 1 (optionally lying about versions)."""
     delta = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
     fisher = {k: torch.ones_like(v, dtype=torch.float32) for k, v in state.items()}
-    parts = {"delta": codec.encode(delta, task.codec.delta),
-             "fisher": codec.encode(fisher, task.codec.fisher), **(extra_parts or {})}
+    parts = {**protocol.update_parts(delta, fisher, task.codec), **(extra_parts or {})}
     return pack(_message(task, update_id, global_version, base_version), parts)
 
 
@@ -69,15 +66,8 @@ def _message(task: TrainTask, update_id: str, global_version: int | None,
 def nan_frame(state: AdapterState) -> bytes:
     """An fp32 codec frame whose first value is NaN and whose checksum is right: a device
     whose training diverged (``codec.encode`` refuses NaN, so the bytes are patched)."""
-    frame = codec.encode(state, codec.Scheme(kind="fp32"))
-    head = frame[:_FRAME_HEAD.size]
-    _, _, header_len, _ = _FRAME_HEAD.unpack(head)
-    start = _FRAME_HEAD.size + _DIGEST
-    header = frame[start:start + header_len]
-    payload = bytearray(frame[start + header_len:])
-    payload[0:4] = struct.pack("<f", float("nan"))
-    digest = hashlib.sha256(head + header + bytes(payload)).digest()
-    return head + digest + header + bytes(payload)
+    header, payload = codec.split_frame(codec.encode(state, codec.Scheme(kind="fp32")))
+    return codec.seal_frame(header, struct.pack("<f", float("nan")) + payload[4:])
 
 
 def corrupted_frame(frame: bytes) -> bytes:
@@ -98,7 +88,8 @@ def rogue_updates(task: TrainTask, parts: Mapping[str, bytes], faults: set[str],
         uid = new_update_id(prefix)
         good = unpack(finite_update(task, state, update_id=uid), UpdateMessage)[1]
         payload = pack(_message(task, uid, None, None),
-                       {"delta": corrupted_frame(good["delta"]), "fisher": good["fisher"]})
+                       {DELTA_PART: corrupted_frame(good[DELTA_PART]),
+                        FISHER_PART: good[FISHER_PART]})
         out.append(BadUpdate("corrupt", "delta frame with a flipped byte", "codec", payload, uid))
     if "truncated" in faults:
         uid = new_update_id(prefix)
@@ -116,8 +107,8 @@ def rogue_updates(task: TrainTask, parts: Mapping[str, bytes], faults: set[str],
         fisher = codec.encode({k: torch.ones_like(v) for k, v in state.items()},
                               task.codec.fisher)
         payload = pack(_message(task, uid, None, None),
-                       {"delta": nan_frame({k: v.float() for k, v in state.items()}),
-                        "fisher": fisher})
+                       {DELTA_PART: nan_frame({k: v.float() for k, v in state.items()}),
+                        FISHER_PART: fisher})
         out.append(BadUpdate("nan", "NaN in the delta", "non_finite", payload, uid))
     if "stale-base" in faults:
         out += _stale(task, state, older_version, prefix)

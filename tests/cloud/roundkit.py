@@ -17,23 +17,25 @@ from cloud.aggregation import Aggregator, Evaluation, Evaluator
 from cloud.blobs import BlobStore
 from cloud.coordinator import Coordinator
 from cloud.db.session import make_engine, make_session_factory, session_scope
-from shared import codec, topics
+from shared import codec, protocol, topics
 from shared.adapters import AdapterConfig, AdapterState, NanoAdapters
 from shared.messages import (
     CancelTask,
     Presence,
     RoundAnnouncement,
     TrainTask,
+    UpdateCodec,
     UpdateMessage,
     envelope_kind,
     from_json,
-    pack,
     to_json,
     unpack,
 )
 
 WIDTH, RANK = 8, 2
 BASE_VERSION = "base-test-1"
+# Exact deltas (the tests compare merged values with hand-computed ones), bf16 Fishers.
+DEVICE_CODEC = UpdateCodec(delta=codec.Scheme(kind="fp32"), fisher=codec.Scheme(kind="bf16"))
 
 
 def global_state(seed: int = 0) -> AdapterState:
@@ -82,20 +84,17 @@ def device_update(task: TrainTask, parts: dict[str, bytes], device_id: str, *,
                   with_fisher: bool = True, delta: AdapterState | None = None,
                   fisher: AdapterState | None = None, **fields: object) -> bytes:
     """What a device sends back for ``task``: a delta (and Fisher) over the task's global."""
-    global_ = codec.decode(parts["global"])
+    global_ = protocol.decode_global(parts)
     delta = delta if delta is not None else {k: torch.full_like(v, scale)
                                              for k, v in global_.items()}
-    out = {"delta": codec.encode(delta, codec.Scheme(kind="fp32"))}
-    if with_fisher:
-        fisher = fisher if fisher is not None else {k: torch.ones_like(v)
-                                                    for k, v in global_.items()}
-        out["fisher"] = codec.encode(fisher, codec.Scheme(kind="bf16"))
+    if with_fisher and fisher is None:
+        fisher = {k: torch.ones_like(v) for k, v in global_.items()}
     message = UpdateMessage(**{
         "update_id": update_id or f"upd-{uuid.uuid4().hex[:16]}", "task_id": task.task_id,
         "round_id": task.round_id, "global_version": task.global_version,
         "base_version": task.base_version, "n_samples": n_samples,
         "metrics": {"loss_last": 1.0}, **fields})
-    return pack(message, out)
+    return protocol.encode_update(message, delta, fisher if with_fisher else None, DEVICE_CODEC)
 
 
 def presence(device_id: str, state: str = "online", **capabilities: object) -> bytes:

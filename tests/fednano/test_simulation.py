@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,14 +14,19 @@ from PIL import Image
 from torch import nn
 
 from cloud.base.features import FeatureStore
-from edge.trainer import TrainConfig
+from edge.device_round import encode_update
+from edge.trainer import RoundResult, TrainConfig
 from fednano.compare import load_reports, pivot_markdown
-from fednano.simulate import SimConfig, Simulation, report_markdown, save_report
-from shared.adapters import AdapterConfig
+from fednano.simulate import SimConfig, SimReport, Simulation, report_markdown, save_report
+from shared.adapters import AdapterConfig, AdapterState
+from shared.codec import Scheme
 from shared.connector import PoolingConnector
 from shared.data.base import VQASample, VQATask
+from shared.messages import TrainTask, UpdateCodec, UpdateMessage, unpack
 from shared.nanoedge import NanoEdge
 from shared.prompts import PromptTemplate
+from shared.protocol import decode_update
+from shared.update import AdapterUpdate
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 
@@ -166,6 +172,32 @@ def test_compressed_uploads_shrink_bytes_and_fp32_changes_nothing(tiny_base) -> 
     assert schemes["fp32"]["rel_error"] == 0.0 and 0 < schemes["int8/b64"]["rel_error"] < 0.05
     assert schemes["topk/k0.01+zstd3"]["bytes"] < schemes["fp16"]["bytes"]
     assert "topk/k0.1+zstd3" in report_markdown(report)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16+zstd", "int8/b64+zstd", "topk/k0.1+zstd"])
+def test_simulated_uploads_are_what_a_device_ships(tiny_base, spec: str) -> None:  # type: ignore[no-untyped-def]
+    """Every lossy delta codec goes through error feedback in the simulation as on a device
+    (edge.device_round.encode_update): over two rounds the server merges the same Δθ and the
+    device keeps the same residual."""
+    sim = Simulation(tiny_base, colour_task(), config("fisher-norm", delta_codec=spec))
+    schemes = UpdateCodec(delta=Scheme.parse(spec), fisher=Scheme.parse("bf16+zstd"))
+    task = TrainTask(task_id="task-0001", round_id=1, global_version=1, base_version="tiny",
+                     strategy="fisher-norm", codec=schemes, deadline_at=time.time() + 600)
+    shapes = {k: tuple(v.shape) for k, v in tiny_base.edge.adapters.adapter_state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    residual: AdapterState = {}
+    for _ in range(2):
+        delta = {k: 1e-3 * torch.randn(s, generator=generator) for k, s in shapes.items()}
+        fisher = {k: torch.rand(s, generator=generator) for k, s in shapes.items()}
+        device = encode_update(task, AdapterUpdate("client-00", dict(delta), 10, dict(fisher)),
+                               {}, residual, "u-test-0001")
+        residual = device.residual
+        shipped, _ = decode_update(unpack(device.payload, UpdateMessage)[1], expected=shapes)
+        simulated = RoundResult(AdapterUpdate("client-00", delta, 10, fisher))
+        sim._upload([simulated], SimReport({}, "tiny", {}, {}, {}))
+        assert all(torch.equal(simulated.update.delta[k], shipped[k]) for k in shapes)
+    assert all(torch.equal(sim._feedback["client-00"][k], residual[k]) for k in shapes)
+    assert any(bool(v.abs().max() > 0) for v in residual.values())  # lossy: something kept
 
 
 def test_bad_codec_names_the_problem() -> None:

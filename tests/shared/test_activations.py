@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from shared import activations, codec
-from shared.activations import FRAME_PART, TENSORS_PART, WireBackend
+from shared.activations import WireBackend
 from shared.backend import CountingBackend
 from shared.messages import MalformedMessage
+from shared.protocol import FRAME_PART, TENSORS_PART
 from tests.llm_helpers import step_inputs
 
 LIMIT = 2**24

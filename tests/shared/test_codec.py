@@ -35,6 +35,8 @@ from shared.codec import (
     encode,
     frame_info,
     roundtrip,
+    seal_frame,
+    split_frame,
 )
 
 HEAD = struct.Struct("<4sHIQ")
@@ -277,6 +279,28 @@ def test_decode_rejects_corruption() -> None:
     with pytest.raises(ChecksumMismatch):
         decode(bytes(frame))
     assert frame_info(bytes(frame), verify=False)["frame_bytes"] == len(frame)
+
+
+def test_split_and_seal_follow_the_documented_layout() -> None:
+    frame, header, payload = frame_and_parts(Scheme(kind="int8", zstd=True))
+    raw_header, stored = split_frame(frame)
+    assert json.loads(raw_header) == header and stored == payload
+    assert seal_frame(raw_header, stored) == frame
+    fp32_header, values = split_frame(encode(adapter_like(), Scheme(kind="fp32")))
+    resealed = seal_frame(fp32_header, struct.pack("<f", float("nan")) + values[4:])
+    with pytest.raises(NonFiniteValues):  # the checksum matches; the values are still checked
+        decode(resealed)
+    with pytest.raises(MalformedFrame):
+        split_frame(frame[:20])
+
+
+def test_a_cached_header_is_still_checked_against_its_payload() -> None:
+    frame, header, payload = frame_and_parts(Scheme(kind="fp32"))
+    decode(frame)  # the header is now cached
+    with pytest.raises(MalformedFrame, match="payload of"):
+        decode(build(header, payload[:-4]))
+    with pytest.raises(NonFiniteValues, match=f"^{list(adapter_like())[-1]}: "):
+        decode(build(header, payload[:-4] + struct.pack("<f", float("inf"))))
 
 
 def test_decode_size_limits() -> None:

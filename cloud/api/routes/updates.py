@@ -10,7 +10,7 @@ from cloud.api.deps import OperatorDep, PageDep, SessionDep
 from cloud.api.schemas import Page, UpdatePublic
 from cloud.db import crud
 from cloud.db.models import UpdateStatus
-from shared.protocol import DEVICE_ID_MAX_LENGTH
+from shared.identity import DEVICE_ID_MAX_LENGTH
 
 router = APIRouter(prefix="/updates", tags=["updates"])
 
