@@ -306,22 +306,29 @@ def round_with_kills(run: Run) -> int:
     wait_for(f"round {round_id} collecting",
              lambda: round_detail(run, round_id)["state"] == "collecting", 120, every=1)
     workers = container_ids(run, "llm-worker")
+    coordinator = container_ids(run, "coordinator")[0]  # looked up first: compose is slow
     sh(["docker", "kill", workers[0]], capture=True)
     run.facts.append(f"round {round_id}: docker kill llm-worker {workers[0][:12]} "
                      f"({len(workers) - 1} left) while the devices train")
     time.sleep(run.args.kill_gap)
-    coordinator = container_ids(run, "coordinator")[0]
     sh(["docker", "kill", coordinator], capture=True)
     killed_at = time.monotonic()
     task = f"task-{round_id}-"
+
+    def sent(done: dict[str, list[str]]) -> int:
+        return sum(any(t.startswith(task) for t in tasks) for tasks in done.values())
+
+    count = f"SELECT count(*) FROM updates WHERE round_id = {round_id}"
+    sent_before, rows_before = sent(device_done_tasks(run)), sql(run, count)
     wait_for("every device to send its update of the round (coordinator down)",
-             lambda: all(any(t.startswith(task) for t in tasks)
-                         for tasks in device_done_tasks(run).values()),
+             lambda: sent(device_done_tasks(run)) == run.args.devices,
              run.args.round_timeout, every=2)
-    rows = sql(run, f"SELECT count(*) FROM updates WHERE round_id = {round_id}")
-    run.facts.append(f"round {round_id}: docker kill coordinator; all {run.args.devices} devices "
-                     f"then sent their updates (PUBACK from the broker) while it was down; "
-                     f"update rows in the database at that time: {rows}")
+    rows = sql(run, count)
+    run.facts.append(f"round {round_id}: docker kill coordinator; at that moment "
+                     f"{sent_before} of {run.args.devices} devices had sent their update and "
+                     f"{rows_before} update rows were in the database; the other "
+                     f"{run.args.devices - sent_before} sent theirs (PUBACK from the broker) "
+                     f"while it was down; update rows just before it came back: {rows}")
     restarted_by_policy = wait_or_false(lambda: running(coordinator), 10)
     if not restarted_by_policy:
         run.compose("start", "coordinator", capture=True)
