@@ -63,6 +63,8 @@ class Run:
     timings: list[tuple[str, float]] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)
     token: str = ""
+    last_progress: tuple[int, str, int] | None = None
+    last_progress_at: float = 0.0
 
     @property
     def project(self) -> str:
@@ -238,7 +240,21 @@ def finished(run: Run, round_id: int) -> dict[str, Any] | None:
         detail = round_detail(run, round_id)
     except (urllib.error.URLError, OSError):
         return None  # the API may restart with its dependencies
+    progress(run, detail)
     return detail if detail["state"] in ("closed", "failed") else None
+
+
+def progress(run: Run, detail: dict[str, Any]) -> None:
+    """A line when a round changes state or receives an update, and once a minute anyway."""
+    seen = (detail["id"], detail["state"], len(detail["updates"]))
+    now = time.monotonic()
+    if seen == run.last_progress and now - run.last_progress_at < 60:
+        return
+    run.last_progress, run.last_progress_at = seen, now
+    statuses = ", ".join(sorted(f"{p['device_id']} {p['status']}"
+                                for p in detail["participations"]))
+    run.say(f"  round {detail['id']}: {detail['state']}, {len(detail['updates'])} updates "
+            f"({statuses})")
 
 
 def check_closed(run: Run, detail: dict[str, Any]) -> None:
@@ -290,22 +306,29 @@ def round_with_kills(run: Run) -> int:
     wait_for(f"round {round_id} collecting",
              lambda: round_detail(run, round_id)["state"] == "collecting", 120, every=1)
     workers = container_ids(run, "llm-worker")
+    coordinator = container_ids(run, "coordinator")[0]  # looked up first: compose is slow
     sh(["docker", "kill", workers[0]], capture=True)
     run.facts.append(f"round {round_id}: docker kill llm-worker {workers[0][:12]} "
                      f"({len(workers) - 1} left) while the devices train")
     time.sleep(run.args.kill_gap)
-    coordinator = container_ids(run, "coordinator")[0]
     sh(["docker", "kill", coordinator], capture=True)
     killed_at = time.monotonic()
     task = f"task-{round_id}-"
+
+    def sent(done: dict[str, list[str]]) -> int:
+        return sum(any(t.startswith(task) for t in tasks) for tasks in done.values())
+
+    count = f"SELECT count(*) FROM updates WHERE round_id = {round_id}"
+    sent_before, rows_before = sent(device_done_tasks(run)), sql(run, count)
     wait_for("every device to send its update of the round (coordinator down)",
-             lambda: all(any(t.startswith(task) for t in tasks)
-                         for tasks in device_done_tasks(run).values()),
+             lambda: sent(device_done_tasks(run)) == run.args.devices,
              run.args.round_timeout, every=2)
-    rows = sql(run, f"SELECT count(*) FROM updates WHERE round_id = {round_id}")
-    run.facts.append(f"round {round_id}: docker kill coordinator; all {run.args.devices} devices "
-                     f"then sent their updates (PUBACK from the broker) while it was down; "
-                     f"update rows in the database at that time: {rows}")
+    rows = sql(run, count)
+    run.facts.append(f"round {round_id}: docker kill coordinator; at that moment "
+                     f"{sent_before} of {run.args.devices} devices had sent their update and "
+                     f"{rows_before} update rows were in the database; the other "
+                     f"{run.args.devices - sent_before} sent theirs (PUBACK from the broker) "
+                     f"while it was down; update rows just before it came back: {rows}")
     restarted_by_policy = wait_or_false(lambda: running(coordinator), 10)
     if not restarted_by_policy:
         run.compose("start", "coordinator", capture=True)
@@ -387,6 +410,7 @@ def check_prometheus(run: Run) -> None:
     names = ", ".join(sorted(f"{job} {instance}" for job, instance, _ in up))
     run.facts.append(f"Prometheus: {len(up)} targets up ({names}); "
                      + ", ".join(f"{k} {v:g}" for k, v in values.items()))
+    run.facts.append(f"mean LLM batch time per worker: {llm_batch_seconds(run)}")
 
 
 TLS_PROBE = """
@@ -395,8 +419,7 @@ import paho.mqtt.client as mqtt
 user, secret, want, ca = sys.argv[1:5]
 password = pathlib.Path(secret).read_text().strip() if secret.startswith("/") else secret
 result = {}
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user + "-tls-probe",
-                protocol=mqtt.MQTTv5)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
 c.tls_set(ca_certs=ca)
 c.username_pw_set(user, password)
 c.on_connect = lambda cl, ud, fl, rc, pr: result.setdefault("rc", rc)
@@ -414,7 +437,12 @@ sys.exit(0 if rc is not None and ((rc.value == 0) == (want == "accept")) else 1)
 
 
 def check_tls(run: Run) -> None:
-    """A device's own credentials over TLS on 8883 (accepted), a wrong password (refused)."""
+    """A device's own credentials over TLS on 8883 (accepted), a wrong password (refused).
+
+    The broker binds a device's account to its client id, so the probe connects as the device
+    itself (a wrong password is then refused for the password, not the id); the simulated
+    devices are stopped first, as two clients with one id would disconnect each other."""
+    run.compose("stop", "edge-sim", capture=True)
     outputs = []
     for secret, want in ((f"{FLEET_MOUNT}/sim-000/password", "accept"),
                          ("wrong-password", "refuse")):
@@ -430,9 +458,24 @@ def check_tls(run: Run) -> None:
     run.facts.append("broker TLS listener 8883, the stack's CA: " + "; ".join(outputs))
 
 
+def llm_batch_seconds(run: Run) -> str:
+    """Mean seconds of a batched LLM call per worker, from Prometheus (sum / count)."""
+    query = ("sum by (instance) (fednano_llm_batch_seconds_sum) / "
+             "sum by (instance) (fednano_llm_batch_seconds_count)")
+    try:
+        result = http_json(f"{run.prometheus}/api/v1/query?"
+                           f"{urllib.parse.urlencode({'query': query})}")["data"]["result"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+        return f"(Prometheus: {err})"
+    return ", ".join(f"{r['metric'].get('instance')} {float(r['value'][1]):.1f} s"
+                     for r in result) or "no LLM batch yet"
+
+
 def diagnose(run: Run) -> None:
     run.compose("ps", check=False)
     run.compose("logs", "--tail", "40", check=False)
+    run.say(f"mean LLM batch time per worker: {llm_batch_seconds(run)}")
+    sh(["docker", "stats", "--no-stream"], check=False)
 
 
 def summary(run: Run) -> None:
@@ -469,6 +512,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--round-timeout", type=float, default=1200.0)
     parser.add_argument("--kill-gap", type=float, default=5.0,
                         help="seconds between killing the worker and the coordinator")
+    parser.add_argument("--docker-cpu-shares", type=int, default=0, metavar="N",
+                        help="set the CPU weight of Docker's parent cgroup to N during the run "
+                             "(cgroup v1, root; 1024 = one host process, the default for all "
+                             "containers together): on a host shared with busy processes, "
+                             "1024 x the busy containers (devices + LLM workers)")
     parser.add_argument("--project", default="fednano-stackrun")
     parser.add_argument("--tag", default="dev")
     parser.add_argument("--api-port", type=int, default=18000)
@@ -480,11 +528,49 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+DOCKER_CPU_SHARES = Path("/sys/fs/cgroup/cpu/docker/cpu.shares")
+
+
+@contextmanager
+def docker_cpu_shares(run: Run) -> Iterator[None]:
+    """Give Docker's parent cgroup (cgroup v1) the CPU weight ``--docker-cpu-shares``, then
+    restore it. By default all containers together weigh as much as one host process
+    (cpu.shares 1024), so on a host busy with other processes the stack gets a sliver."""
+    shares = run.args.docker_cpu_shares
+    if not shares:
+        yield
+        return
+    try:
+        before = DOCKER_CPU_SHARES.read_text().strip()
+        DOCKER_CPU_SHARES.write_text(f"{shares}\n")
+    except OSError as err:
+        raise CheckFailed(f"--docker-cpu-shares: cannot set {DOCKER_CPU_SHARES} ({err}); it "
+                          "needs root, cgroup v1 and dockerd's cgroupfs driver") from err
+    run.say(f"{DOCKER_CPU_SHARES}: {before} -> {shares} for the run")
+    try:
+        yield
+    finally:
+        DOCKER_CPU_SHARES.write_text(f"{before}\n")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     run = Run(args, compose_command())
     run.say(f"compose: {' '.join(run.compose_cmd)}; project {run.project}; "
             f"{'offline' if args.offline else 'default'} images")
+    ok = False
+    try:
+        with docker_cpu_shares(run):
+            ok = checks(run)
+    except CheckFailed as err:  # only --docker-cpu-shares raises here
+        run.say(f"FAILED: {err}")
+    run.say("all checks passed" if ok else "the run failed")
+    return 0 if ok else 1
+
+
+def checks(run: Run) -> bool:
+    """Every step, then ``down -v`` (unless ``--keep``) and the summary; True if all passed."""
+    args = run.args
     ok = False
     try:
         with run.step("build images"):
@@ -518,8 +604,7 @@ def main(argv: Sequence[str]) -> int:
             with run.step("down -v"):
                 run.compose("down", "-v", "--remove-orphans", check=False)
         summary(run)
-    run.say("all checks passed" if ok else "the run failed")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ Prometheus scrapes the services on the ports they serve, and the scripts parse.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import yaml
 
 from tests.deploy.deploy_support import COMPOSE_FILE, DOCKER_DIR, ROOT, environment, services
@@ -112,3 +115,28 @@ def test_the_wheelhouse_folder_is_kept_but_its_wheels_are_not() -> None:
                           cwd=ROOT, check=False)
     assert ignored.returncode == 0 and kept.returncode == 1
     assert Path(ROOT / ".dockerignore").read_text().count("docker/wheelhouse") == 0
+
+
+def _stack_run_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("stack_run", ROOT / "scripts" / "stack_run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stack_run_gives_docker_cpu_weight_for_the_run_and_restores_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack_run = _stack_run_module()
+    shares = tmp_path / "cpu.shares"
+    shares.write_text("1024\n")
+    monkeypatch.setattr(stack_run, "DOCKER_CPU_SHARES", shares)
+    run = stack_run.Run(stack_run.parse_args(["--docker-cpu-shares", "5120"]), ["docker-compose"])
+    with pytest.raises(KeyboardInterrupt), stack_run.docker_cpu_shares(run):
+        assert shares.read_text() == "5120\n"
+        raise KeyboardInterrupt  # Ctrl-C mid-run still restores the weight
+    assert shares.read_text() == "1024\n"
+    monkeypatch.setattr(stack_run, "DOCKER_CPU_SHARES", tmp_path / "absent" / "cpu.shares")
+    with pytest.raises(stack_run.CheckFailed, match="cgroup v1"), stack_run.docker_cpu_shares(run):
+        pass
