@@ -27,18 +27,26 @@ class FlakyCoordinator:
     failures: int
     error: Exception = DATABASE_DOWN
     handled: list[bytes] = field(default_factory=list)
+    batches: list[list[bytes]] = field(default_factory=list)  # as handed over
     ticks: int = 0
     dropped: list[tuple[str, str]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
 
-    def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
-        if payload == b"poison":
-            raise KeyError("a bug in the handling")
-        if self.failures:
-            self.failures -= 1
-            raise self.error
+    def handle_updates(self, updates: list[tuple[str, bytes]]) -> list[IngestResult]:
+        """One transaction: every update stored, or none (whatever raised rolled back)."""
+        self.batches.append([payload for _, payload in updates])
+        for _, payload in updates:
+            if payload == b"poison":
+                raise KeyError("a bug in the handling")
+            if self.failures and payload != b"fine":
+                self.failures -= 1
+                raise self.error
+        self.handled += [payload for _, payload in updates]
+        return [IngestResult("accepted", "u") for _ in updates]
+
+    def handle_presence(self, device_id: str, payload: bytes) -> bool:
         self.handled.append(payload)
-        return IngestResult("accepted", "u")
+        return True
 
     def tick(self) -> None:
         self.ticks += 1
