@@ -11,10 +11,13 @@ on the device's tasks topic; an update whose handling still fails unexpectedly i
 code ``internal`` (recorded, answered, acknowledged), so no message can stop the service.
 
 Acknowledgements are manual: a message is PUBACKed only once it is handled -- for an update,
-once its row (accepted or rejected) is committed. A coordinator that dies before that (a
-crash, a kill, a database outage it did not outlive) leaves the message with the broker,
-which redelivers it when the coordinator's session resumes; ingestion is exactly-once by
-``update_id``, so a message handled but not yet acknowledged is only noted as a redelivery.
+once its row (accepted or rejected) is committed. Updates are committed in groups (one
+transaction for a run of consecutive updates, then their acknowledgements), which batches the
+commits, not the guarantee. A coordinator that dies before the acknowledgements (a crash, a
+kill, a database outage it did not outlive) leaves the messages with the broker, which
+redelivers them when the coordinator's session resumes; ingestion is exactly-once by
+(sender, ``update_id``), so a message stored but not yet acknowledged is only noted as a
+redelivery.
 """
 
 from __future__ import annotations
