@@ -20,6 +20,8 @@ doing on the wire what ``fednano-edge run`` does except training. Phases:
    each device receives its task and builds its update from it: the task's ids and versions
    around Δθ + Fisher frames pre-computed once in the task's codec, at the global adapter's
    shapes (8 random variants, Δθ well inside the norm bound) -- valid updates the gate accepts;
+   then wait until the database has every task recorded as sent (the coordinator's own
+   bookkeeping of the fan-out, which would otherwise still run while the updates arrive);
 3. timed: every device publishes its update, all at once (a burst: the queue a round's end
    puts on the coordinator) or one every 1/``--rate`` s.
 
@@ -66,7 +68,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud import registry
 from cloud.coordinator import open_round
 from cloud.db import crud, migrate
-from cloud.db.models import Device, Round, RoundState, Update, UpdateStatus
+from cloud.db.models import (
+    Device,
+    Participation,
+    ParticipationStatus,
+    Round,
+    RoundState,
+    Update,
+    UpdateStatus,
+)
 from cloud.db.session import (
     make_engine,
     make_session_factory,
@@ -401,8 +411,14 @@ def _measure(n: int, work: Path, url: str, sessions: sessionmaker[Session], *, h
                     min_participants=n, min_updates=n, quorum_fraction=1.0,
                     deadline_s=timeout_s * 4), actor="ingest-bench").id
             update_bytes = swarm.expect("ready")[0][1]
+            notified = (select(func.count()).select_from(Participation)
+                        .where(Participation.round_id == round_id,
+                               Participation.status == ParticipationStatus.NOTIFIED))
+            wait_for(f"{n} tasks recorded as sent", lambda: scalar(sessions, notified) == n,
+                     READY_TIMEOUT_S, coordinator)
             fanout_s = time.perf_counter() - started
-            say(f"  round {round_id}: {n} tasks delivered, updates built in {fanout_s:.1f} s")
+            say(f"  round {round_id}: {n} tasks delivered and recorded, updates built in "
+                f"{fanout_s:.1f} s")
 
             swarm.send("go", time.time() + 0.5, rate)
             published: dict[str, float] = {}

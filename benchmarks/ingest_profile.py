@@ -1,14 +1,16 @@
-"""Where one update's ingest time goes: cProfile of ``Coordinator.handle_update`` in one process.
+"""Where one update's ingest time goes: cProfile of ``Coordinator.handle_updates`` in one process.
 
-    python -m benchmarks.ingest_profile --devices 300 [--top 30]   # from the repository root
+    python -m benchmarks.ingest_profile --devices 300 --batch 100 [--top 30]   # from the root
 
 (``-m`` puts the root on ``sys.path`` for ``tests.cloud.roundkit``, the test kit it builds on.)
 
 No broker and no coordinator process (see ``benchmarks/ingest.py`` for those): a SQLite
 database, the blob store and a ``Coordinator`` with a recording publisher, rank-8 NanoAdapters
 at SmolLM2's width (576), N registered online devices in one round, and one valid update per
-device (fp32 Δθ + bf16 Fisher, as ``tests/cloud/roundkit.device_update`` builds them). Prints
-the mean time per update and the profile sorted by cumulative time.
+device (fp32 Δθ + bf16 Fisher, as ``tests/cloud/roundkit.device_update`` builds them), handed
+over ``--batch`` at a time (one transaction each, as the coordinator's service groups them;
+1: one transaction per update). Prints the mean time per update and the profile sorted by
+cumulative time.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ WIDTH, RANK = 576, 8
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=300, help="updates to ingest (300)")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="updates per transaction (100; 1: one transaction each)")
     parser.add_argument("--top", type=int, default=30, help="profile rows to print (30)")
     args = parser.parse_args(argv)
-    if args.devices < 1:
-        parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.devices < 1 or args.batch < 1:
+        parser.error(f"--devices and --batch must be >= 1, got {args.devices}, {args.batch}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         url = sqlite_url(root / "cloud.db")
@@ -64,15 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         profile = cProfile.Profile()
         started = time.perf_counter()
         profile.enable()
-        for device_id, payload in payloads:
-            result = coordinator.handle_update(device_id, payload)
-            if result.outcome != "accepted":
-                raise SystemExit(f"{device_id}: {result}")
+        for first in range(0, len(payloads), args.batch):
+            batch = payloads[first:first + args.batch]
+            for (device_id, _), result in zip(batch, coordinator.handle_updates(batch),
+                                              strict=True):
+                if result.outcome != "accepted":
+                    raise SystemExit(f"{device_id}: {result}")
         profile.disable()
         elapsed = time.perf_counter() - started
         engine.dispose()
-    print(f"{args.devices} updates of {len(payloads[0][1]):,} bytes: "
-          f"{1000 * elapsed / args.devices:.2f} ms each (under cProfile)")
+    print(f"{args.devices} updates of {len(payloads[0][1]):,} bytes, {args.batch} per "
+          f"transaction: {1000 * elapsed / args.devices:.2f} ms each (under cProfile)")
     pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
     return 0
 

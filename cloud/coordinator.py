@@ -36,9 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud import aggregation, metrics
 from cloud.aggregation import AggregationError, Aggregator, Evaluation
-from cloud.blobs import BlobIntegrityError, BlobStore
+from cloud.blobs import Blob, BlobIntegrityError, BlobStore
 from cloud.db import crud
-from cloud.db.crud import ConflictError
+from cloud.db.crud import ConflictError, RecordNotFoundError
 from cloud.db.models import (
     TERMINAL_ROUND_STATES,
     AdapterVersion,
@@ -48,7 +48,6 @@ from cloud.db.models import (
     ParticipationStatus,
     Round,
     RoundState,
-    Update,
     UpdateStatus,
     utcnow,
 )
@@ -271,20 +270,22 @@ class Coordinator:
         """Publish the round's task to its participants in ``statuses``; mark them notified."""
         with session_scope(self.sessions) as session:
             round_ = crud.require_round(session, round_id=round_id)
-            targets = [p.device_id for p in round_.participations if p.status in statuses]
+            targets = _participants(session, round_id, statuses)
             if not targets:
                 return
             global_frame = self.blobs.get(_base(round_).blob_sha256)
             tasks = {d: self._task(round_, d, global_frame) for d in targets}
         for device_id, payload in tasks.items():
             self.publisher.publish(topics.tasks(device_id), payload)
-        with session_scope(self.sessions) as session:
-            for device_id, payload in tasks.items():
-                crud.set_participation_status(session, round_id=round_id, device_id=device_id,
-                                              status=ParticipationStatus.NOTIFIED,
-                                              at=self.clock())
-                crud.record_metric(session, name="task_bytes", value=len(payload),
-                                   round_id=round_id, device_id=device_id)
+        now = self.clock()
+        with session_scope(self.sessions) as session:  # one query and one flush, not N each
+            participations = {p.device_id: p for p in crud.list_participations(
+                session, round_id=round_id)}
+            for device_id in tasks:
+                crud.mark_participation(participations[device_id],
+                                        status=ParticipationStatus.NOTIFIED, at=now)
+            crud.record_device_metrics(session, name="task_bytes", round_id=round_id,
+                                       values={d: len(p) for d, p in tasks.items()})
 
     def _task(self, round_: Round, device_id: str, global_frame: bytes) -> bytes:
         config = _config(round_)
@@ -307,7 +308,7 @@ class Coordinator:
             round_ = crud.require_round(session, round_id=round_id, for_update=True)
             accepted = crud.count_updates(session, round_id=round_id,
                                           status=UpdateStatus.ACCEPTED)
-            waiting = any(p.status in OUTSTANDING for p in round_.participations)
+            waiting = bool(_participants(session, round_id, OUTSTANDING, limit=1))
             expired = round_.deadline_at is not None and now >= round_.deadline_at
             if accepted < round_.quorum and waiting and not expired:
                 return RoundState.COLLECTING
@@ -434,12 +435,36 @@ class Coordinator:
     # --- ingestion ------------------------------------------------------------------------------
 
     def handle_update(self, device_id: str, payload: bytes) -> IngestResult:
-        """Ingest an update received on ``devices/{device_id}/updates`` exactly once; a
-        refusal is recorded (with its code) and then answered on the device's tasks topic."""
-        result = self._ingest(device_id, payload)
-        if result.outcome == "rejected":
-            self.answer_refusal(device_id, result)
-        return result
+        """Ingest an update received on ``devices/{device_id}/updates`` exactly once: a batch
+        of one (``handle_updates``)."""
+        return self.handle_updates([(device_id, payload)])[0]
+
+    def handle_updates(self, updates: Sequence[tuple[str, bytes]]) -> list[IngestResult]:
+        """Ingest received updates, (sender, payload) each, in one transaction; results in order.
+
+        Each is stored exactly once by (sender, ``update_id``), a second copy in the same batch
+        included (a ``duplicate``). What every update needs is looked up once for the batch
+        (``_IngestBatch``); the accepted updates' blobs are written and fsynced together, then
+        the one commit. A refusal is recorded with its code (it rolls nothing back) and, once
+        committed, answered on the sender's tasks topic. Anything raised rolls the whole batch
+        back, none of it stored (blob files aside: content-addressed, stored again as a
+        no-op): a storage error is for the caller to retry, anything else to handle the
+        updates one at a time (``CoordinatorService``).
+        """
+        unpacked = [self._unpack(payload) for _, payload in updates]
+        keys = {(device_id, parsed[0].update_id)
+                for (device_id, _), parsed in zip(updates, unpacked, strict=True)
+                if not isinstance(parsed, MessageError)}
+        with session_scope(self.sessions) as session:
+            batch = _IngestBatch(session, senders={device_id for device_id, _ in updates},
+                                 keys=keys)
+            results = [self._ingest(batch, device_id, payload, parsed)
+                       for (device_id, payload), parsed in zip(updates, unpacked, strict=True)]
+            self.blobs.store(batch.blobs)
+        for (device_id, _), result in zip(updates, results, strict=True):
+            if result.outcome == "rejected":
+                self.answer_refusal(device_id, result)
+        return results
 
     def answer_refusal(self, device_id: str, result: IngestResult) -> None:
         """Tell the device why its update was refused (``Refusal`` on its tasks topic)."""
@@ -456,33 +481,37 @@ class Coordinator:
         except (MqttError, MessageTooLarge) as err:
             log.warning("could not answer %s's refused %s: %s", device_id, refusal.of, err)
 
-    def _ingest(self, device_id: str, payload: bytes) -> IngestResult:
+    def _unpack(self, payload: bytes) -> tuple[UpdateMessage, dict[str, bytes]] | MessageError:
         try:
-            message, parts = unpack(payload, UpdateMessage, max_bytes=self.max_message_bytes)
+            return unpack(payload, UpdateMessage, max_bytes=self.max_message_bytes)
         except MessageError as err:
-            return self._refuse(device_id, None, RejectionCode.MALFORMED, str(err))
-        with session_scope(self.sessions) as session:
-            device = crud.get_device(session, device_id=device_id)
-            if device is None or device.status is not DeviceStatus.ACTIVE:
-                code = RejectionCode.NOT_PARTICIPANT if device is None else RejectionCode.REVOKED
-                return self._refuse(device_id, message.update_id, code,
-                                    f"device {device_id!r} is "
-                                    f"{'unknown' if device is None else device.status.value}",
-                                    session)
-            if crud.get_update(session, device_id=device_id,
-                               update_id=message.update_id) is not None:
-                return self._redelivered(session, device_id, message)
-            round_ = session.get(Round, message.round_id, with_for_update=True,
-                                 populate_existing=True)
-            if round_ is None:
-                return self._refuse(device_id, message.update_id, RejectionCode.UNKNOWN_ROUND,
-                                    f"there is no round {message.round_id}", session)
-            verdict = validate_update(
-                message, parts, device_id=device_id,
-                context=self._context(session, round_, device_id),
-                global_state=self._global_state(_base(round_)), payload_bytes=len(payload),
-                now=self.clock())
-            return self._record(session, device_id, message, payload, verdict)
+            return err
+
+    def _ingest(self, batch: _IngestBatch, device_id: str, payload: bytes,
+                unpacked: tuple[UpdateMessage, dict[str, bytes]] | MessageError) -> IngestResult:
+        session = batch.session
+        if isinstance(unpacked, MessageError):
+            return self._refuse(device_id, None, RejectionCode.MALFORMED, str(unpacked), session)
+        message, parts = unpacked
+        status = batch.devices.get(device_id)
+        if status is not DeviceStatus.ACTIVE:
+            code = RejectionCode.NOT_PARTICIPANT if status is None else RejectionCode.REVOKED
+            return self._refuse(device_id, message.update_id, code,
+                                f"device {device_id!r} is "
+                                f"{'unknown' if status is None else status.value}", session)
+        if (device_id, message.update_id) in batch.stored:
+            return self._redelivered(session, device_id, message)
+        round_ = batch.round(message.round_id)
+        if round_ is None:
+            return self._refuse(device_id, message.update_id, RejectionCode.UNKNOWN_ROUND,
+                                f"there is no round {message.round_id}", session)
+        verdict = validate_update(
+            message, parts, device_id=device_id,
+            context=round_.context(device_id, default_base=self.base_version),
+            global_state=self._global_state(_base(round_.row)), payload_bytes=len(payload),
+            now=self.clock())
+        batch.stored.add((device_id, message.update_id))
+        return self._record(batch, round_, device_id, message, payload, verdict)
 
     def _redelivered(self, session: Session, device_id: str,
                      message: UpdateMessage) -> IngestResult:
@@ -506,38 +535,26 @@ class Coordinator:
         log.warning("update from %s refused (%s): %s", device_id, code.value, reason)
         return IngestResult("rejected", update_id, code.value, reason)
 
-    def _context(self, session: Session, round_: Round, device_id: str) -> RoundContext:
-        config = _config(round_)
-        participant = session.scalar(select(Participation.id).where(
-            Participation.round_id == round_.id, Participation.device_id == device_id))
-        submitted = session.scalar(select(Update.id).where(
-            Update.round_id == round_.id, Update.device_id == device_id,
-            Update.status != UpdateStatus.REJECTED).limit(1))
-        return RoundContext(
-            round_id=round_.id, state=round_.state, participant=participant is not None,
-            submitted=submitted is not None, global_version=_base(round_).id,
-            base_version=config.base_version or self.base_version,
-            deadline_at=round_.deadline_at, late_policy=config.late_policy,
-            requires_fisher=config.make_strategy().requires_fisher,
-            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm,
-            max_samples=config.sample_bound)
-
     def _global_state(self, version: AdapterVersion) -> AdapterState:
         if version.id not in self._states:
             self._states[version.id] = aggregation.load_state(self.blobs, version)
         return self._states[version.id]
 
-    def _record(self, session: Session, device_id: str, message: UpdateMessage, payload: bytes,
+    def _record(self, batch: _IngestBatch, round_: _LockedRound, device_id: str,
+                message: UpdateMessage, payload: bytes,
                 verdict: Accepted | Rejection) -> IngestResult:
+        session = batch.session
         if isinstance(verdict, Rejection):
-            crud.record_update(session, record=_update_record(
+            crud.add_update(session, record=_update_record(
                 message, device_id, UpdateStatus.REJECTED, blob_size=len(payload),
                 rejection_code=verdict.code.value, rejection_reason=verdict.reason))
-            self._participant_finished(session, message.round_id, device_id, verdict.code)
+            if verdict.code not in _KEEPS_PARTICIPATION:
+                round_.finish(device_id, ParticipationStatus.REJECTED, self.clock())
             log.info("update %s from %s rejected (%s): %s", message.update_id, device_id,
                      verdict.code.value, verdict.reason)
             return IngestResult("rejected", message.update_id, verdict.code.value, verdict.reason)
-        blob = self.blobs.put(payload)
+        blob = self.blobs.address(payload)
+        batch.blobs.append((blob, payload))  # stored before the commit (handle_updates)
         record = _update_record(message, device_id, verdict.status, blob_sha256=blob.sha256,
                                 blob_size=blob.size, blob_path=str(blob.path))
         if verdict.update.n_samples < message.n_samples:  # stored (and merged) as bounded
@@ -547,23 +564,12 @@ class Coordinator:
                               details={"update_id": message.update_id,
                                        "claimed": message.n_samples,
                                        "counted": verdict.update.n_samples})
-        crud.record_update(session, record=record)
+        crud.add_update(session, record=record)
+        round_.submitted.add(device_id)
         if verdict.status is UpdateStatus.ACCEPTED:
-            crud.set_participation_status(session, round_id=message.round_id,
-                                          device_id=device_id,
-                                          status=ParticipationStatus.SUBMITTED, at=self.clock())
+            round_.finish(device_id, ParticipationStatus.SUBMITTED, self.clock())
             return IngestResult("accepted", message.update_id)
         return IngestResult("buffered", message.update_id)
-
-    def _participant_finished(self, session: Session, round_id: int, device_id: str,
-                              code: RejectionCode) -> None:
-        if code in _KEEPS_PARTICIPATION:
-            return
-        participation = session.scalar(select(Participation).where(
-            Participation.round_id == round_id, Participation.device_id == device_id))
-        if participation is not None and participation.status in OUTSTANDING:
-            crud.set_participation_status(session, round_id=round_id, device_id=device_id,
-                                          status=ParticipationStatus.REJECTED, at=self.clock())
 
     def refuse_failed(self, device_id: str, error: str) -> IngestResult:
         """An update whose handling failed unexpectedly (not for storage reasons): recorded
@@ -615,6 +621,69 @@ class Coordinator:
         return False
 
 
+# ------------------------------------------------------------------------------ one batch
+
+
+class _LockedRound:
+    """A round as one batch of updates sees it: locked, its config parsed and its strategy
+    built once, and its senders' participations and earlier submissions looked up once."""
+
+    def __init__(self, session: Session, row: Round, senders: set[str]) -> None:
+        self.row = row
+        self.config = _config(row)
+        self.requires_fisher = self.config.make_strategy().requires_fisher
+        self.participations = crud.participations_of(session, round_id=row.id,
+                                                     device_ids=senders)
+        self.submitted = crud.senders_with_updates(session, round_id=row.id, device_ids=senders)
+
+    def context(self, device_id: str, *, default_base: str) -> RoundContext:
+        """What the validation gate needs to know about the round and this sender."""
+        row, config = self.row, self.config
+        return RoundContext(
+            round_id=row.id, state=row.state, participant=device_id in self.participations,
+            submitted=device_id in self.submitted, global_version=_base(row).id,
+            base_version=config.base_version or default_base, deadline_at=row.deadline_at,
+            late_policy=config.late_policy, requires_fisher=self.requires_fisher,
+            max_update_bytes=config.max_update_bytes, max_delta_norm=config.max_delta_norm,
+            max_samples=config.sample_bound)
+
+    def finish(self, device_id: str, status: ParticipationStatus, at: datetime) -> None:
+        """The sender's task is done: ``submitted``, or ``rejected`` while still outstanding."""
+        participation = self.participations.get(device_id)
+        submitted = status is ParticipationStatus.SUBMITTED
+        if participation is None:
+            if submitted:  # the gate accepts participants only
+                raise RecordNotFoundError("participation", (self.row.id, device_id))
+            return
+        if submitted or participation.status in OUTSTANDING:
+            crud.mark_participation(participation, status=status, at=at)
+
+
+class _IngestBatch:
+    """What one transaction of updates looks up once for all of them (their senders, the
+    (sender, id) pairs already stored, each round they name) and the blobs it stores."""
+
+    def __init__(self, session: Session, *, senders: set[str],
+                 keys: set[tuple[str, str]]) -> None:
+        self.session = session
+        self.senders = senders
+        self.devices: dict[str, DeviceStatus] = {  # sender -> status
+            row.id: row.status for row in session.execute(
+                select(Device.id, Device.status).where(Device.id.in_(senders)))}
+        self.stored = crud.stored_update_keys(session, keys=keys)  # grows as rows are added
+        self.blobs: list[tuple[Blob, bytes]] = []
+        self._rounds: dict[int, _LockedRound | None] = {}
+
+    def round(self, round_id: int) -> _LockedRound | None:
+        """The round, locked for the rest of the batch (None if there is none)."""
+        if round_id not in self._rounds:
+            row = self.session.get(Round, round_id, with_for_update=True,
+                                   populate_existing=True)
+            self._rounds[round_id] = (None if row is None
+                                      else _LockedRound(self.session, row, self.senders))
+        return self._rounds[round_id]
+
+
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -624,6 +693,16 @@ def _update_record(message: UpdateMessage, device_id: str, status: UpdateStatus,
                              device_id=device_id, base_version=message.global_version,
                              n_samples=message.n_samples, status=status,
                              metrics=dict(message.metrics), **blob)
+
+
+def _participants(session: Session, round_id: int, statuses: Sequence[ParticipationStatus],
+                  limit: int | None = None) -> list[str]:
+    """Device ids of the round's participants in ``statuses`` (a query, not the round's
+    whole roster loaded as objects at every tick)."""
+    query = (select(Participation.device_id)
+             .where(Participation.round_id == round_id, Participation.status.in_(statuses))
+             .order_by(Participation.id).limit(limit))
+    return list(session.scalars(query))
 
 
 def _config(round_: Round) -> RoundConfig:

@@ -51,8 +51,12 @@ UPDATES = Counter(
     "refusal, its code (none otherwise).", ["outcome", "code"])
 INGEST_SECONDS = Histogram(
     "fednano_update_ingest_seconds",
-    "Time to parse, validate and store one update, up to its database commit.",
+    "Time to parse, validate and store one update, up to its database commit (updates "
+    "stored together in one transaction share its time equally).",
     buckets=_SECONDS)
+INGEST_BATCH = Histogram(
+    "fednano_update_batch_size", "Updates stored together in one transaction (group commit).",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
 
 # --- rounds (coordinator) ----------------------------------------------------------------------
 
@@ -92,6 +96,11 @@ def update_handled(outcome: str, code: str | None, seconds: float) -> None:
     UPDATES_RECEIVED.inc()
     UPDATES.labels(outcome=outcome, code=code or "none").inc()
     INGEST_SECONDS.observe(seconds)
+
+
+def updates_batch(size: int) -> None:
+    """``size`` updates were handled together in one transaction."""
+    INGEST_BATCH.observe(size)
 
 
 def round_transition(round_id: int, state: str) -> None:

@@ -71,6 +71,15 @@ class CloudSettings(BaseSettings):
                           "served by the API; none: bundle downloads are off")
     tick_interval_s: float = Field(1.0, gt=0, le=60,
                                    description="how often the coordinator checks its rounds")
+    ingest_batch: int = Field(
+        100, ge=1, le=10_000,
+        description="most updates the coordinator stores in one transaction (one commit, then "
+                    "their acknowledgements); also how many unacknowledged messages the broker "
+                    "sends it at once")
+    ingest_wait_ms: float = Field(
+        0.0, ge=0, le=1000,
+        description="how long a batch of updates may wait after its first message for more "
+                    "(0: take what has arrived)")
     metrics_port: int | None = Field(
         None, ge=1, le=65535,
         description="TCP port of the coordinator's or LLM worker's Prometheus /metrics (the "

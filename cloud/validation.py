@@ -198,15 +198,26 @@ def _check_dtypes(state: AdapterState, global_state: AdapterState, name: str) ->
 
 def _check_values(delta: AdapterState, fisher: AdapterState | None,
                   context: RoundContext) -> None:
-    for name, state in ((DELTA_PART, delta), (FISHER_PART, fisher or {})):
-        for key, value in state.items():
-            if not bool(torch.isfinite(value).all()):
-                raise _Reject(RejectionCode.NON_FINITE, f"{name} {key} contains NaN or Inf")
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
+    # Each check runs once over a part's values laid end to end (a few ops per update, not a
+    # few per tensor); the tensor at fault is looked for only once a check fails.
+    flat_delta, flat_fisher = _flat(delta), _flat(fisher or {})
+    for name, state, flat in ((DELTA_PART, delta, flat_delta),
+                              (FISHER_PART, fisher or {}, flat_fisher)):
+        if not bool(torch.isfinite(flat).all()):
+            key = next(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+            raise _Reject(RejectionCode.NON_FINITE, f"{name} {key} contains NaN or Inf")
+    norm = math.sqrt(float(flat_delta.double().pow(2).sum()))
     if context.max_delta_norm is not None and norm > context.max_delta_norm:
         raise _Reject(RejectionCode.NORM_BOUND, f"||delta||_2 = {norm:.4g} exceeds the bound "
                       f"{context.max_delta_norm:g}")
-    for key, value in (fisher or {}).items():
-        if bool((value < 0).any()):
-            raise _Reject(RejectionCode.FISHER_NEGATIVE,
-                          f"fisher {key} has negative values (min {float(value.min()):.3g})")
+    if bool((flat_fisher < 0).any()):
+        key, value = next((k, v) for k, v in (fisher or {}).items() if bool((v < 0).any()))
+        raise _Reject(RejectionCode.FISHER_NEGATIVE,
+                      f"fisher {key} has negative values (min {float(value.min()):.3g})")
+
+
+def _flat(state: AdapterState) -> torch.Tensor:
+    """Every value of ``state`` in one 1-D tensor (empty for an empty state)."""
+    if not state:
+        return torch.zeros(0)
+    return torch.cat([value.reshape(-1) for value in state.values()])

@@ -231,7 +231,8 @@ def coordinator_client(settings: CloudSettings) -> MqttClient:
     from shared.mqtt import BrokerAddress, MqttClient
 
     return MqttClient(BrokerAddress.parse(settings.broker_url), coordinator_client_options(
-        settings.broker_username, settings.broker_password.get_secret_value()))
+        settings.broker_username, settings.broker_password.get_secret_value(),
+        max_batch=settings.ingest_batch))
 
 
 def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | None,
@@ -251,7 +252,9 @@ def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | 
                                base_version=_base_version(settings, base))
     coordinator_.ensure_initial_version(_initial_state(settings, base, rank))
     _sync_broker(settings)
-    service = CoordinatorService(coordinator_, client, tick_interval_s=settings.tick_interval_s)
+    service = CoordinatorService(coordinator_, client, tick_interval_s=settings.tick_interval_s,
+                                 max_batch=settings.ingest_batch,
+                                 batch_wait_s=settings.ingest_wait_ms / 1000)
     return service, client
 
 

@@ -163,6 +163,9 @@ class ClientOptions:
     # True: a QoS 1 message is acknowledged only when the application calls ``ack`` (after it
     # has stored it); until then the broker keeps it and redelivers it after a reconnect.
     manual_ack: bool = False
+    # How many unacknowledged QoS 1 messages the broker may send at once (MQTT v5 Receive
+    # Maximum, 1-65535); None: the broker's own limit (Mosquitto's max_inflight_messages, 20).
+    receive_maximum: int | None = None
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -170,6 +173,9 @@ class ClientOptions:
         if self.session_expiry_s < 0 or self.keepalive_s < 1:
             raise ValueError(f"session_expiry_s >= 0 and keepalive_s >= 1, got "
                              f"{self.session_expiry_s!r} and {self.keepalive_s!r}")
+        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
+            raise ValueError(f"receive_maximum must be 1-65535 (or None), got "
+                             f"{self.receive_maximum!r}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError(f"need 0 < reconnect_min_s <= reconnect_max_s, got "
                              f"{self.reconnect_min_s!r}, {self.reconnect_max_s!r}")
@@ -190,10 +196,13 @@ def make_paho_client(address: BrokerAddress, options: ClientOptions) -> mqtt.Cli
     return client
 
 
-def connect_properties(session_expiry_s: int) -> Properties:
-    """CONNECT properties: the session-expiry interval of a persistent session."""
+def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties: the session-expiry interval of a persistent session, and how many
+    unacknowledged QoS 1 messages the client takes at once (None: the broker's default)."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return props
 
 
@@ -421,7 +430,8 @@ class MqttClient:
         try:  # the TCP (and TLS) connection now, so a refusal is reported at once
             self._paho.connect(self.address.host, self.address.port, opts.keepalive_s,
                                clean_start=opts.clean_start,
-                               properties=connect_properties(opts.session_expiry_s))
+                               properties=connect_properties(opts.session_expiry_s,
+                                                             opts.receive_maximum))
         except (OSError, ValueError) as err:  # refused, unreachable, no such host, TLS
             raise ConnectError(f"cannot connect to the broker at {self.address.url}: "
                                f"{_reason(err)}") from err

@@ -5,7 +5,7 @@ a redelivery is ignored, and the coordinator is restarted mid-round."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -92,10 +92,16 @@ class Cloud:
         self.service: CoordinatorService | None = None
         self.client: MqttClient | None = None
 
-    def start(self, blob_store: type[BlobStore] = BlobStore) -> CoordinatorService:
+    def start(self, blob_store: type[BlobStore] = BlobStore, *, max_batch: int = 100,
+              batch_wait_s: float = 0.0, dies_before_acks: bool = False) -> CoordinatorService:
+        """``dies_before_acks``: the service never acknowledges (as if the process died right
+        after each commit); ``stop`` then leaves every message it took with the broker."""
         creds = self.broker.credentials("cloud")
         self.client = MqttClient(self.broker.address, coordinator_client_options(
-            creds.username, creds.password, client_id=COORDINATOR_CLIENT_ID))
+            creds.username, creds.password, client_id=COORDINATOR_CLIENT_ID,
+            max_batch=max_batch))
+        if dies_before_acks:
+            self.client.ack = lambda received: True  # type: ignore[method-assign]
         self.client.connect(10)
         blobs = blob_store(self.root / "blobs")
         coordinator = Coordinator(
@@ -103,7 +109,9 @@ class Cloud:
             aggregator=Aggregator(blobs, evaluator=constant_evaluator(0.7)),
             base_version=BASE_VERSION, clock=self.clock)
         coordinator.ensure_initial_version(global_state())
-        self.service = CoordinatorService(coordinator, self.client, tick_interval_s=0.05).start()
+        self.service = CoordinatorService(coordinator, self.client, tick_interval_s=0.05,
+                                          max_batch=max_batch,
+                                          batch_wait_s=batch_wait_s).start()
         return self.service
 
     def stop(self) -> None:
@@ -181,7 +189,7 @@ def test_a_round_through_the_broker_with_bad_updates_and_a_restart(
 
 
 class FullDisk(BlobStore):
-    def put(self, data: bytes) -> Blob:
+    def store(self, blobs: Sequence[tuple[Blob, bytes]]) -> None:
         raise OSError(28, "No space left on device (test)")
 
 
@@ -201,7 +209,7 @@ def test_an_update_received_but_not_stored_survives_the_coordinator_stopping(
         s, config=RoundConfig(deadline_s=300), actor="test").id)
     task = devices["dev-a"].task()
     devices["dev-a"].send(device_update(*task, "dev-a"))  # PUBACKed by the broker
-    wait_for(lambda: service._held is not None)  # received, cannot be stored
+    wait_for(lambda: service._held)  # received, cannot be stored
     cloud.stop()
     assert cloud.query(lambda s: crud.list_updates(s, round_id=round_id)) == []
 
@@ -209,4 +217,41 @@ def test_an_update_received_but_not_stored_survives_the_coordinator_stopping(
     wait_for(lambda: [u.status for u in cloud.query(
         lambda s: crud.list_updates(s, round_id=round_id))] == [UpdateStatus.ACCEPTED])
     cloud.stop()
+    cloud.engine.dispose()
+
+
+def test_a_batch_committed_but_not_acknowledged_is_redelivered_and_stored_once(
+        broker: MosquittoBroker, migrated_url: str, tmp_path: Path) -> None:
+    """The coordinator dies between a batch's commit and its acknowledgements: the broker
+    still holds the batch and hands it to the next coordinator, which only notes the copies
+    (group commit batches the commits, not the guarantees)."""
+    cloud = Cloud(broker, migrated_url, tmp_path)
+    _register(cloud)
+    cloud.start()
+    devices = {d: Device(broker, d) for d in DEVICES}
+    wait_for(lambda: _online(cloud))
+    round_id = cloud.query(lambda s: open_round(
+        s, config=RoundConfig(deadline_s=300), actor="test").id)
+    tasks = {d: device.task() for d, device in devices.items()}
+    cloud.stop()  # the three updates wait in the broker, then arrive together
+    senders = ("dev-a", "dev-b", "dev-c")
+    for device_id in senders:
+        devices[device_id].send(device_update(*tasks[device_id], device_id))
+
+    def stored() -> list[tuple[str, UpdateStatus]]:
+        return cloud.query(lambda s: sorted((u.device_id, u.status)
+                                            for u in crud.list_updates(s, round_id=round_id)))
+
+    def redelivered() -> int:
+        return int(cloud.query(lambda s: crud.count_audit_events(
+            s, action="update.redelivered")))
+
+    cloud.start(max_batch=len(senders), batch_wait_s=5.0, dies_before_acks=True)
+    wait_for(lambda: len(stored()) == len(senders))  # one batch, committed, not acknowledged
+    cloud.stop()
+    assert redelivered() == 0
+    cloud.start()  # the next coordinator gets the batch again
+    wait_for(lambda: redelivered() == len(senders))
+    cloud.stop()
+    assert stored() == [(d, UpdateStatus.ACCEPTED) for d in senders]
     cloud.engine.dispose()

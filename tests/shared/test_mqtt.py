@@ -71,6 +71,9 @@ def test_client_options_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="reconnect_min_s"):
         ClientOptions(client_id="x", reconnect_min_s=10, reconnect_max_s=5)
     assert "secret" not in repr(ClientOptions(client_id="x", password="secret"))
+    for bad in (0, 65536):
+        with pytest.raises(ValueError, match="receive_maximum"):
+            ClientOptions(client_id="x", receive_maximum=bad)
 
 
 # --- Size checks --------------------------------------------------------------------------------
@@ -269,4 +272,24 @@ def test_manual_ack_keeps_a_message_with_the_broker_until_acknowledged(  # type:
     cloud.close()
     cloud, updates = cloud_session()
     assert updates.get(timeout=1.5) is None  # acknowledged: gone
+    cloud.close()
+
+
+@pytest.mark.parametrize(("receive_maximum", "window"), [(None, 20), (50, 50)])
+def test_receive_maximum_is_the_brokers_window_of_unacknowledged_messages(  # type: ignore[no-untyped-def]
+        broker, receive_maximum: int | None, window: int) -> None:
+    """Mosquitto sends a manual-ack client at most its Receive Maximum of unacknowledged
+    messages (its own max_inflight_messages, 20, without one): a batch's worth."""
+    cloud = MqttClient(broker.address, broker.options(
+        "cloud", manual_ack=True, receive_maximum=receive_maximum))
+    updates = cloud.subscribe(topics.ALL_UPDATES)
+    cloud.connect()
+    device = broker.connect("dev-a")
+    for i in range(window + 10):
+        device.publish(topics.updates("dev-a"), f"u{i}".encode(), max_bytes=2**20)
+    deadline = time.monotonic() + 5
+    while len(updates) < window and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # more would have come by now
+    assert len(updates) == window
     cloud.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -120,14 +120,29 @@ def set_participation_status(session: Session, *, round_id: int, device_id: str,
         Participation.round_id == round_id, Participation.device_id == device_id))
     if participation is None:
         raise RecordNotFoundError("participation", (round_id, device_id))
+    mark_participation(participation, status=status, at=at)
+    session.flush()
+    return participation
+
+
+def mark_participation(participation: Participation, *, status: ParticipationStatus,
+                       at: datetime | None = None) -> None:
+    """Set a loaded participation's status and the matching timestamp; written at the
+    session's next flush (a batch of updates changes many and flushes once)."""
     now = at or utcnow()
     participation.status = status
     if status is ParticipationStatus.NOTIFIED:
         participation.notified_at = now
     if status in _FINISHED:
         participation.finished_at = now
-    session.flush()
-    return participation
+
+
+def participations_of(session: Session, *, round_id: int,
+                      device_ids: Collection[str]) -> dict[str, Participation]:
+    """The participations of ``device_ids`` in the round (one query), by device id."""
+    query = select(Participation).where(Participation.round_id == round_id,
+                                        Participation.device_id.in_(device_ids))
+    return {p.device_id: p for p in session.scalars(query)}
 
 
 def list_participations(session: Session, *, round_id: int,

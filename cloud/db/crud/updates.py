@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,35 @@ def record_update(session: Session, *, record: UpdateRecord) -> tuple[Update, bo
             raise  # some other constraint: a real error
         return _same_update(existing, record), False
     return row, True
+
+
+def add_update(session: Session, *, record: UpdateRecord) -> Update:
+    """Add a new update row, written at the session's next flush, for a caller that already
+    knows (sender, ``update_id``) is new (``stored_update_keys``); a concurrent insert of the
+    same id then fails the flush with ``IntegrityError``. ``record_update`` checks itself."""
+    row = _update_row(record)
+    session.add(row)
+    return row
+
+
+def stored_update_keys(session: Session, *,
+                       keys: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (sender, ``update_id``) pairs already have a row (one query)."""
+    if not keys:
+        return set()
+    query = select(Update.device_id, Update.update_id).where(
+        Update.device_id.in_({device_id for device_id, _ in keys}),
+        Update.update_id.in_({update_id for _, update_id in keys}))
+    return {(row.device_id, row.update_id) for row in session.execute(query)} & set(keys)
+
+
+def senders_with_updates(session: Session, *, round_id: int, device_ids: Collection[str],
+                         statuses: Collection[UpdateStatus] = MERGEABLE) -> set[str]:
+    """Which of ``device_ids`` have an update with one of ``statuses`` in the round."""
+    query = select(Update.device_id).where(
+        Update.round_id == round_id, Update.device_id.in_(device_ids),
+        Update.status.in_(statuses)).distinct()
+    return set(session.scalars(query))
 
 
 def _update_row(record: UpdateRecord) -> Update:
@@ -215,6 +244,18 @@ def record_metric(session: Session, *, name: str, value: float, round_id: int | 
     session.add(metric)
     session.flush()
     return metric
+
+
+def record_device_metrics(session: Session, *, name: str, round_id: int,
+                          values: Mapping[str, float]) -> None:
+    """Record one named value per device of a round, ``values`` by device id (one flush)."""
+    if not name:
+        raise ValueError(f"metric name must not be empty, got {name!r}")
+    now = utcnow()
+    session.add_all([Metric(name=name, value=float(value), round_id=round_id,
+                            device_id=device_id, recorded_at=now)
+                     for device_id, value in values.items()])
+    session.flush()
 
 
 def list_metrics(session: Session, *, round_id: int | None = None, version_id: int | None = None,
