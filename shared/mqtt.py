@@ -386,8 +386,11 @@ class MqttClient:
                        reason: ReasonCode, props: Properties | None) -> None:
         self._connected.clear()
         if reason.value != 0:
-            log.info("%s disconnected from %s: %s", self.options.client_id, self.address.url,
-                     reason)
+            # After a refused CONNACK the refusal is the news (connect() raises with it); the
+            # broker closing that connection is not worth a second line.
+            level = logging.DEBUG if self._refusal is not None else logging.INFO
+            log.log(level, "%s disconnected from %s: %s", self.options.client_id,
+                    self.address.url, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
