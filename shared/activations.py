@@ -49,7 +49,7 @@ from shared.protocol import (
 
 ENCODINGS: tuple[str, ...] = get_args(ActivationEncoding)
 # What a device sends unless its configuration says otherwise; see docs/results.md
-# ("Split-training traffic") for the bytes and the paired accuracy runs behind it.
+# ("Compressed activations") for the bytes and the paired accuracy runs behind it.
 DEFAULT_ENCODING: ActivationEncoding = "fp32"
 
 _DEFAULT_MAX_DECODED = 256 * 2**20

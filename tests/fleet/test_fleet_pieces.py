@@ -19,6 +19,7 @@ from cloud.registry import ServiceAccount
 from edge.local_data import DataSpec
 from fednano.fleet import provision as prov
 from fednano.fleet.faults import (
+    BrokerKill,
     CloudRestart,
     FaultPlan,
     KillDevice,
@@ -134,10 +135,13 @@ class FakeFleet:
         self.cloud: list[str] = []
         self.ready = False
         self.notes: list[Note] = []
+        self.broker_process: FakeProcess | None = None
 
     @property
     def broker(self) -> Any:
-        raise AssertionError("no broker here")
+        if self.broker_process is None:
+            raise AssertionError("no broker here")
+        return self.broker_process
 
     def device(self, device_id: str) -> Any:
         return self.processes[device_id]
@@ -180,6 +184,22 @@ def test_a_device_is_killed_only_while_it_trains_and_restarted() -> None:
     kill.poll(fleet, now + 10)  # restarted
     kill.poll(fleet, now + 10)
     assert fleet.processes["dev-00"].calls == ["kill", "start"] and kill.done
+
+
+def test_a_broker_kill_is_a_sigkill_then_a_start_on_the_same_port() -> None:
+    fleet = FakeFleet()
+    broker = FakeProcess()
+    fleet.broker_process = broker
+    kill = BrokerKill(1, ["dev-00"])
+    fleet.collecting(1, {"dev-00": "notified"})
+    fleet.training("dev-00", 1, 10)
+    now = time.monotonic()
+    kill.poll(fleet, now)
+    assert broker.calls == ["kill"] and "SIGKILL" in fleet.notes[-1].message
+    kill.poll(fleet, now + 10)
+    assert broker.calls == ["kill", "start"]
+    kill.poll(fleet, now + 10)
+    assert kill.done
 
 
 def test_a_slow_device_stalls_past_the_deadline() -> None:
