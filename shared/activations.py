@@ -50,7 +50,7 @@ from shared.protocol import (
 ENCODINGS: tuple[str, ...] = get_args(ActivationEncoding)
 # What a device sends unless its configuration says otherwise; see docs/results.md
 # ("Compressed activations") for the bytes and the paired accuracy runs behind it.
-DEFAULT_ENCODING: ActivationEncoding = "fp32"
+DEFAULT_ENCODING: ActivationEncoding = "bf16+zstd"
 
 _DEFAULT_MAX_DECODED = 256 * 2**20
 # Compressed encodings also narrow the small tensors: a mask of 0/1 as uint8, token ids (< 2^31)

@@ -69,6 +69,10 @@ def test_a_single_request_is_bit_identical(tiny_llm) -> None:  # type: ignore[no
 
 
 def _remote(broker, device: str, **kwargs) -> RemoteLLM:  # type: ignore[no-untyped-def]
+    # Exact fp32 unless a test says otherwise: these tests are about the transport, and exact
+    # tensors make bit-equality with the in-process LLM the check (the compressed encodings,
+    # the product's default among them, have tests of their own).
+    kwargs.setdefault("encoding", "fp32")
     kwargs.setdefault("timeout_s", 5.0)
     return RemoteLLM(broker.connect(device), device_id=device, base_version=BASE_VERSION,
                      **kwargs)

@@ -21,6 +21,10 @@ from tests.llm_helpers import BASE_VERSION, start_worker, step_inputs, stop_work
 
 
 def _remote(broker, device: str = "dev-a", **kwargs) -> RemoteLLM:  # type: ignore[no-untyped-def]
+    # Exact fp32 unless a test says otherwise: these tests are about the transport, and exact
+    # tensors make bit-equality with the in-process LLM the check (the compressed encodings,
+    # the product's default among them, have tests of their own).
+    kwargs.setdefault("encoding", "fp32")
     kwargs.setdefault("timeout_s", 10.0)
     return RemoteLLM(broker.connect(device), device_id=device, base_version=BASE_VERSION,
                      **kwargs)
