@@ -217,10 +217,14 @@ class CloudRestart(_ProcessFault):
 
 class BrokerRestart(_ProcessFault):
     fault: Fault = "broker-restart"
+    how = "stopped (SIGTERM)"  # Mosquitto saves its sessions and queued messages first
+
+    def _take_down(self, broker: Mosquitto) -> None:
+        broker.stop()
 
     def _fire(self, fleet: Fleet, round_: RoundView, target: str, now: float) -> float:
-        fleet.broker.stop()
-        fleet.note(self.fault, round_.id, f"broker stopped (SIGTERM) while {target} trained "
+        self._take_down(fleet.broker)
+        fleet.note(self.fault, round_.id, f"broker {self.how} while {target} trained "
                    f"round {round_.id}")
         return now + DOWN_S
 
@@ -234,12 +238,10 @@ class BrokerKill(BrokerRestart):
     subscriptions and queued QoS 1 messages are saved after every change)."""
 
     fault: Fault = "broker-kill"
+    how = "killed (SIGKILL)"
 
-    def _fire(self, fleet: Fleet, round_: RoundView, target: str, now: float) -> float:
-        fleet.broker.kill()
-        fleet.note(self.fault, round_.id, f"broker killed (SIGKILL) while {target} trained "
-                   f"round {round_.id}")
-        return now + DOWN_S
+    def _take_down(self, broker: Mosquitto) -> None:
+        broker.kill()
 
 
 # ------------------------------------------------------------------------------ MQTT faults
