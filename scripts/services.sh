@@ -125,13 +125,24 @@ start_mosquitto() {
   die "Mosquitto did not start: $(tail -n 20 "$STATE/mosquitto.log")"
 }
 
+# Whether the services recorded in this state folder still run (a killed run leaves its folder).
+running() {
+  local pid
+  pid=$(cat "$1/mosquitto.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && return 0
+  [ -f "$1/pg.bindir" ] && as_pg "$(cat "$1/pg.bindir")/pg_ctl" -D "$1/pg/data" status >/dev/null 2>&1
+}
+
 start() {
   local files=""
   if [ "${1:-}" = "--broker-files" ]; then
     files=$(cd "${2:?--broker-files needs a folder}" && pwd)
     [ -r "$files/dynamic-security.json" ] || die "no dynamic-security.json in $files"
   fi
-  [ -e "$STATE/env" ] && die "already started (state in $STATE): run '$0 stop' first"
+  if [ -e "$STATE/env" ]; then
+    running "$STATE" && die "already started (state in $STATE): run '$0 stop' first"
+    log "clearing stale state in $STATE (its services are no longer running)"
+    stop >/dev/null 2>&1 || true
+  fi
   ensure_packages
   mkdir -p "$STATE"
   chmod 755 "$STATE"
