@@ -278,7 +278,9 @@ def compare(
     reference: Annotated[str, typer.Option(
         help="The method every other one is paired against, per cell and seed.")] = "fedavg",
     margin: Annotated[float, typer.Option(
-        help="Non-inferiority margin, in accuracy (0.01 = one point).", min=0)] = 0.01,
+        help="Non-inferiority margin, in accuracy (0.01 = one point); rows that differ only in "
+             "their activation encoding are judged at half a point (or this, if tighter).",
+        min=0)] = 0.01,
     update: Annotated[Path | None, typer.Option(
         help="Refresh the '<!-- generated: NAME -->' blocks of this markdown file (accuracy, "
              "verdicts, bytes, per-type) instead of printing.")] = None,

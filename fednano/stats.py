@@ -14,6 +14,12 @@ then Holm-corrects each family of p-values across the cells of a table and gives
 ``superior`` (t-test and Wilcoxon both significant after Holm), ``non-inferior`` (the lower
 confidence bound clears -m after Holm), ``worse`` (significantly below the reference after
 Holm, by more than the margin or with no non-inferiority shown), else ``inconclusive``.
+
+Each one-sided test is run at ``ALPHA / 2`` (2.5 %), the usual convention for non-inferiority
+trials: a verdict then agrees with the two-sided 95 % interval printed beside it (before Holm, a
+method is non-inferior exactly when that interval's lower bound clears -m, superior when it
+clears 0, worse when its upper bound is below 0). A one-sided test at 5 % would call a method
+non-inferior while the printed interval still reaches past -m.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from dataclasses import dataclass, field
 
 from scipy import stats as _scipy
 
-ALPHA = 0.05
+ALPHA = 0.05  # two-sided; every one-sided test below is run at ALPHA / 2
+ONE_SIDED = ALPHA / 2
 DEFAULT_MARGIN = 0.01  # one accuracy point
 VERDICTS = ("superior", "non-inferior", "inconclusive", "worse")
 
@@ -123,11 +130,11 @@ def judge(tests: Sequence[PairedTest]) -> None:
 
 def _verdict(test: PairedTest) -> str:
     adj = test.adjusted
-    if adj["p_superior"] < ALPHA and adj["p_wilcoxon"] < ALPHA:
+    if adj["p_superior"] < ONE_SIDED and adj["p_wilcoxon"] < ONE_SIDED:
         return "superior"
-    if adj["p_noninferior"] < ALPHA:
+    if adj["p_noninferior"] < ONE_SIDED:
         return "non-inferior"
-    if adj["p_inferior"] < ALPHA:
+    if adj["p_inferior"] < ONE_SIDED:
         return "worse"
     return "inconclusive"
 

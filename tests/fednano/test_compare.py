@@ -73,3 +73,19 @@ def test_bytes_are_per_setting_and_method() -> None:
     assert ("| easyvqa K=5 α=0.5 3×8 | fisher-norm | 2.0 KiB | 1.0 KiB | 50.0 KiB | 0.0 KiB |"
             in table)
     assert "| easyvqa K=5 α=0.1 3×8 | fedavg | 1.0 KiB | 1.0 KiB | 10.0 KiB | 0.0 KiB |" in table
+
+
+def test_compressed_activations_are_judged_at_the_tighter_transport_margin() -> None:
+    # 0.7 points below FedAvg every time: non-inferior at 1 point as a merge, not as a transport.
+    base = [0.60, 0.52, 0.71, 0.66, 0.58, 0.63, 0.55, 0.69]
+    reports = [report("fedavg", s, a) for s, a in enumerate(base)]
+    for strategy, activations in (("fisher-norm", "fp32"), ("fedavg", "int8+zstd")):
+        for s, a in enumerate(base):
+            r = report(strategy, s, a - 0.007 + 0.001 * (s % 2))
+            r["config"]["activations"] = activations
+            reports.append(r)
+    tests = paired_tests(reports)
+    assert [t.verdict for t in tests["fisher-norm"].values()] == ["non-inferior"]
+    assert [t.verdict for t in tests["fedavg [activations int8+zstd]"].values()] == ["worse"]
+    table = verdict_markdown(reports)
+    assert "| 0.5 pt | **worse** |" in table and "| 1 pt | **non-inferior** |" in table

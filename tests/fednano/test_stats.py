@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -54,3 +55,22 @@ def test_a_single_pair_is_inconclusive() -> None:
 def test_no_shared_seed_is_an_error() -> None:
     with pytest.raises(ValueError, match="share no seed"):
         paired_test({0: 0.5}, {1: 0.5})
+
+
+def test_a_verdict_agrees_with_the_interval_it_is_printed_beside() -> None:
+    # One cell (Holm changes nothing): non-inferior exactly when the 95 % interval's lower bound
+    # clears -margin, superior only when it clears 0, worse only when the upper bound is below 0.
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(3, 12)
+        shift = rng.uniform(-0.03, 0.03)
+        diffs = {s: shift + rng.gauss(0, 0.01) for s in range(n)}
+        t = paired_test(diffs, dict.fromkeys(range(n), 0.0), margin=0.01)
+        judge([t])
+        if t.verdict == "superior":
+            assert t.ci_low > 0
+        elif t.ci_low > -0.01:
+            assert t.verdict == "non-inferior"
+        else:
+            assert t.verdict in ("worse", "inconclusive")
+            assert (t.verdict == "worse") == (t.ci_high < 0)
