@@ -23,6 +23,12 @@ x86 CPU kernels fuse fully (faster than fp32 there, see docs/bundle.md) but Tens
 the TensorRT graph has int8 activations with zero points of 0, the only QDQ form TensorRT (the
 Jetson provider) runs, and slower than fp32 on onnxruntime's x86 CPU kernels.
 
+Machine independence: on x86 CPUs without VNNI onnxruntime multiplies uint8 by int8 with
+``vpmaddubsw``, whose 16-bit pairwise sums saturate; the CPU graph therefore has 7-bit weights
+(``reduce_range``), which cannot saturate and give the same tokens with or without VNNI. The
+TensorRT graph is gated by its QDQ arithmetic (``GATE_FUSED``), not by the exporting CPU's
+kernels, so its gate does not depend on which machine exports it either.
+
 The device side is ``edge.runtime`` (a round-trip test loads every exported bundle with it).
 ``export_from_home`` is what ``fednano bundle export`` and ``python -m cloud.bundle`` run.
 """
@@ -117,6 +123,7 @@ class GateResult:
     min: float
     n_images: int
     n_tokens: int
+    fused: bool = True  # onnxruntime's fused CPU kernels (else the unfused QDQ arithmetic)
 
     @property
     def passed(self) -> bool:
@@ -124,7 +131,10 @@ class GateResult:
 
     def info(self) -> GateInfo:
         """The manifest's ``quality_gate`` record."""
-        return GateInfo(metric="cosine per visual token vs fp32 torch", threshold=self.threshold,
+        how = ("onnxruntime CPU, fused int8 kernels" if self.fused
+               else "QDQ arithmetic, onnxruntime unfused")
+        return GateInfo(metric=f"cosine per visual token vs fp32 torch ({how})",
+                        threshold=self.threshold,
                         mean=round(self.mean, 6), min=round(self.min, 6),
                         n_images=self.n_images, n_tokens=self.n_tokens, passed=self.passed)
 
@@ -160,16 +170,30 @@ class QuantRecipe:
     activations: Activations
     method: CalibrationMethod = "MinMax"
     per_channel: bool = True  # weight scales per output channel (else one per tensor)
+    reduce_range: bool = False  # 7-bit weights: no u8 x s8 saturation on x86 without VNNI
 
 
 # Measured on the real base (docs/bundle.md, benchmarks/encoder_int8.py): per target, the
 # recipe that is fastest on its provider among those that pass the gate.
 RECIPES: dict[EncoderTarget, QuantRecipe] = {
-    # u8 activations: onnxruntime's x86 kernels fuse the whole graph into QLinearConv.
-    "cpu": QuantRecipe(activations="u8"),
+    # u8 activations: onnxruntime's x86 kernels fuse the whole graph into QLinearConv; 7-bit
+    # weights so that those kernels cannot saturate on CPUs without VNNI (module doc).
+    "cpu": QuantRecipe(activations="u8", reduce_range=True),
     # zero points of 0: the only QDQ form TensorRT builds engines from.
     "tensorrt": QuantRecipe(activations="s8-symmetric"),
 }
+
+# How each target's gate runs its graph on the exporting machine. The CPU graph as CPU devices
+# run it: onnxruntime with its fused int8 kernels. The TensorRT graph by the QDQ graph's own
+# arithmetic (graph optimizations off: DequantizeLinear -> float op -> QuantizeLinear), which
+# is what TensorRT computes with int32 accumulators; the exporter has no TensorRT, and the
+# CPU's fused kernels (which saturate without VNNI) are not what it runs.
+GATE_FUSED: dict[EncoderTarget, bool] = {"cpu": True, "tensorrt": False}
+
+
+def _gate_fused(target: EncoderTarget, precision: Precision) -> bool:
+    """An fp32 graph has no QDQ arithmetic: one session, the fused one, for every target."""
+    return precision == "fp32" or GATE_FUSED[target]
 
 
 @dataclass(frozen=True)
@@ -413,7 +437,7 @@ def _write_encoders(
         finalize_onnx(model)
         gate = quality_gate(graph, model, holdout, options.threshold(target), parts.image_size,
                             batch_size=options.batch_size, progress=options.progress,
-                            label=target)
+                            label=target, fused=_gate_fused(target, options.precision))
         if not gate.passed:
             raise QualityGateError(gate, target)
         made[target] = (model, _Graph(name, gate, record))
@@ -429,7 +453,8 @@ def _calibration_record(
         n_images=n_images, source=options.calibration_source, method=recipe.method,
         format=f"QDQ on {', '.join(ops)}" if ops else "QDQ", per_channel=recipe.per_channel,
         activations=recipe.activations,
-        weights="s8-symmetric per " + ("channel" if recipe.per_channel else "tensor"))
+        weights=("s7 (reduce_range)" if recipe.reduce_range else "s8") + "-symmetric per "
+        + ("channel" if recipe.per_channel else "tensor"))
 
 
 def export_onnx(module: nn.Module, path: Path, image_size: int = IMAGE_SIZE) -> Path:
@@ -473,6 +498,7 @@ def quantize_int8(
         per_channel=recipe.per_channel,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
+        reduce_range=recipe.reduce_range,
         calibrate_method=CalibrationMethod[recipe.method],
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
@@ -522,10 +548,14 @@ def finalize_onnx(path: Path) -> None:
 def quality_gate(
     reference: nn.Module, model: Path, images: Sequence[Image.Image], threshold: float,
     image_size: int = IMAGE_SIZE, *, batch_size: int = 8, progress: bool = True,
-    label: str = "",
+    label: str = "", fused: bool = True,
 ) -> GateResult:
-    """Per-token cosine of ``model`` (onnxruntime, CPU) vs ``reference`` (fp32 torch)."""
-    session = cpu_session(model)
+    """Per-token cosine of ``model`` (onnxruntime, CPU) vs ``reference`` (fp32 torch).
+
+    ``fused`` False runs the graph with onnxruntime's graph optimizations off: the QDQ
+    arithmetic itself, the same on every machine (``GATE_FUSED``).
+    """
+    session = cpu_session(model, fused=fused)
     cosines = []
     bar = tqdm(total=len(images), desc=f"quality gate {label}".strip(), unit="img",
                disable=not progress)
@@ -538,13 +568,17 @@ def quality_gate(
             bar.update(len(pixels))
     cos = torch.cat(cosines)  # (N * V,)
     return GateResult(threshold=threshold, mean=float(cos.mean()), min=float(cos.min()),
-                      n_images=len(images), n_tokens=int(cos.numel()))
+                      n_images=len(images), n_tokens=int(cos.numel()), fused=fused)
 
 
-def cpu_session(model: Path) -> InferenceSession:
+def cpu_session(model: Path, *, fused: bool = True) -> InferenceSession:
+    """An onnxruntime CPU session; ``fused`` False turns graph optimizations off."""
     import onnxruntime
 
-    return onnxruntime.InferenceSession(str(model), providers=CPU_PROVIDERS)
+    options = onnxruntime.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(str(model), options, providers=CPU_PROVIDERS)
 
 
 def run_session(session: InferenceSession, pixels: torch.Tensor) -> torch.Tensor:
@@ -571,7 +605,8 @@ def _write_rest(
                                                encoding="utf-8")
     write_json(staging / TEMPLATE_NAME, dataclasses.asdict(parts.template))
     selftest_cos = _write_selftest(parts, staging, selftest_image,
-                                   {target: g.file for target, g in graphs.items()})
+                                   {target: g.file for target, g in graphs.items()},
+                                   options.precision)
     encoders = {target: EncoderVariant(
         file=g.file, precision=options.precision, calibration=g.calibration,
         quality_gate=g.gate.info(), self_test_cosine=round(selftest_cos[target], 6))
@@ -585,9 +620,10 @@ def _write_rest(
 
 def _write_selftest(
     parts: BundleParts, staging: Path, image: Image.Image, files: Mapping[EncoderTarget, str],
+    precision: Precision,
 ) -> dict[EncoderTarget, float]:
     """Save the self-test image at model resolution and its fp32 torch tokens; returns the
-    min token cosine each target's graph gives on it (onnxruntime CPU)."""
+    min token cosine each target's graph gives on it (onnxruntime CPU, as its gate runs it)."""
     size = parts.image_size
     image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(
         staging / SELFTEST_IMAGE_NAME, format="PNG")
@@ -598,7 +634,8 @@ def _write_selftest(
     save_file({SELFTEST_TENSOR: expected[0].contiguous()}, str(staging / SELFTEST_TOKENS_NAME))
     cosines = {}
     for target, name in files.items():
-        got = run_session(cpu_session(staging / name), pixels)  # (1, V, d)
+        session = cpu_session(staging / name, fused=_gate_fused(target, precision))
+        got = run_session(session, pixels)  # (1, V, d)
         cosines[target] = float(torch.cosine_similarity(got, expected, dim=-1).min())
     return cosines
 

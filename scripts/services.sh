@@ -11,9 +11,10 @@
 # The broker allows anonymous clients unless --broker-files DIR names a folder holding the
 # registry's generated `dynamic-security.json` (cloud.registry.write_broker_files).
 # State lives in $FEDNANO_SERVICES_DIR (default /tmp/fednano-services-$UID). The machine's own
-# PostgreSQL (5432) and Mosquitto (1883) are never touched. Missing packages (these two, and
-# chromium + chromium-driver for the dashboard's browser tests) are installed with apt-get when
-# running as root; otherwise the script says what to install.
+# PostgreSQL (5432) and Mosquitto (1883) are never touched. Missing packages (these two,
+# chromium + chromium-driver for the dashboard's browser tests, qemu-user for the bundle's
+# no-VNNI test) are installed with apt-get when running as root; otherwise the script says
+# what to install.
 set -euo pipefail
 
 STATE=${FEDNANO_SERVICES_DIR:-/tmp/fednano-services-$(id -u)}
@@ -46,6 +47,11 @@ ensure_packages() {
   # headless Chromium through its chromedriver (tests/cloud/test_dashboard_browser.py).
   command -v chromium >/dev/null 2>&1 || browser+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || browser+=(chromium-driver)
+  # qemu-user emulates an x86 CPU without VNNI for the bundle gate's portability test
+  # (tests/cloud/test_bundle_optimum.py).
+  if [ "$(uname -m)" = x86_64 ]; then
+    command -v qemu-x86_64 >/dev/null 2>&1 || browser+=(qemu-user)
+  fi
   [ ${#missing[@]} -eq 0 ] && [ ${#browser[@]} -eq 0 ] && return
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${missing[*]} ${browser[*]} with apt-get"
@@ -54,7 +60,7 @@ ensure_packages() {
     return
   fi
   if [ ${#browser[@]} -gt 0 ]; then
-    log "no ${browser[*]}: the dashboard's browser tests will skip (sudo apt-get install -y ${browser[*]})"
+    log "no ${browser[*]}: the tests that need them will skip (sudo apt-get install -y ${browser[*]})"
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     die "missing ${missing[*]}: install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) or run this script as root"
