@@ -1,10 +1,10 @@
 """One round on the device, without the transport: TrainTask in, encoded UpdateMessage out.
 
-``execute_task`` reads top to bottom (STYLE 13): check the task -> load the global adapter ->
-local steps, Δθ and Fisher (``edge.trainer.run_round``) -> encode with the task's codec (error
-feedback for lossy schemes) -> check the size. The agent commits the result to its state and
-publishes it; everything here is a pure function of its inputs, so it is tested without a
-broker.
+``execute_task`` reads top to bottom, one step per call: check the task -> load the global
+adapter -> local steps, Δθ and Fisher (``edge.trainer.run_round``) -> encode with the task's
+codec (error feedback for lossy schemes) -> check the size. The agent commits the result to its
+state and publishes it; everything here is a pure function of its inputs, so it is tested
+without a broker.
 
 A task the device cannot or must not do raises ``TaskRefused`` with a code for the cloud
 (``rejected``, ``base_mismatch``, ``expired``, ``too_large``); a round stopped from outside
