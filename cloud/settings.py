@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud.db.session import normalize_url, sqlite_url
+from shared.mqtt import BrokerAddress
 
 DEFAULT_SECRET = "changethis"
 DATABASE_FILE = "cloud.db"
@@ -105,9 +106,10 @@ class CloudSettings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _mqtt_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"must be mqtt://host[:port] or mqtts://host[:port], got {url!r}")
+        try:
+            BrokerAddress.parse(url)  # the rule the coordinator's client connects by
+        except ValueError as err:
+            raise ValueError(f"must be mqtt://host[:port] or mqtts://host[:port]: {err}") from None
         return url
 
     @field_validator("public_url")

@@ -64,7 +64,6 @@ from shared.messages import (
 )
 from shared.mqtt import (
     AckTimeout,
-    BrokerAddress,
     ClientOptions,
     ConnectError,
     ConnectRefused,
@@ -168,7 +167,6 @@ class EdgeAgent:
         self.client = self._make_client(password)
 
     def _make_client(self, password: str | None) -> MqttClient:
-        address = BrokerAddress.parse(self.config.broker.url, ca_file=self.config.broker.ca_file)
         s = self.settings
         options = ClientOptions(
             client_id=self.device_id, username=self.config.username,
@@ -176,7 +174,7 @@ class EdgeAgent:
             will=Will(topics.status(self.device_id), to_json(self.presence("offline"))),
             clean_start=False, keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
             reconnect_max_s=s.reconnect_max_s)
-        return MqttClient(address, options)
+        return MqttClient(self.config.broker.address, options)
 
     # ------------------------------------------------------------------------ lifecycle
 

@@ -42,13 +42,12 @@ from edge.profiles import (
     read_yaml_mapping,
     validate_model,
 )
+from shared.hosts import check_host
 from shared.identity import DEVICE_ID_PATTERN  # the cloud registry validates ids with it too
+from shared.mqtt import BrokerAddress
 
 DEVICE_CONFIG_SCHEMA_FILE = "device-config.schema.json"
 MQTT_MAX_PASSWORD_BYTES = 65_535
-_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
@@ -76,16 +75,7 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _mqtt_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in _MQTT_PORTS:
-            raise ValueError(f"scheme must be mqtt:// or mqtts://, got {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("credentials do not belong in the URL: use the credentials "
-                             f"section, got {_redact(parts)!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"no path, query or fragment in a broker URL, got {url!r}")
-        _check_host(parts.hostname, url)
-        _port(parts, url)
+        BrokerAddress.parse(url)  # the agent's client parses it again: one rule for both
         return url
 
     @field_validator("ca_file")
@@ -100,36 +90,30 @@ class BrokerSettings(StrictModel):
         return self
 
     @property
-    def tls(self) -> bool:
+    def address(self) -> BrokerAddress:
+        """What the agent's MQTT client connects to."""
+        return BrokerAddress.parse(self.url, ca_file=self.ca_file)
+
+    @property
+    def tls(self) -> bool:  # not via ``address``: ``_ca_needs_tls`` asks before ca_file is checked
         return urlsplit(self.url).scheme == "mqtts"
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return self.address.host
 
     @property
     def port(self) -> int:
-        return _port(urlsplit(self.url), self.url)
+        return self.address.port
 
 
-def _check_host(host: str | None, url: str) -> None:
-    if not host:
-        raise ValueError(f"the URL has no host, got {url!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ValueError(f"invalid host {host!r} in {url!r}") from None
-
-
-def _port(parts: SplitResult, url: str) -> int:
+def _check_port(parts: SplitResult, url: str) -> None:
     try:
         port = parts.port
     except ValueError as err:  # urllib: "Port out of range 0-65535" / "could not be cast"
         raise ValueError(f"invalid port in {url!r}: {err}") from None
     if port == 0:
-        raise ValueError(f"port 0 is not a broker port, got {url!r}")
-    return port or _MQTT_PORTS[parts.scheme]
+        raise ValueError(f"port 0 is not a server port, got {url!r}")
 
 
 def _redact(parts: SplitResult) -> str:
@@ -246,8 +230,8 @@ class DeviceConfig(StrictModel):
         if parts.scheme not in ("https", "http", "file"):
             raise ValueError(f"scheme must be https://, http:// or file://, got {url!r}")
         if parts.scheme != "file":
-            _check_host(parts.hostname, url)
-            _port(parts._replace(scheme="mqtt"), url)  # only the range check
+            check_host(parts.hostname, url)
+            _check_port(parts, url)
         elif not parts.path:
             raise ValueError(f"a file:// URL needs a path, got {url!r}")
         if parts.username is not None or parts.password is not None:

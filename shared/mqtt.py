@@ -36,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.hosts import check_host
 from shared.messages import MessageTooLarge
 
 log = logging.getLogger(__name__)
@@ -113,22 +114,28 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str, *, ca_file: str | Path | None = None) -> BrokerAddress:
-        """Parse ``mqtt://host[:port]`` / ``mqtts://host[:port]``; ``ValueError`` says why not."""
+        """Parse ``mqtt://host[:port]`` / ``mqtts://host[:port]``; ``ValueError`` says why not.
+
+        The one broker-URL check: the device config and the cloud settings validate with it, so
+        a URL they accept is one the client connects to.
+        """
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS:
             raise ValueError(f"broker URL scheme must be mqtt:// or mqtts://, got {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("credentials do not belong in a broker URL: pass them as options, "
-                             f"got a URL with user info for host {parts.hostname!r}")
+        if parts.username is not None or parts.password is not None:  # never echo the password
+            raise ValueError("credentials do not belong in the URL (URLs get logged): pass them "
+                             "separately (client options, a device config's credentials "
+                             f"section), got user info for host {parts.hostname!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"no path, query or fragment in a broker URL, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"broker URL has no host, got {url!r}")
+        host = check_host(parts.hostname, url)
         try:
             port = parts.port
         except ValueError as err:  # urllib: out of range / not a number
             raise ValueError(f"invalid port in broker URL {url!r}: {err}") from None
-        return cls(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts",
+        if port == 0:  # urllib reads ":0" as 0, which would otherwise mean "the default"
+            raise ValueError(f"port 0 is not a broker port, got {url!r}")
+        return cls(host, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts",
                    None if ca_file is None else Path(ca_file))
 
     @property

@@ -77,3 +77,15 @@ def test_bad_values_name_the_field(field: str, value: object, message: str) -> N
         values: dict[str, Any] = {**STRONG, field: value}
         CloudSettings(**values)
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("mqtt://fednano:hunter2@broker", "credentials do not belong in the URL"),
+    ("mqtt://broker/fednano", "no path, query or fragment"),
+    ("mqtt://broker:0", "port 0 is not a broker port"),
+])
+def test_the_broker_url_is_checked_as_the_client_parses_it(url: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message) as info:
+        CloudSettings(**STRONG, broker_url=url)
+    assert all("hunter2" not in error["msg"] for error in info.value.errors())  # pydantic's
+    # own summary repeats the input; the message, which logs and the dashboard show, does not

@@ -65,6 +65,16 @@ def test_bad_broker_urls_say_why(url: str, message: str) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    ("mqtt://broker:0", "port 0 is not a broker port"),  # urllib's 0 is not "the default"
+    ("mqtt://bad_host!:1883", "invalid host"),
+    ("mqtt://under_score", "invalid host"),
+])
+def test_ports_and_hosts_a_client_cannot_reach_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BrokerAddress.parse(url)
+
+
 def test_client_options_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="client_id"):
         ClientOptions(client_id="")
