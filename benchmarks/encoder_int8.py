@@ -31,7 +31,6 @@ from torch import nn
 
 from cloud.base.build import LoadedBase, default_home, load_base
 from cloud.bundle import (
-    EMBEDDER_NAME,
     RECIPES,
     EncoderConnector,
     ExportOptions,
@@ -43,10 +42,9 @@ from cloud.bundle import (
     parts_from_base,
     quantize_int8,
     run_session,
-    save_embedder,
 )
 from edge.runtime import load_embedder
-from shared.bundle import read_manifest
+from shared.bundle import EMBEDDER_NAME, read_manifest, save_embedder
 from shared.data.easyvqa import load_easy_vqa
 from shared.vision import preprocess
 

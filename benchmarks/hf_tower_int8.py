@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from cloud.bundle import BundleParts, ExportOptions, export_parts
-from cloud.bundle_hf import llava_parts
+from cloud.bundle.hf import llava_parts
 from edge.runtime import load_bundle
 from shared.adapters import AdapterConfig
 

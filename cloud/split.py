@@ -87,7 +87,7 @@ def select_features(picked: Sequence[torch.Tensor], select_strategy: str) -> tor
     """LLaVA's selection on the picked layers: k x (B, 1 + P, C) -> (B, N, C * k).
 
     ``"default"`` drops the first (CLS) position, ``"full"`` keeps it. Shared by
-    :class:`LlavaVisionEncoder` and the bundle export (``cloud.bundle_hf``), which runs it as an
+    :class:`LlavaVisionEncoder` and the bundle export (``cloud.bundle.hf``), which runs it as an
     ONNX graph on the tower's exported hidden states.
     """
     if select_strategy == "default":

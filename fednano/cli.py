@@ -73,6 +73,15 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _log_cloud_steps() -> None:
+    """The cloud's steps at INFO on stderr; the root stays at WARNING: onnxruntime's quantizer
+    chats there, and tqdm already shows the long steps."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cloud").setLevel(logging.INFO)
+
+
 @base_app.command("build")
 def base_build(
     home: Home = DEFAULT_HOME,
@@ -84,12 +93,9 @@ def base_build(
     threads: Threads = 0,
 ) -> None:
     """Load SmolLM2 + EfficientNet-Lite0, align the connector, save a versioned base."""
-    import logging
-
     from cloud.base.build import build_base
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cloud").setLevel(logging.INFO)  # the steps; tqdm shows the long ones
+    _log_cloud_steps()
     _threads(threads)
     folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed)
     console.print(f"[green]base built[/green]: {folder}")
@@ -127,7 +133,7 @@ def bundle_export(
     """Export the current base as a device bundle: an int8 encoder graph for onnxruntime's CPU
     provider and one for TensorRT, each with its quality gate (exit 1 if a gate fails)."""
     from cloud.base.manifest import BaseNotBuiltError
-    from cloud.bundle import ExportOptions, QualityGateError, export_from_home, log_progress
+    from cloud.bundle import ExportOptions, QualityGateError, export_from_home
 
     try:
         options = ExportOptions(precision=precision, embedder_dtype=embedder_dtype,
@@ -136,7 +142,7 @@ def bundle_export(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     _threads(threads)
-    log_progress()
+    _log_cloud_steps()
     try:
         folder = export_from_home(home, out, options=options, n_calibration=calibration_images,
                                   n_holdout=holdout_images)

@@ -242,7 +242,7 @@ def test_export_from_home_uses_the_bases_public_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import cloud.base.build
-    import cloud.bundle
+    import cloud.bundle.export
 
     loaded: list[Path] = []
 
@@ -251,7 +251,7 @@ def test_export_from_home_uses_the_bases_public_images(
         return _tiny_base(tmp_path)
 
     monkeypatch.setattr(cloud.base.build, "load_base", load_base)
-    monkeypatch.setattr(cloud.bundle, "base_public_images",
+    monkeypatch.setattr(cloud.bundle.export, "base_public_images",
                         lambda base, n_calibration, n_holdout: (images(n_calibration, 1),
                                                                 images(n_holdout, 2)))
     folder = export_from_home(tmp_path / "home", tmp_path / "out", n_calibration=5,

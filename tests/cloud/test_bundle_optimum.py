@@ -1,4 +1,4 @@
-"""cloud.bundle_hf: LLaVA-style bundles, the vision tower exported by optimum (tiny random towers).
+"""cloud.bundle.hf: LLaVA-style bundles, the vision tower exported by optimum (tiny random towers).
 
 The references are the Hugging Face model itself (``get_image_features``) and its image
 processor, not the repo's own split: the graph the device runs must give what LLaVA computes.
@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from cloud.bundle import ExportOptions, QualityGateError, export_parts
-from cloud.bundle_hf import (
+from cloud.bundle.hf import (
     ExportMismatchError,
     LlavaHead,
     OptimumLlavaExport,
@@ -243,9 +243,9 @@ def test_export_refuses_a_tower_optimum_gets_wrong(
 ) -> None:
     # optimum 2.1's own patcher exports SigLIP's last hidden state after the post-layernorm;
     # the tokens' cosine stays high, so the fp32 check, not the gate, is what catches it.
-    import cloud.bundle_hf
+    import cloud.bundle.hf
 
-    monkeypatch.setattr(cloud.bundle_hf, "_with_model_forward", lambda patcher: patcher)
+    monkeypatch.setattr(cloud.bundle.hf, "_with_model_forward", lambda patcher: patcher)
     export_graph = parts_of(tiny_llava("siglip-full-2layers")).export_graph
     assert isinstance(export_graph, OptimumLlavaExport)
     with pytest.raises(ExportMismatchError, match="differs from torch"):

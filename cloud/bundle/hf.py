@@ -39,15 +39,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cloud.bundle import (
-    INPUT_NAME,
-    OPSET,
-    OUTPUT_NAME,
-    BundleParts,
-    cpu_session,
-    run_session,
-    tokenizer_json,
-)
+from cloud.bundle.gate import cpu_session, run_session
+from cloud.bundle.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME
+from cloud.bundle.parts import BundleParts, tokenizer_json
 from cloud.split import LlavaVisionEncoder, image_placeholder_template, select_features, split_llava
 from shared.adapters import AdapterConfig
 from shared.bundle import BundleError
