@@ -31,17 +31,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from edge.profiles import (
-    PROFILE_SCHEMA_FILE,
-    ConfigError,
-    DeviceProfile,
-    Issue,
-    StrictModel,
-    load_profile,
-    profile_json_schema,
-    read_yaml_mapping,
-    validate_model,
-)
+from edge.config_files import ConfigError, Issue, StrictModel, read_yaml_mapping, validate_model
+from edge.profiles import PROFILE_SCHEMA_FILE, DeviceProfile, load_profile, profile_json_schema
 from shared.hosts import check_host
 from shared.identity import DEVICE_ID_PATTERN  # the cloud registry validates ids with it too
 from shared.mqtt import BrokerAddress
