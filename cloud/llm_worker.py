@@ -57,14 +57,6 @@ from shared.messages import (
 )
 from shared.mqtt import ClientOptions, Inbox, MqttClient, MqttError, Received, reply_properties
 from shared.prompts import IGNORE_INDEX
-from shared.protocol import (
-    ATTENTION_MASK,
-    INPUT_GRADS,
-    INPUTS_EMBEDS,
-    LABELS,
-    LOGPROBS,
-    SAMPLE_LOSSES,
-)
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +210,12 @@ def check_budget(request: LLMRequest, shape: tuple[int, ...], llm: InProcessLLM,
 def _request_tensors(request: LLMRequest, parts: dict[str, bytes], llm: InProcessLLM,
                      config: WorkerConfig,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    others = (ATTENTION_MASK,) + ((LABELS,) if request.op == "step" else ())
     # A compressed request's embeddings decode to at most what the budget lets it compute.
     max_decoded = config.max_request_tokens * llm.width * 8
     try:
-        tensors = activations.unpack(parts, (INPUTS_EMBEDS,), others, request.encoding,
-                                     kind=request.kind, max_bytes=config.max_message_bytes,
-                                     max_decoded_bytes=max_decoded)
-        embeds, mask = tensors[INPUTS_EMBEDS], tensors[ATTENTION_MASK]
-        labels = tensors.get(LABELS)
+        embeds, mask, labels = activations.read_request(
+            parts, request.op, request.encoding, kind=request.kind,
+            max_bytes=config.max_message_bytes, max_decoded_bytes=max_decoded)
         check_step_inputs(embeds, mask, labels, llm.width, llm.max_tokens, llm.vocab_size)
         if labels is not None:
             _check_answer_tokens(labels)
@@ -259,16 +248,6 @@ def run_step(llm: InProcessLLM, jobs: list[Job]) -> list[StepResult]:
 def run_score(llm: InProcessLLM, jobs: list[Job]) -> list[torch.Tensor]:
     embeds, mask, _ = pad_batch(jobs)
     return split_score(llm.score(embeds, mask), jobs)
-
-
-def step_parts(result: StepResult, encoding: ActivationEncoding = "fp32") -> dict[str, bytes]:
-    return activations.pack({INPUT_GRADS: result.input_grads},
-                            {SAMPLE_LOSSES: result.sample_losses}, encoding)
-
-
-def score_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
-    """Log-probabilities always as float32 (``shared.activations``)."""
-    return activations.pack({}, {LOGPROBS: logprobs}, "fp32")
 
 
 # --- Fair queueing ------------------------------------------------------------------------------
@@ -478,9 +457,10 @@ class LLMWorker(BackgroundService):
     def _reply_ok(self, job: Job, result: StepResult | torch.Tensor) -> None:
         if isinstance(result, StepResult):
             response = self._response(job.request_id, loss=result.loss, encoding=job.encoding)
-            parts = step_parts(result, job.encoding)
+            parts = activations.step_reply_parts(result, job.encoding)
         else:
-            response, parts = self._response(job.request_id), score_parts(result)
+            response = self._response(job.request_id)
+            parts = activations.score_reply_parts(result)
         try:
             self._publish(job.reply_to, job.correlation, pack(response, parts))
         except MessageTooLarge as err:

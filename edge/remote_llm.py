@@ -15,12 +15,14 @@ in flight per ``RemoteLLM``), which is what a training loop does anyway.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -36,16 +38,9 @@ from shared.messages import (
     unpack,
 )
 from shared.mqtt import AckTimeout, Inbox, MqttClient, NotConnectedError, request_properties
-from shared.protocol import (
-    ATTENTION_MASK,
-    INPUT_GRADS,
-    INPUTS_EMBEDS,
-    LABELS,
-    LOGPROBS,
-    SAMPLE_LOSSES,
-)
 
 log = logging.getLogger(__name__)
+_Answer = TypeVar("_Answer")  # what a reply reader returns
 
 
 class RemoteLLMError(RuntimeError):
@@ -118,11 +113,9 @@ class RemoteLLM:
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
         """Remote frozen forward + backward; shapes (B, L, d), (B, L), (B, L)."""
-        parts = activations.pack({INPUTS_EMBEDS: inputs_embeds},
-                                 {ATTENTION_MASK: attention_mask, LABELS: labels}, self.encoding)
-        response, out = self._call("step", parts, (INPUT_GRADS,), (SAMPLE_LOSSES,),
-                                   {INPUT_GRADS: tuple(inputs_embeds.shape)})
-        grads, losses = out[INPUT_GRADS], out[SAMPLE_LOSSES]
+        parts = activations.request_parts(inputs_embeds, attention_mask, labels, self.encoding)
+        response, (grads, losses) = self._call("step", parts, functools.partial(
+            activations.read_step_reply, shape=tuple(inputs_embeds.shape)))
         batch = inputs_embeds.shape[0]
         if tuple(grads.shape) != tuple(inputs_embeds.shape) or tuple(losses.shape) != (batch,):
             raise RemoteLLMError("bad_response", f"expected input_grads "
@@ -135,10 +128,8 @@ class RemoteLLM:
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Remote next-token log-probabilities (B, vocab) after each row's last real token."""
-        parts = activations.pack({INPUTS_EMBEDS: inputs_embeds},
-                                 {ATTENTION_MASK: attention_mask}, self.encoding)
-        _, out = self._call("score", parts, (), (LOGPROBS,))
-        logprobs = out[LOGPROBS]
+        parts = activations.request_parts(inputs_embeds, attention_mask, None, self.encoding)
+        _, logprobs = self._call("score", parts, activations.read_score_reply)
         if logprobs.dim() != 2 or logprobs.shape[0] != inputs_embeds.shape[0]:
             raise RemoteLLMError("bad_response", f"expected logprobs ({inputs_embeds.shape[0]}, "
                                  f"vocab), got {tuple(logprobs.shape)}")
@@ -147,10 +138,9 @@ class RemoteLLM:
     # --- request / response -------------------------------------------------------------------
 
     def _call(self, op: Literal["step", "score"], parts: dict[str, bytes],
-              floats: tuple[str, ...], others: tuple[str, ...],
-              expected: dict[str, tuple[int, ...]] | None = None,
-              ) -> tuple[LLMResponse, dict[str, torch.Tensor]]:
-        """One request; the answer's tensors decoded in the encoding the answer declares."""
+              read: Callable[..., _Answer]) -> tuple[LLMResponse, _Answer]:
+        """One request; ``read`` (an ``activations.read_*_reply``) decodes the answer's parts in
+        the encoding the answer declares."""
         request_id = uuid.uuid4().hex
         request = LLMRequest(request_id=request_id, op=op, base_version=self.base_version,
                              encoding=self.encoding)
@@ -162,9 +152,8 @@ class RemoteLLM:
             assert response.error is not None  # LLMResponse guarantees it
             raise RemoteLLMError(response.error.code, response.error.message, request_id)
         try:
-            return response, activations.unpack(
-                answer, floats, others, response.encoding, kind=response.kind,
-                max_bytes=self.max_message_bytes, expected=expected)
+            return response, read(answer, response.encoding, kind=response.kind,
+                                  max_bytes=self.max_message_bytes)
         except MessageError as err:
             raise RemoteLLMError("bad_response", str(err), request_id) from None
 

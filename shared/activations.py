@@ -22,7 +22,7 @@ non-finite values are refused.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -53,6 +53,7 @@ ENCODINGS: tuple[str, ...] = get_args(ActivationEncoding)
 DEFAULT_ENCODING: ActivationEncoding = "bf16+zstd"
 
 _DEFAULT_MAX_DECODED = 256 * 2**20
+_IN_PROCESS = "in-process"  # the message kind errors name for WireBackend's own round trip
 # Compressed encodings also narrow the small tensors: a mask of 0/1 as uint8, token ids (< 2^31)
 # as int32. The worker accepts both and widens them again.
 _COMPACT = {ATTENTION_MASK: torch.uint8, LABELS: torch.int32}
@@ -118,6 +119,55 @@ def unpack(parts: Mapping[str, bytes], floats: tuple[str, ...], others: tuple[st
     return {**tensors, **decoded}
 
 
+# --- the messages of the two LLM operations: which tensor travels where ---------------------------
+
+
+def request_parts(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor | None, encoding: ActivationEncoding) -> dict[str, bytes]:
+    """An ``LLMRequest``'s parts: a ``step`` (with ``labels``) or a ``score`` (without)."""
+    others = {ATTENTION_MASK: attention_mask} if labels is None else {
+        ATTENTION_MASK: attention_mask, LABELS: labels}
+    return pack({INPUTS_EMBEDS: inputs_embeds}, others, encoding)
+
+
+def read_request(parts: Mapping[str, bytes], op: Literal["step", "score"],
+                 encoding: ActivationEncoding, *, kind: str, max_bytes: int,
+                 max_decoded_bytes: int = _DEFAULT_MAX_DECODED,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(inputs_embeds, attention_mask, labels)`` of a request; labels None for a score."""
+    others = (ATTENTION_MASK, LABELS) if op == "step" else (ATTENTION_MASK,)
+    tensors = unpack(parts, (INPUTS_EMBEDS,), others, encoding, kind=kind, max_bytes=max_bytes,
+                     max_decoded_bytes=max_decoded_bytes)
+    return tensors[INPUTS_EMBEDS], tensors[ATTENTION_MASK], tensors.get(LABELS)
+
+
+def step_reply_parts(result: StepResult, encoding: ActivationEncoding) -> dict[str, bytes]:
+    """A ``step`` answer's parts: the input gradients in ``encoding``, the losses exact."""
+    return pack({INPUT_GRADS: result.input_grads}, {SAMPLE_LOSSES: result.sample_losses},
+                encoding)
+
+
+def score_reply_parts(logprobs: torch.Tensor) -> dict[str, bytes]:
+    """A ``score`` answer's parts: log-probabilities always as float32 (module docstring)."""
+    return pack({}, {LOGPROBS: logprobs}, "fp32")
+
+
+def read_step_reply(parts: Mapping[str, bytes], encoding: ActivationEncoding, *, kind: str,
+                    max_bytes: int, shape: tuple[int, ...] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_grads, sample_losses)`` of a step answer; ``shape``, the gradients' expected
+    shape, is checked before a frame is decoded."""
+    tensors = unpack(parts, (INPUT_GRADS,), (SAMPLE_LOSSES,), encoding, kind=kind,
+                     max_bytes=max_bytes, expected=None if shape is None else {INPUT_GRADS: shape})
+    return tensors[INPUT_GRADS], tensors[SAMPLE_LOSSES]
+
+
+def read_score_reply(parts: Mapping[str, bytes], encoding: ActivationEncoding, *, kind: str,
+                     max_bytes: int) -> torch.Tensor:
+    """The log-probabilities (B, vocab) of a score answer."""
+    return unpack(parts, (), (LOGPROBS,), encoding, kind=kind, max_bytes=max_bytes)[LOGPROBS]
+
+
 def encoded_size(parts: Mapping[str, bytes]) -> int:
     """Bytes of the parts (what the message adds to its small JSON header)."""
     return sum(len(data) for data in parts.values())
@@ -152,30 +202,23 @@ class WireBackend:
 
     def loss_and_input_grads(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              labels: torch.Tensor) -> StepResult:
-        up = pack({INPUTS_EMBEDS: inputs_embeds},
-                  {ATTENTION_MASK: attention_mask, LABELS: labels}, self.encoding)
-        sent = self._decode(up, (INPUTS_EMBEDS,), (ATTENTION_MASK, LABELS))
-        result = self.inner.loss_and_input_grads(
-            sent[INPUTS_EMBEDS].to(inputs_embeds.dtype), sent[ATTENTION_MASK].long(),
-            sent[LABELS].long())
-        down = pack({INPUT_GRADS: result.input_grads},
-                    {SAMPLE_LOSSES: result.sample_losses}, self.encoding)
-        back = self._decode(down, (INPUT_GRADS,), (SAMPLE_LOSSES,))
+        up = request_parts(inputs_embeds, attention_mask, labels, self.encoding)
+        embeds, mask, sent_labels = read_request(up, "step", self.encoding, kind=_IN_PROCESS,
+                                                 max_bytes=self.max_bytes)
+        assert sent_labels is not None  # a step request carries labels
+        result = self.inner.loss_and_input_grads(embeds.to(inputs_embeds.dtype), mask.long(),
+                                                 sent_labels.long())
+        down = step_reply_parts(result, self.encoding)
+        grads, losses = read_step_reply(down, self.encoding, kind=_IN_PROCESS,
+                                        max_bytes=self.max_bytes)
         self._last = (encoded_size(up), encoded_size(down))
-        grads = back[INPUT_GRADS].to(inputs_embeds.dtype)
-        return StepResult(result.loss, back[SAMPLE_LOSSES], grads)
+        return StepResult(result.loss, losses, grads.to(inputs_embeds.dtype))
 
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        up = pack({INPUTS_EMBEDS: inputs_embeds}, {ATTENTION_MASK: attention_mask},
-                  self.encoding)
-        sent = self._decode(up, (INPUTS_EMBEDS,), (ATTENTION_MASK,))
-        logprobs = self.inner.score(sent[INPUTS_EMBEDS].to(inputs_embeds.dtype),
-                                    sent[ATTENTION_MASK].long())
-        down = pack({}, {LOGPROBS: logprobs}, "fp32")
+        up = request_parts(inputs_embeds, attention_mask, None, self.encoding)
+        embeds, mask, _ = read_request(up, "score", self.encoding, kind=_IN_PROCESS,
+                                       max_bytes=self.max_bytes)
+        logprobs = self.inner.score(embeds.to(inputs_embeds.dtype), mask.long())
+        down = score_reply_parts(logprobs)
         self._last = (encoded_size(up), encoded_size(down))
         return logprobs
-
-    def _decode(self, parts: dict[str, bytes], floats: tuple[str, ...],
-                others: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return unpack(parts, floats, others, self.encoding, kind="in-process",
-                      max_bytes=self.max_bytes)

@@ -10,7 +10,7 @@ import torch
 
 from shared import activations, codec
 from shared.activations import WireBackend
-from shared.backend import CountingBackend
+from shared.backend import CountingBackend, StepResult
 from shared.messages import MalformedMessage
 from shared.protocol import FRAME_PART, TENSORS_PART
 from tests.llm_helpers import step_inputs
@@ -58,6 +58,29 @@ def test_int8_is_about_four_times_smaller_than_fp32() -> None:
     # Gaussian noise does not compress: this is int8's own 4x less its per-token scale and
     # the mask and labels (real activations compress further; docs/results.md).
     assert activations.encoded_size(fp32) / activations.encoded_size(int8) > 3.85
+
+
+def test_each_message_of_an_llm_call_carries_its_tensors() -> None:
+    """The request and reply helpers both sides use: a score request has no labels, a step
+    reply's gradients arrive in the encoding, a score reply is float32 in any encoding."""
+    embeds, mask, labels = step_inputs(2, 6, width=32)
+    step = activations.request_parts(embeds, mask, labels, "bf16+zstd")
+    got_embeds, got_mask, got_labels = activations.read_request(
+        step, "step", "bf16+zstd", kind="test", max_bytes=LIMIT)
+    assert got_labels is not None and torch.equal(got_labels.long(), labels)
+    assert torch.equal(got_mask.long(), mask) and got_embeds.shape == embeds.shape
+    score = activations.request_parts(embeds, mask, None, "fp32")
+    assert activations.read_request(score, "score", "fp32", kind="test", max_bytes=LIMIT)[2] is None
+    result = StepResult(1.0, torch.ones(2), embeds)
+    reply = activations.step_reply_parts(result, "int8+zstd")
+    grads, losses = activations.read_step_reply(reply, "int8+zstd", kind="test", max_bytes=LIMIT,
+                                                shape=tuple(embeds.shape))
+    assert grads.shape == embeds.shape and torch.equal(losses, result.sample_losses)
+    logprobs = torch.randn(2, 20).log_softmax(-1)
+    scored = activations.score_reply_parts(logprobs)
+    assert set(scored) == {TENSORS_PART}
+    assert torch.equal(activations.read_score_reply(scored, "fp32", kind="test",
+                                                    max_bytes=LIMIT), logprobs)
 
 
 def _step_parts(encoding: str) -> dict[str, bytes]:
