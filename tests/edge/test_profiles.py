@@ -53,8 +53,9 @@ def _errors(tmp_path: Path, data: dict[str, Any]) -> str:
     return str(info.value)
 
 
-def _nano(**changes: Any) -> dict[str, Any]:
-    data = _shipped("jetson-orin-nano-8gb")
+def _changed(name: str, **changes: Any) -> dict[str, Any]:
+    """Shipped profile ``name`` with ``section__key=value`` changes applied."""
+    data = _shipped(name)
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")
         target = data
@@ -62,6 +63,10 @@ def _nano(**changes: Any) -> dict[str, Any]:
             target = target[part]
         target[last] = value
     return data
+
+
+def _nano(**changes: Any) -> dict[str, Any]:
+    return _changed("jetson-orin-nano-8gb", **changes)
 
 
 # ----------------------------------------------------------------------------- shipped
@@ -211,8 +216,7 @@ def test_bad_providers_fail(tmp_path: Path, providers: list[str], expected: str)
 
 
 def test_sim_cpu_runs_cpu_only(tmp_path: Path) -> None:
-    data = _shipped("sim-cpu")
-    data["runtime"]["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    data = _changed("sim-cpu", runtime__providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert "do not run on sim-cpu" in _errors(tmp_path, data)
 
 
@@ -224,8 +228,7 @@ def test_tensorrt_settings_go_with_the_tensorrt_provider(tmp_path: Path) -> None
 
 
 def test_fp16_needs_a_gpu_provider(tmp_path: Path) -> None:
-    data = _shipped("sim-cpu")
-    data["runtime"]["precision"] = "fp16"
+    data = _changed("sim-cpu", runtime__precision="fp16")
     assert "precision fp16 needs" in _errors(tmp_path, data)
 
 
@@ -260,14 +263,12 @@ def test_bad_hardware_fails(tmp_path: Path, changes: dict[str, Any], expected: s
 
 
 def test_xavier_nx_cannot_run_jetpack_6(tmp_path: Path) -> None:
-    data = _shipped("jetson-xavier-nx")
-    data["hardware"]["jetpack"] = "6.2"
+    data = _changed("jetson-xavier-nx", hardware__jetpack="6.2")
     assert "jetson-xavier-nx does not run JetPack 6.2" in _errors(tmp_path, data)
 
 
 def test_sim_cpu_has_no_jetpack_or_power_mode(tmp_path: Path) -> None:
-    data = _shipped("sim-cpu")
-    data["hardware"]["power_mode"] = "15W"
+    data = _changed("sim-cpu", hardware__power_mode="15W")
     assert "sim-cpu has no JetPack or power mode" in _errors(tmp_path, data)
 
 
