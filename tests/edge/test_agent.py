@@ -62,6 +62,19 @@ def _stop(agent: EdgeAgent, thread: threading.Thread) -> None:
     assert not thread.is_alive(), "the agent did not shut down"
 
 
+def _hold_a_round(broker, tmp_path, model, backend, **task_fields):  # type: ignore[no-untyped-def]
+    """dev-a running, sent a task, and held at the task's first LLM step (``backend.gate``):
+    ``(cloud, agent, thread, task, payload)``."""
+    cloud = connect_cloud(broker)
+    agent = make_agent(broker, "dev-a", tmp_path, model, backend)
+    thread = _run(agent)
+    backend.gate.clear()
+    task, payload = make_task(model, **task_fields)
+    cloud.send("dev-a", payload)
+    assert backend.called.wait(15)
+    return cloud, agent, thread, task, payload
+
+
 def test_presence_online_retained_last_will_and_reannounce(broker, tmp_path, model, backend):  # type: ignore[no-untyped-def]
     cloud = connect_cloud(broker)
     agent = make_agent(broker, "dev-a", tmp_path, model, backend)
@@ -121,13 +134,7 @@ def test_task_train_upload_through_the_llm_worker(  # type: ignore[no-untyped-de
 
 def test_update_published_across_a_broker_restart_arrives(  # type: ignore[no-untyped-def]
         broker, tmp_path, model, backend):
-    cloud = connect_cloud(broker)
-    agent = make_agent(broker, "dev-a", tmp_path, model, backend)
-    thread = _run(agent)
-    backend.gate.clear()  # hold training at its first step
-    task, payload = make_task(model)
-    cloud.send("dev-a", payload)
-    assert backend.called.wait(15)
+    cloud, agent, thread, task, _ = _hold_a_round(broker, tmp_path, model, backend)
     broker.restart()  # sessions and retained messages persist
     backend.gate.set()  # the update is published while the agent is still reconnecting
     message, _ = cloud.next_update()
@@ -150,13 +157,7 @@ def test_update_published_across_a_broker_restart_arrives(  # type: ignore[no-un
 
 def test_reboot_mid_round_restarts_the_saved_task(  # type: ignore[no-untyped-def]
         broker, tmp_path, model, backend):
-    cloud = connect_cloud(broker)
-    agent = make_agent(broker, "dev-a", tmp_path, model, backend)
-    thread = _run(agent)
-    backend.gate.clear()
-    task, payload = make_task(model)
-    cloud.send("dev-a", payload)
-    assert backend.called.wait(15)
+    cloud, agent, thread, task, _ = _hold_a_round(broker, tmp_path, model, backend)
     agent.stop()  # SIGTERM mid-round: the task stays on disk
     backend.gate.set()
     thread.join(30)
@@ -172,13 +173,7 @@ def test_reboot_mid_round_restarts_the_saved_task(  # type: ignore[no-untyped-de
 
 def test_reboot_with_a_pending_update_resends_it_byte_for_byte(  # type: ignore[no-untyped-def]
         broker, tmp_path, model, backend):
-    cloud = connect_cloud(broker)
-    agent = make_agent(broker, "dev-a", tmp_path, model, backend)
-    thread = _run(agent)
-    backend.gate.clear()
-    task, payload = make_task(model)
-    cloud.send("dev-a", payload)
-    assert backend.called.wait(15)
+    cloud, agent, thread, task, _ = _hold_a_round(broker, tmp_path, model, backend)
     broker.stop()  # no broker: the committed update cannot be acknowledged
     backend.gate.set()
     pending_file = tmp_path / "agent" / PENDING_FILE
@@ -235,13 +230,9 @@ def test_refusals_reach_the_presence(broker, tmp_path, model, backend):  # type:
 
 
 def test_cancel_stops_the_round(broker, tmp_path, model, backend):  # type: ignore[no-untyped-def]
-    cloud = connect_cloud(broker)
-    agent = make_agent(broker, "dev-a", tmp_path, model, backend)
-    thread = _run(agent)
-    backend.gate.clear()
-    _, payload = make_task(model, hparams=TaskHParams(steps=50, batch_size=4, fisher_samples=4))
-    cloud.send("dev-a", payload)
-    assert backend.called.wait(15)
+    cloud, agent, thread, _, payload = _hold_a_round(
+        broker, tmp_path, model, backend,
+        hparams=TaskHParams(steps=50, batch_size=4, fisher_samples=4))
     cloud.send("dev-a", pack(CancelTask(round_id=1, reason="operator stop")))
     wait_until(lambda: 1 in agent._cancelled_rounds)
     backend.gate.set()
