@@ -25,6 +25,9 @@ from edge.config_files import StrictModel, did_you_mean
 
 NVPMODEL_CONF = Path("/etc/nvpmodel.conf")
 
+# ------------------------------------------------------------------------------- the tables
+
+
 @dataclass(frozen=True)
 class JetPackRelease:
     """What a JetPack release ships (NVIDIA's JetPack/Jetson Linux release notes)."""
@@ -259,4 +262,5 @@ def resolve_power_mode(
 
 
 def version_key(version: str) -> tuple[int, ...]:
+    """``"6.2.1"`` -> ``(6, 2, 1)``: release numbers compared as numbers, not as text."""
     return tuple(int(part) for part in version.split("."))

@@ -35,23 +35,29 @@ from edge.hardware import (
     JETSON_PROVIDERS,
     KNOWN_ORT_PROVIDERS,
     MODULES,
+    NVPMODEL_CONF,
     TENSORRT,
     HardwareSettings,
+    JetPackRelease,
+    ModuleSpec,
+    PowerModeTable,
     parse_nvpmodel_modes,
     parse_nvpmodel_query,
     query_power_mode,
+    read_device_power_modes,
     resolve_power_mode,
     version_key,
 )
 from shared.training import TrainConfig
 
 __all__ = [  # with the config-file and hardware names callers import from here
-    "CPU", "CUDA", "JETPACK_RELEASES", "KNOWN_ORT_PROVIDERS", "MODULES",
-    "MQTT_MAX_PACKET_BYTES", "PROFILE_SCHEMA_FILE", "TENSORRT", "ConfigError", "DeviceProfile",
-    "FeatureCacheSettings", "HardwareSettings", "Issue", "RuntimeSettings", "StrictModel",
-    "TensorRTSettings", "default_profiles_dir", "list_profiles", "load_profile",
-    "parse_nvpmodel_modes", "parse_nvpmodel_query", "profile_json_schema", "profile_path",
-    "query_power_mode", "read_yaml_mapping", "resolve_power_mode", "validate_model",
+    "CPU", "CUDA", "JETPACK_RELEASES", "JETSON_PROVIDERS", "KNOWN_ORT_PROVIDERS", "MODULES",
+    "MQTT_MAX_PACKET_BYTES", "NVPMODEL_CONF", "PROFILE_SCHEMA_FILE", "TENSORRT", "ConfigError",
+    "DeviceProfile", "FeatureCacheSettings", "HardwareSettings", "Issue", "JetPackRelease",
+    "ModuleSpec", "PowerModeTable", "RuntimeSettings", "StrictModel", "TensorRTSettings",
+    "default_profiles_dir", "list_profiles", "load_profile", "parse_nvpmodel_modes",
+    "parse_nvpmodel_query", "profile_json_schema", "profile_path", "query_power_mode",
+    "read_device_power_modes", "read_yaml_mapping", "resolve_power_mode", "validate_model",
     "validation_issues",
 ]
 
