@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,9 +41,7 @@ from cloud.db.crud import ConflictError, RecordNotFoundError
 from cloud.db.models import (
     TERMINAL_ROUND_STATES,
     AdapterVersion,
-    Device,
     DeviceStatus,
-    Participation,
     ParticipationStatus,
     Round,
     RoundState,
@@ -138,8 +135,7 @@ def open_round(session: Session, *, config: RoundConfig, actor: str) -> Round:
     version = crud.latest_adapter_version(session)
     if version is None:
         raise NoGlobalVersionError("no global adapter version yet: start the coordinator first")
-    devices = session.scalars(select(Device).where(Device.status == DeviceStatus.ACTIVE,
-                                                   Device.online.is_(True))).all()
+    devices = crud.online_devices(session, status=DeviceStatus.ACTIVE)
     eligible = eligible_devices(devices, config)
     sample_participants(eligible, config, 0)  # raises early if too few qualify
     round_ = crud.create_round(session, strategy=config.strategy, quorum=1, min_updates=1,
@@ -270,7 +266,7 @@ class Coordinator:
         """Publish the round's task to its participants in ``statuses``; mark them notified."""
         with session_scope(self.sessions) as session:
             round_ = crud.require_round(session, round_id=round_id)
-            targets = _participants(session, round_id, statuses)
+            targets = crud.participant_ids(session, round_id=round_id, statuses=statuses)
             if not targets:
                 return
             global_frame = self.blobs.get(_base(round_).blob_sha256)
@@ -308,7 +304,8 @@ class Coordinator:
             round_ = crud.require_round(session, round_id=round_id, for_update=True)
             accepted = crud.count_updates(session, round_id=round_id,
                                           status=UpdateStatus.ACCEPTED)
-            waiting = bool(_participants(session, round_id, OUTSTANDING, limit=1))
+            waiting = bool(crud.participant_ids(session, round_id=round_id, statuses=OUTSTANDING,
+                                                limit=1))
             expired = round_.deadline_at is not None and now >= round_.deadline_at
             if accepted < round_.quorum and waiting and not expired:
                 return RoundState.COLLECTING
@@ -379,10 +376,7 @@ class Coordinator:
     def _cancel_leftovers(self) -> None:
         """Rounds an operator stopped (or that failed elsewhere) with tasks still out."""
         with session_scope(self.sessions) as session:
-            query = (select(Participation.round_id).join(Round)
-                     .where(Round.state.in_(TERMINAL_ROUND_STATES),
-                            Participation.status.in_(OUTSTANDING)).distinct())
-            round_ids = list(session.scalars(query))
+            round_ids = crud.finished_rounds_with(session, statuses=OUTSTANDING)
         for round_id in round_ids:
             self._drop_outstanding(round_id, "the round was stopped")
 
@@ -667,9 +661,7 @@ class _IngestBatch:
                  keys: set[tuple[str, str]]) -> None:
         self.session = session
         self.senders = senders
-        self.devices: dict[str, DeviceStatus] = {  # sender -> status
-            row.id: row.status for row in session.execute(
-                select(Device.id, Device.status).where(Device.id.in_(senders)))}
+        self.devices = crud.device_statuses(session, device_ids=senders)  # sender -> status
         self.stored = crud.stored_update_keys(session, keys=keys)  # grows as rows are added
         self.blobs: list[tuple[Blob, bytes]] = []
         self._rounds: dict[int, _LockedRound | None] = {}
@@ -677,8 +669,7 @@ class _IngestBatch:
     def round(self, round_id: int) -> _LockedRound | None:
         """The round, locked for the rest of the batch (None if there is none)."""
         if round_id not in self._rounds:
-            row = self.session.get(Round, round_id, with_for_update=True,
-                                   populate_existing=True)
+            row = crud.get_round(self.session, round_id=round_id, for_update=True)
             self._rounds[round_id] = (None if row is None
                                       else _LockedRound(self.session, row, self.senders))
         return self._rounds[round_id]
@@ -695,16 +686,6 @@ def _update_record(message: UpdateMessage, device_id: str, status: UpdateStatus,
                              metrics=dict(message.metrics), **blob)
 
 
-def _participants(session: Session, round_id: int, statuses: Sequence[ParticipationStatus],
-                  limit: int | None = None) -> list[str]:
-    """Device ids of the round's participants in ``statuses`` (a query, not the round's
-    whole roster loaded as objects at every tick)."""
-    query = (select(Participation.device_id)
-             .where(Participation.round_id == round_id, Participation.status.in_(statuses))
-             .order_by(Participation.id).limit(limit))
-    return list(session.scalars(query))
-
-
 def _config(round_: Round) -> RoundConfig:
     return RoundConfig.model_validate(round_.config)
 
@@ -716,7 +697,7 @@ def _base(round_: Round) -> AdapterVersion:
 
 
 def _round_version(session: Session, round_id: int) -> AdapterVersion:
-    version = session.scalar(select(AdapterVersion).where(AdapterVersion.round_id == round_id))
+    version = crud.round_version(session, round_id=round_id)
     if version is None:
         raise RuntimeError(f"round {round_id} is evaluating but has no version")
     return version
