@@ -22,9 +22,10 @@ binding in ``cloud.coordinator_mqtt``, a recorder in tests) outside database tra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -59,6 +60,7 @@ from cloud.rounds import (
     sample_participants,
     save_schedule,
 )
+from cloud.strategies import Strategy
 from cloud.validation import (
     Accepted,
     Rejection,
@@ -85,6 +87,7 @@ from shared.messages import (
     unpack,
 )
 from shared.mqtt import MqttError
+from shared.training import TaskHParams
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,54 @@ def stop_round(session: Session, *, round_id: int, actor: str,
     return round_
 
 
+# ------------------------------------------------------------------------------ round plans
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round runs with, typed: its config, the strategy that merges it and the training
+    parameters every task carries, built together from the round's row."""
+
+    config: RoundConfig
+    strategy: Strategy
+    task_hparams: TaskHParams
+    source: dict[str, Any]  # the row's config they were built from
+
+    @classmethod
+    def of(cls, round_: Round) -> RoundPlan:
+        config = RoundConfig.of(round_)
+        return cls(config, config.make_strategy(), config.task_hparams(),
+                   copy.deepcopy(round_.config))
+
+
+class RoundPlans:
+    """Each unfinished round's ``RoundPlan``, built once per round rather than for every
+    update and every task (validating a config builds strategies), and built again only if
+    the row's config changed (it does once: the base version is recorded as the round starts
+    collecting). A finished round's plan is dropped."""
+
+    def __init__(self) -> None:
+        self._plans: dict[int, RoundPlan] = {}
+
+    def of(self, round_: Round) -> RoundPlan:
+        """The plan of ``round_`` as its row stands."""
+        plan = self._plans.get(round_.id)
+        if plan is None or plan.source != round_.config:
+            plan = self._plans[round_.id] = RoundPlan.of(round_)
+        return plan
+
+    def forget(self, round_id: int) -> None:
+        """Drop a finished round's plan."""
+        self._plans.pop(round_id, None)
+
+    def keep(self, round_ids: Collection[int]) -> None:
+        """Drop every plan but those of ``round_ids`` (the unfinished rounds)."""
+        self._plans = {i: plan for i, plan in self._plans.items() if i in round_ids}
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
 # ------------------------------------------------------------------------------ the coordinator
 
 
@@ -179,6 +230,7 @@ class Coordinator:
         self.max_message_bytes = max_message_bytes
         self.actor = actor
         self._states: dict[int, AdapterState] = {}
+        self.plans = RoundPlans()
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -210,6 +262,7 @@ class Coordinator:
         """Advance every unfinished round, cancel leftovers, follow the schedule."""
         with session_scope(self.sessions) as session:
             round_ids = [r.id for r in crud.unfinished_rounds(session)]
+        self.plans.keep(round_ids)  # rounds finished elsewhere (an operator's stop) go
         for round_id in round_ids:
             try:
                 self._advance(round_id)
@@ -233,7 +286,9 @@ class Coordinator:
         if state is RoundState.AGGREGATING:
             state = self._aggregate(round_id)
         if state is RoundState.EVALUATING:
-            self._evaluate(round_id)
+            state = self._evaluate(round_id)
+        if state in TERMINAL_ROUND_STATES:
+            self.plans.forget(round_id)
 
     def _fail_broken_round(self, round_id: int, err: Exception) -> None:
         log.exception("round %d failed unexpectedly; marking it failed", round_id,
@@ -245,6 +300,7 @@ class Coordinator:
             crud.transition_round(session, round_id=round_id, to=RoundState.FAILED,
                                   reason=reason, at=self.clock())
             self._audit_transition(session, round_id, RoundState.FAILED, reason=reason)
+        self.plans.forget(round_id)
 
     def _state_of(self, round_id: int) -> RoundState:
         with session_scope(self.sessions) as session:
@@ -254,7 +310,7 @@ class Coordinator:
         now = self.clock()
         with session_scope(self.sessions) as session:
             round_ = crud.require_round(session, round_id=round_id, for_update=True)
-            config = _config(round_).model_copy(update={"base_version": self.base_version})
+            config = RoundConfig.of(round_).model_copy(update={"base_version": self.base_version})
             round_.config = config.model_dump(mode="json")
             round_.deadline_at = now + timedelta(seconds=config.deadline_s)
             crud.transition_round(session, round_id=round_id, to=RoundState.COLLECTING, at=now)
@@ -270,7 +326,8 @@ class Coordinator:
             if not targets:
                 return
             global_frame = self.blobs.get(_base(round_).blob_sha256)
-            tasks = {d: self._task(round_, d, global_frame) for d in targets}
+            plan = self.plans.of(round_)
+            tasks = {d: self._task(round_, plan, d, global_frame) for d in targets}
         for device_id, payload in tasks.items():
             self.publisher.publish(topics.tasks(device_id), payload)
         now = self.clock()
@@ -283,14 +340,15 @@ class Coordinator:
             crud.record_device_metrics(session, name="task_bytes", round_id=round_id,
                                        values={d: len(p) for d, p in tasks.items()})
 
-    def _task(self, round_: Round, device_id: str, global_frame: bytes) -> bytes:
-        config = _config(round_)
+    def _task(self, round_: Round, plan: RoundPlan, device_id: str,
+              global_frame: bytes) -> bytes:
+        config = plan.config
         if round_.deadline_at is None or round_.base_version_id is None:
             raise RuntimeError(f"round {round_.id} is collecting without a deadline or version")
         task = TrainTask(task_id=task_id_for(round_.id, device_id), round_id=round_.id,
                          global_version=round_.base_version_id,
                          base_version=config.base_version or self.base_version,
-                         strategy=round_.strategy, hparams=config.task_hparams(),
+                         strategy=round_.strategy, hparams=plan.task_hparams,
                          codec=config.codec, deadline_at=round_.deadline_at.timestamp(),
                          max_update_bytes=config.max_update_bytes,
                          seed=round_seed(config, round_.id), created_at=self.clock().timestamp())
@@ -340,7 +398,7 @@ class Coordinator:
         self.announce()
         return state
 
-    def _evaluate(self, round_id: int) -> None:
+    def _evaluate(self, round_id: int) -> RoundState:
         """Evaluate the round's version outside any transaction, then record and close."""
         with session_scope(self.sessions) as session:
             version = _round_version(session, round_id)
@@ -348,7 +406,7 @@ class Coordinator:
         with session_scope(self.sessions) as session:
             round_ = crud.require_round(session, round_id=round_id, for_update=True)
             if round_.state is not RoundState.EVALUATING:
-                return
+                return round_.state
             aggregation.record_round_metrics(session, round_, version, evaluation)
             crud.transition_round(session, round_id=round_id, to=RoundState.CLOSED,
                                   at=self.clock())
@@ -356,6 +414,7 @@ class Coordinator:
             self._audit_transition(session, round_id, RoundState.CLOSED, version=version.id,
                                    **details)
         self.announce()
+        return RoundState.CLOSED
 
     # --- cancelling and announcing --------------------------------------------------------------
 
@@ -451,7 +510,7 @@ class Coordinator:
                 if not isinstance(parsed, MessageError)}
         with session_scope(self.sessions) as session:
             batch = _IngestBatch(session, senders={device_id for device_id, _ in updates},
-                                 keys=keys)
+                                 keys=keys, plans=self.plans)
             results = [self._ingest(batch, device_id, payload, parsed)
                        for (device_id, payload), parsed in zip(updates, unpacked, strict=True)]
             self.blobs.store(batch.blobs)
@@ -622,10 +681,11 @@ class _LockedRound:
     """A round as one batch of updates sees it: locked, its config parsed and its strategy
     built once, and its senders' participations and earlier submissions looked up once."""
 
-    def __init__(self, session: Session, row: Round, senders: set[str]) -> None:
+    def __init__(self, session: Session, row: Round, senders: set[str],
+                 plan: RoundPlan) -> None:
         self.row = row
-        self.config = _config(row)
-        self.requires_fisher = self.config.make_strategy().requires_fisher
+        self.config = plan.config
+        self.requires_fisher = plan.strategy.requires_fisher
         self.participations = crud.participations_of(session, round_id=row.id,
                                                      device_ids=senders)
         self.submitted = crud.senders_with_updates(session, round_id=row.id, device_ids=senders)
@@ -657,9 +717,10 @@ class _IngestBatch:
     """What one transaction of updates looks up once for all of them (their senders, the
     (sender, id) pairs already stored, each round they name) and the blobs it stores."""
 
-    def __init__(self, session: Session, *, senders: set[str],
-                 keys: set[tuple[str, str]]) -> None:
+    def __init__(self, session: Session, *, senders: set[str], keys: set[tuple[str, str]],
+                 plans: RoundPlans) -> None:
         self.session = session
+        self.plans = plans
         self.senders = senders
         self.devices = crud.device_statuses(session, device_ids=senders)  # sender -> status
         self.stored = crud.stored_update_keys(session, keys=keys)  # grows as rows are added
@@ -670,8 +731,8 @@ class _IngestBatch:
         """The round, locked for the rest of the batch (None if there is none)."""
         if round_id not in self._rounds:
             row = crud.get_round(self.session, round_id=round_id, for_update=True)
-            self._rounds[round_id] = (None if row is None
-                                      else _LockedRound(self.session, row, self.senders))
+            self._rounds[round_id] = (None if row is None else _LockedRound(
+                self.session, row, self.senders, self.plans.of(row)))
         return self._rounds[round_id]
 
 
@@ -684,10 +745,6 @@ def _update_record(message: UpdateMessage, device_id: str, status: UpdateStatus,
                              device_id=device_id, base_version=message.global_version,
                              n_samples=message.n_samples, status=status,
                              metrics=dict(message.metrics), **blob)
-
-
-def _config(round_: Round) -> RoundConfig:
-    return RoundConfig.model_validate(round_.config)
 
 
 def _base(round_: Round) -> AdapterVersion:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from cloud import coordinator as coordinator_module
+from cloud import rounds as rounds_module
 from cloud.blobs import Blob, BlobStore
 from cloud.coordinator_mqtt import CoordinatorService
 from cloud.db import crud
@@ -189,3 +190,23 @@ def test_an_update_whose_handling_raises_does_not_take_its_batch_down(
     assert [(e.subject, e.details["code"]) for e in refused] == [("device:dev-b", "internal")]
     assert "KeyError" in refused[0].details["reason"]
     assert _refusals(cloud, "dev-b") == ["internal"]
+
+
+def test_a_round_s_config_and_strategy_are_built_once_not_per_update(
+        cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+    make_strategy = rounds_module.make_strategy
+
+    def counted(name: str, **options: Any) -> Any:
+        built.append(name)
+        return make_strategy(name, **options)
+
+    monkeypatch.setattr(rounds_module, "make_strategy", counted)  # validating a config calls it
+    for device_id in DEVICES[:3]:
+        result = cloud.coordinator.handle_update(device_id, _update(cloud, device_id))
+        assert result.outcome == "accepted"
+    assert built == []  # the round's plan was built as it started collecting
+    assert len(cloud.coordinator.plans) == 1
+    cloud.coordinator.handle_update("dev-d", _update(cloud, "dev-d"))
+    cloud.coordinator.tick()  # quorum: merged and closed, its plan dropped
+    assert len(cloud.coordinator.plans) == 0
