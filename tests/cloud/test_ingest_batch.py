@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cloud import coordinator as coordinator_module
 from cloud import rounds as rounds_module
 from cloud.blobs import Blob, BlobStore
+from cloud.coordinator import ingest as ingest_module
 from cloud.coordinator_mqtt import CoordinatorService
 from cloud.db import crud
 from cloud.db.models import ParticipationStatus, UpdateStatus
@@ -168,14 +168,14 @@ def test_nothing_is_acknowledged_before_its_batch_is_stored(cloud: Cloud) -> Non
 
 def test_an_update_whose_handling_raises_does_not_take_its_batch_down(
         cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
-    validate = coordinator_module.validate_update
+    validate = ingest_module.validate_update
 
     def buggy(message, parts, *, device_id, **kwargs):
         if device_id == "dev-b":
             raise KeyError("a bug in the gate")
         return validate(message, parts, device_id=device_id, **kwargs)
 
-    monkeypatch.setattr(coordinator_module, "validate_update", buggy)
+    monkeypatch.setattr(ingest_module, "validate_update", buggy)
     client = Acks()
     service = _service(cloud, client)
     updates = [(d, _update(cloud, d, update_id=f"upd-{d}-1")) for d in ("dev-a", "dev-b", "dev-c")]
