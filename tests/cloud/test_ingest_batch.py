@@ -22,8 +22,7 @@ from cloud.db.models import ParticipationStatus, UpdateStatus
 from cloud.rounds import RoundConfig
 from shared import topics
 from shared.messages import Refusal, envelope_kind, unpack
-from shared.mqtt import Inbox, Received
-from tests.cloud.roundkit import Cloud, FakeClock, add_devices, device_update, make_cloud
+from tests.cloud.roundkit import Acks, Cloud, FakeClock, add_devices, device_update, make_cloud
 
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-d")
 
@@ -127,22 +126,6 @@ def test_a_storage_error_in_a_batch_stores_none_of_it(cloud: Cloud) -> None:
     cloud.coordinator.blobs = working  # room again: the retried batch is stored whole
     assert [r.outcome for r in cloud.coordinator.handle_updates(batch)] == ["accepted"] * 3
     assert [row[1] for row in _rows(cloud)] == ["upd-dev-a-1", "upd-dev-b-1", "upd-dev-c-1"]
-
-
-class Acks:
-    """The broker's side of manual acknowledgements: what the service acknowledged, in order."""
-
-    def __init__(self) -> None:
-        self.inbox = Inbox()
-        self.acked: list[bytes] = []
-
-    def ack(self, received: Received) -> bool:
-        self.acked.append(received.payload)
-        return True
-
-    def deliver(self, *updates: tuple[str, bytes]) -> None:
-        for device_id, payload in updates:
-            self.inbox.put(Received(topics.updates(device_id), payload, 1, False))
 
 
 def _service(cloud: Cloud, client: Acks) -> CoordinatorService:
