@@ -211,8 +211,9 @@ class UpdateIngest(Wiring):
 
 
 class _LockedRound:
-    """A round as one batch of updates sees it: locked, its config parsed and its strategy
-    built once, and its senders' participations and earlier submissions looked up once."""
+    """A round as one batch of updates sees it: locked, with its plan (config and strategy,
+    built once per round), and its senders' participations and earlier submissions looked up
+    once."""
 
     def __init__(self, session: Session, row: Round, senders: set[str],
                  plan: RoundPlan) -> None:
