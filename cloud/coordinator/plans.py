@@ -25,6 +25,7 @@ class RoundPlan:
 
     @classmethod
     def of(cls, round_: Round) -> RoundPlan:
+        """Validate the round's config and build its strategy (the costly part)."""
         config = RoundConfig.of(round_)
         return cls(config, config.make_strategy(), config.task_hparams(),
                    copy.deepcopy(round_.config))
