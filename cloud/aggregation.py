@@ -113,7 +113,7 @@ class Aggregator:
             raise AggregationError(f"round {round_.id} has no base version to merge into")
         rows = crud.list_updates(session, round_id=round_.id, status=UpdateStatus.ACCEPTED)
         global_state = load_state(self.blobs, round_.base_version)
-        config = RoundConfig.model_validate(round_config(round_))
+        config = RoundConfig.of(round_)
         strategy = config.make_strategy()
         updates = [load_update(self.blobs, r, global_state) for r in rows]
         carried = self._carried_over(session, round_, config, strategy, global_state)
@@ -188,11 +188,6 @@ class Aggregator:
         if self.evaluator is None:
             return None
         return self.evaluator(load_state(self.blobs, version))
-
-
-def round_config(round_: Round) -> dict[str, object]:
-    """The round's stored ``RoundConfig`` fields."""
-    return dict(round_.config)
 
 
 def record_round_metrics(session: Session, round_: Round, version: AdapterVersion | None,

@@ -140,10 +140,9 @@ class FleetCollector(Collector):
         self.sessions = sessions
 
     def collect(self) -> Iterator[Metric]:
-        from sqlalchemy import func, select
         from sqlalchemy.exc import SQLAlchemyError
 
-        from cloud.db.models import Device, Round
+        from cloud.db import crud
 
         online = GaugeMetricFamily("fednano_devices_online", "Devices whose presence is online.")
         devices = GaugeMetricFamily("fednano_devices", "Registered devices by status.",
@@ -151,13 +150,10 @@ class FleetCollector(Collector):
         rounds = GaugeMetricFamily("fednano_rounds", "Rounds by state.", labels=["state"])
         try:
             with self.sessions() as session:
-                online.add_metric([], session.scalar(
-                    select(func.count()).select_from(Device).where(Device.online)) or 0)
-                for status, n in session.execute(
-                        select(Device.status, func.count()).group_by(Device.status)):
+                online.add_metric([], crud.count_devices(session, online=True))
+                for status, n in crud.count_devices_by_status(session).items():
                     devices.add_metric([status.value], n)
-                for state, n in session.execute(
-                        select(Round.state, func.count()).group_by(Round.state)):
+                for state, n in crud.count_rounds_by_state(session).items():
                     rounds.add_metric([state.value], n)
         except SQLAlchemyError as err:  # a scrape must not fail the whole endpoint
             log.warning("metrics: the database did not answer: %s", err)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from cloud.db import crud
 from cloud.db.crud import ConflictError
-from cloud.db.models import Device, DeviceStatus
+from cloud.db.models import Device, DeviceStatus, Round
 from cloud.strategies import Strategy, make_strategy
 from shared.messages import UpdateCodec
 from shared.training import TaskHParams, TrainConfig, resolve_training, round_hparams
@@ -84,6 +84,12 @@ class RoundConfig(BaseModel):
             raise ValueError(f"min_updates ({self.min_updates}) exceeds min_participants "
                              f"({self.min_participants}): a round could never aggregate")
         return self
+
+    @classmethod
+    def of(cls, round_: Round) -> RoundConfig:
+        """The config ``round_`` runs with, validated from its row (a round's config changes
+        once, when the coordinator records the base version as it starts collecting)."""
+        return cls.model_validate(round_.config)
 
     def assumed_training(self) -> TrainConfig:
         """What a device that keeps the product defaults trains with in this round: the cloud

@@ -18,7 +18,7 @@ from datetime import datetime
 
 import torch
 
-from cloud.db.models import RoundState, UpdateStatus
+from cloud.db.enums import RoundState, UpdateStatus
 from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.messages import UpdateMessage

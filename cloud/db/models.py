@@ -13,10 +13,11 @@ coordinator resumes mid-round from the database alone:
 - ``api_tokens`` (operators' bearer tokens, stored as SHA-256 digests) and ``settings``
   (small JSON documents the API and the coordinator share, e.g. the round defaults).
 
-Enums are stored as strings with a CHECK constraint (``native_enum=False``): PostgreSQL would
-otherwise keep enum types behind after a downgrade, and SQLite has none. Times are timezone-aware
-UTC on both databases (``UTCDateTime``). Changing a model needs a new Alembic revision
-(``cloud/db/migrations/versions``); a test fails when the models and the migrations disagree.
+The status enums (``cloud.db.enums``) are stored as strings with a CHECK constraint
+(``native_enum=False``): PostgreSQL would otherwise keep enum types behind after a downgrade,
+and SQLite has none. Times are timezone-aware UTC on both databases (``UTCDateTime``).
+Changing a model needs a new Alembic revision (``cloud/db/migrations/versions``); a test fails
+when the models and the migrations disagree.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The statuses live in ``cloud.db.enums`` (importable without the ORM) and are re-exported here.
+from cloud.db.enums import ROUND_TRANSITIONS as ROUND_TRANSITIONS
+from cloud.db.enums import TERMINAL_ROUND_STATES as TERMINAL_ROUND_STATES
+from cloud.db.enums import DeviceStatus as DeviceStatus
+from cloud.db.enums import ParticipationStatus as ParticipationStatus
+from cloud.db.enums import RoundState as RoundState
+from cloud.db.enums import UpdateStatus as UpdateStatus
 from shared.identity import DEVICE_ID_MAX_LENGTH, PROFILE_NAME_MAX_LENGTH
 
 # Constraint names are deterministic, so migrations can name what they drop (SQLite batch mode
@@ -97,54 +105,6 @@ def _enum(kind: type[enum.Enum], name: str) -> Enum:
                 length=max(len(m.value) for m in kind) + 8,  # room for a longer value later
                 values_callable=lambda members: [m.value for m in members],
                 validate_strings=True)
-
-
-class DeviceStatus(str, enum.Enum):
-    """A device is ``active`` until revoked; revoked devices keep their history."""
-
-    ACTIVE = "active"
-    REVOKED = "revoked"
-
-
-class RoundState(str, enum.Enum):
-    """A round's state; ``ROUND_TRANSITIONS`` lists the allowed moves."""
-
-    OPEN = "open"                  # persisted, participants being chosen and told
-    COLLECTING = "collecting"      # tasks out, updates arriving until quorum or deadline
-    AGGREGATING = "aggregating"    # the strategy is merging the accepted updates
-    EVALUATING = "evaluating"      # the new version is being evaluated
-    CLOSED = "closed"              # done: a new version (or none, when stopped) is recorded
-    FAILED = "failed"              # gave up: too few updates by the deadline, or an error
-
-
-TERMINAL_ROUND_STATES = frozenset({RoundState.CLOSED, RoundState.FAILED})
-ROUND_TRANSITIONS: dict[RoundState, frozenset[RoundState]] = {
-    RoundState.OPEN: frozenset({RoundState.COLLECTING, RoundState.CLOSED, RoundState.FAILED}),
-    RoundState.COLLECTING: frozenset({RoundState.AGGREGATING, RoundState.CLOSED,
-                                      RoundState.FAILED}),
-    RoundState.AGGREGATING: frozenset({RoundState.EVALUATING, RoundState.FAILED}),
-    RoundState.EVALUATING: frozenset({RoundState.CLOSED, RoundState.FAILED}),
-    RoundState.CLOSED: frozenset(),
-    RoundState.FAILED: frozenset(),
-}
-
-
-class ParticipationStatus(str, enum.Enum):
-    """Where one device stands in one round."""
-
-    SELECTED = "selected"    # sampled by the coordinator
-    NOTIFIED = "notified"    # its task was published
-    SUBMITTED = "submitted"  # an update was accepted
-    REJECTED = "rejected"    # its update was rejected (the update row says why)
-    DROPPED = "dropped"      # nothing arrived by the deadline, or it went offline
-
-
-class UpdateStatus(str, enum.Enum):
-    """What the validation gate decided about an update."""
-
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-    BUFFERED = "buffered"    # late, kept for a later round (when the round config says so)
 
 
 class Base(DeclarativeBase):

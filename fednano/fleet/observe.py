@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.db import crud
-from cloud.db.models import Device, Participation, Round, RoundState, Update
+from cloud.db.models import RoundState
 from cloud.db.session import session_scope
 from cloud.rounds import Schedule, load_schedule
 
@@ -74,17 +73,17 @@ class Snapshot:
 def read_snapshot(sessions: sessionmaker[Session]) -> Snapshot:
     """The database as the runner needs it, in one transaction."""
     with session_scope(sessions) as session:
-        rounds = {r.id: r for r in session.scalars(select(Round).order_by(Round.id))}
+        rounds = {r.id: r for r in crud.all_rounds(session)}
         people: dict[int, dict[str, str]] = {r: {} for r in rounds}
-        for p in session.scalars(select(Participation)):
+        for p in crud.all_participations(session):
             people.setdefault(p.round_id, {})[p.device_id] = p.status.value
         views = {r.id: RoundView(r.id, r.state, r.started_at, r.deadline_at, r.closed_at,
                                  people[r.id], _accuracy(session, r.id))
                  for r in rounds.values()}
-        online = frozenset(session.scalars(select(Device.id).where(Device.online.is_(True))))
+        online = frozenset(d.id for d in crud.online_devices(session))
         updates = {u.update_id: UpdateView(u.update_id, u.round_id, u.device_id,
                                            u.status.value, u.rejection_code)
-                   for u in session.scalars(select(Update))}
+                   for u in crud.all_updates(session)}
         return Snapshot(views, online, updates, load_schedule(session))
 
 

@@ -28,17 +28,13 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.db import crud
 from cloud.db.models import (
-    AdapterVersion,
-    AuditEvent,
     ParticipationStatus,
     Round,
     RoundState,
-    Update,
     UpdateStatus,
 )
 from cloud.db.session import session_scope
@@ -126,7 +122,7 @@ class FleetReport:
 def read_rounds(sessions: sessionmaker[Session]) -> list[RoundRow]:
     """One row per round, oldest first."""
     with session_scope(sessions) as session:
-        return [_round_row(session, r) for r in session.scalars(select(Round).order_by(Round.id))]
+        return [_round_row(session, r) for r in crud.all_rounds(session)]
 
 
 def _round_row(session: Session, round_: Round) -> RoundRow:
@@ -159,21 +155,15 @@ def read_rejections(sessions: sessionmaker[Session]) -> tuple[list[Rejected], li
                                                                  dict[str, int]]:
     """Rejected updates (rows), refusals (audited, no row) and ignored redeliveries."""
     with session_scope(sessions) as session:
-        rows = session.scalars(select(Update).where(Update.status == UpdateStatus.REJECTED)
-                               .order_by(Update.id))
+        rows = crud.all_updates(session, status=UpdateStatus.REJECTED)
         rejected = [Rejected(u.round_id, u.device_id, u.update_id, u.rejection_code or "",
                              u.rejection_reason or "") for u in rows]
         refused = [Rejected(None, e.subject.removeprefix("device:"), e.details.get("update_id"),
                             str(e.details.get("code")), str(e.details.get("reason")))
-                   for e in _audit(session, "update.refused")]
+                   for e in crud.all_audit_events(session, action="update.refused")]
         again = Counter(e.subject.removeprefix("device:")
-                        for e in _audit(session, "update.redelivered"))
+                        for e in crud.all_audit_events(session, action="update.redelivered"))
     return rejected, refused, dict(again)
-
-
-def _audit(session: Session, action: str) -> list[AuditEvent]:
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)
-                                .order_by(AuditEvent.id)))
 
 
 # ------------------------------------------------------------------------------ checks
@@ -195,7 +185,7 @@ def check_acknowledged(sessions: sessionmaker[Session], delivered: Mapping[str, 
     acked |= {s.bad.update_id for s in sent if s.acked and s.bad.update_id
               and s.bad.expected != "malformed"}
     with session_scope(sessions) as session:
-        stored = set(session.scalars(select(Update.update_id)))
+        stored = {u.update_id for u in crud.all_updates(session)}
     missing = sorted(acked - stored)
     return Check(not missing, f"{len(acked) - len(missing)} of {len(acked)} acknowledged "
                  f"updates stored" + (f"; missing {missing}" if missing else ""))
@@ -205,11 +195,10 @@ def check_merged(sessions: sessionmaker[Session]) -> Check:
     """Accepted updates of closed rounds vs. the lineage of the round's version."""
     problems, total = [], 0
     with session_scope(sessions) as session:
-        for round_ in session.scalars(select(Round).where(Round.state == RoundState.CLOSED)):
+        for round_ in crud.all_rounds(session, state=RoundState.CLOSED):
             accepted = {u.id for u in crud.list_updates(session, round_id=round_.id,
                                                         status=UpdateStatus.ACCEPTED)}
-            version = session.scalar(select(AdapterVersion)
-                                     .where(AdapterVersion.round_id == round_.id))
+            version = crud.round_version(session, round_id=round_.id)
             merged = set() if version is None else {
                 u.id for u, _ in crud.version_lineage(session, version_id=version.id)}
             total += len(accepted)
@@ -225,7 +214,7 @@ def check_verdicts(sessions: sessionmaker[Session], sent: list[Sent]) -> Check:
     wrong = []
     with session_scope(sessions) as session:
         refusals = Counter((e.subject.removeprefix("device:"), e.details.get("code"))
-                           for e in _audit(session, "update.refused"))
+                           for e in crud.all_audit_events(session, action="update.refused"))
         for item in sent:
             if not item.acked:
                 wrong.append(f"{item.bad.label}: not acknowledged by the broker")
@@ -234,10 +223,9 @@ def check_verdicts(sessions: sessionmaker[Session], sent: list[Sent]) -> Check:
             if expected == "malformed":
                 ok = refusals[(item.device_id, "malformed")] > 0
             elif expected == "ignored":
-                rows = session.scalars(select(Update).where(
-                    Update.device_id == item.device_id,
-                    Update.update_id == item.bad.update_id)).all()
-                ok = len(rows) == 1 and rows[0].status is UpdateStatus.ACCEPTED
+                stored_once = crud.get_update(session, device_id=item.device_id,
+                                              update_id=item.bad.update_id or "")
+                ok = stored_once is not None and stored_once.status is UpdateStatus.ACCEPTED
             else:
                 row = crud.get_update(session, device_id=item.device_id,
                                       update_id=item.bad.update_id or "")

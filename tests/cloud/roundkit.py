@@ -31,6 +31,7 @@ from shared.messages import (
     to_json,
     unpack,
 )
+from shared.mqtt import Inbox, Received
 
 WIDTH, RANK = 8, 2
 BASE_VERSION = "base-test-1"
@@ -145,3 +146,19 @@ def constant_evaluator(accuracy: float = 0.5) -> Evaluator:
         return Evaluation(accuracy=accuracy, n=10, loss=0.7)
 
     return evaluate
+
+
+class Acks:
+    """The broker's side of manual acknowledgements: what the service acknowledged, in order."""
+
+    def __init__(self) -> None:
+        self.inbox = Inbox()
+        self.acked: list[bytes] = []
+
+    def ack(self, received: Received) -> bool:
+        self.acked.append(received.payload)
+        return True
+
+    def deliver(self, *updates: tuple[str, bytes]) -> None:
+        for device_id, payload in updates:
+            self.inbox.put(Received(topics.updates(device_id), payload, 1, False))

@@ -15,6 +15,7 @@ from cloud.db import crud
 from cloud.db.crud import InvalidTransitionError
 from cloud.db.models import ParticipationStatus, RoundState, UpdateStatus
 from cloud.rounds import NotEnoughDevicesError, RoundConfig, Schedule, save_defaults, save_schedule
+from shared.adapters import AdapterState
 from tests.cloud.roundkit import (
     Cloud,
     FakeClock,
@@ -50,6 +51,17 @@ def _submit(cloud: Cloud, device_id: str, **kwargs: object) -> str:
     task, parts = cloud.publisher.tasks(device_id)[-1]
     return cloud.coordinator.handle_update(device_id,
                                            device_update(task, parts, device_id, **kwargs)).outcome
+
+
+def _last_step(cloud: Cloud) -> AdapterState:
+    """θ_new − θ_parent: what the newest version changed, read back from the stored versions."""
+    with cloud.session() as session:
+        version = crud.latest_adapter_version(session)
+        assert version is not None and version.parent_id is not None
+        parent = crud.get_adapter_version(session, version_id=version.parent_id)
+        assert parent is not None
+        new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
+    return {key: new[key] - old[key] for key in new}
 
 
 def test_a_round_runs_open_to_closed_with_lineage_and_metrics(cloud: Cloud) -> None:
@@ -398,13 +410,7 @@ def test_server_momentum_carries_the_last_versions_step(cloud: Cloud) -> None:
         assert _submit(cloud, "dev-a", scale=scale, n_samples=10) == "accepted"
         cloud.coordinator.tick()
         assert _round(cloud, round_id)[0].state is RoundState.CLOSED
-        with cloud.session() as session:
-            version = crud.latest_adapter_version(session)
-            assert version is not None and version.parent_id is not None
-            parent = crud.get_adapter_version(session, version_id=version.parent_id)
-            assert parent is not None
-            new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
-        steps.append({k: new[k] - old[k] for k in new})
+        steps.append(_last_step(cloud))
     for key in steps[0]:
         torch.testing.assert_close(steps[0][key], torch.full_like(steps[0][key], 0.1))
         torch.testing.assert_close(steps[1][key], torch.full_like(steps[1][key], 0.25))
@@ -422,11 +428,5 @@ def test_clip_to_median_norm_bounds_a_poisoned_delta(cloud: Cloud) -> None:
         assert _submit(cloud, device_id, scale=scale, n_samples=10) == "accepted"
     cloud.coordinator.tick()
     assert _round(cloud, round_id)[0].state is RoundState.CLOSED
-    with cloud.session() as session:
-        version = crud.latest_adapter_version(session)
-        assert version is not None and version.parent_id is not None
-        parent = crud.get_adapter_version(session, version_id=version.parent_id)
-        assert parent is not None
-        new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
-    for key in new:
-        torch.testing.assert_close(new[key] - old[key], torch.full_like(new[key], 0.4 / 3))
+    for step in _last_step(cloud).values():
+        torch.testing.assert_close(step, torch.full_like(step, 0.4 / 3))

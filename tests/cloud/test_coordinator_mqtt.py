@@ -135,15 +135,20 @@ def _register(cloud: Cloud) -> None:
             crud.create_device(session, device_id=device_id, profile="sim-cpu")
 
 
+def _open_round(cloud: Cloud, broker: MosquittoBroker,
+                config: RoundConfig) -> tuple[dict[str, Device], int]:
+    """The devices connected and seen online, then a round opened (as the API opens one)."""
+    devices = {d: Device(broker, d) for d in DEVICES}
+    wait_for(lambda: _online(cloud))
+    return devices, cloud.query(lambda s: open_round(s, config=config, actor="test").id)
+
+
 def test_a_round_through_the_broker_with_bad_updates_and_a_restart(
         broker: MosquittoBroker, migrated_url: str, tmp_path: Path) -> None:
     cloud = Cloud(broker, migrated_url, tmp_path)
     _register(cloud)
     cloud.start()
-    devices = {d: Device(broker, d) for d in DEVICES}
-    wait_for(lambda: _online(cloud))
-    round_id = cloud.query(lambda s: open_round(
-        s, config=RoundConfig(deadline_s=300, max_delta_norm=5.0), actor="test").id)
+    devices, round_id = _open_round(cloud, broker, RoundConfig(deadline_s=300, max_delta_norm=5.0))
     tasks = {d: device.task() for d, device in devices.items()}
     assert {t.round_id for t, _ in tasks.values()} == {round_id}
 
@@ -203,10 +208,7 @@ def test_an_update_received_but_not_stored_survives_the_coordinator_stopping(
     cloud.start()  # the initial version is stored while the disk has room
     cloud.stop()
     service = cloud.start(blob_store=FullDisk)
-    devices = {d: Device(broker, d) for d in DEVICES}
-    wait_for(lambda: _online(cloud))
-    round_id = cloud.query(lambda s: open_round(
-        s, config=RoundConfig(deadline_s=300), actor="test").id)
+    devices, round_id = _open_round(cloud, broker, RoundConfig(deadline_s=300))
     task = devices["dev-a"].task()
     devices["dev-a"].send(device_update(*task, "dev-a"))  # PUBACKed by the broker
     wait_for(lambda: service._held)  # received, cannot be stored
@@ -228,10 +230,7 @@ def test_a_batch_committed_but_not_acknowledged_is_redelivered_and_stored_once(
     cloud = Cloud(broker, migrated_url, tmp_path)
     _register(cloud)
     cloud.start()
-    devices = {d: Device(broker, d) for d in DEVICES}
-    wait_for(lambda: _online(cloud))
-    round_id = cloud.query(lambda s: open_round(
-        s, config=RoundConfig(deadline_s=300), actor="test").id)
+    devices, round_id = _open_round(cloud, broker, RoundConfig(deadline_s=300))
     tasks = {d: device.task() for d, device in devices.items()}
     cloud.stop()  # the three updates wait in the broker, then arrive together
     senders = ("dev-a", "dev-b", "dev-c")

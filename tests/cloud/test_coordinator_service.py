@@ -16,7 +16,8 @@ from cloud.blobs import BlobIntegrityError
 from cloud.coordinator import IngestResult
 from cloud.coordinator_mqtt import CoordinatorService
 from shared import topics
-from shared.mqtt import Inbox, Received
+from shared.mqtt import Received
+from tests.cloud.roundkit import Acks
 
 DATABASE_DOWN = OperationalError("INSERT ...", {}, ConnectionError("server closed"))
 
@@ -60,23 +61,13 @@ class FlakyCoordinator:
         return IngestResult("rejected", None, "internal", error)
 
 
-class FakeClient:
-    def __init__(self) -> None:
-        self.inbox = Inbox()
-        self.acked: list[bytes] = []
-
-    def ack(self, received: Received) -> bool:
-        self.acked.append(received.payload)
-        return True
-
-
 @pytest.mark.parametrize("error", [
     DATABASE_DOWN, PoolTimeoutError("QueuePool limit reached"),
     InterfaceError("SELECT ...", {}, ConnectionError("connection closed")),
     OSError(28, "No space left on device"), BlobIntegrityError("global blob damaged")],
     ids=["database-down", "pool-exhausted", "connection-closed", "disk-full", "blob-damaged"])
 def test_a_message_is_kept_while_storage_is_unavailable(error: Exception) -> None:
-    coordinator, client = FlakyCoordinator(failures=2, error=error), FakeClient()
+    coordinator, client = FlakyCoordinator(failures=2, error=error), Acks()
     service = CoordinatorService(coordinator, client, tick_interval_s=0.01)  # type: ignore[arg-type]
     for payload in (b"first", b"second"):
         client.inbox.put(Received(topics.updates("dev-a"), payload, 1, False))
@@ -90,7 +81,7 @@ def test_a_message_is_kept_while_storage_is_unavailable(error: Exception) -> Non
 
 def test_a_message_that_fails_otherwise_is_refused_acknowledged_and_skipped(
         caplog: pytest.LogCaptureFixture) -> None:
-    coordinator, client = FlakyCoordinator(failures=0), FakeClient()
+    coordinator, client = FlakyCoordinator(failures=0), Acks()
     service = CoordinatorService(coordinator, client, tick_interval_s=0.01)  # type: ignore[arg-type]
     for payload in (b"poison", b"next"):
         client.inbox.put(Received(topics.updates("dev-a"), payload, 1, False))
@@ -103,7 +94,7 @@ def test_a_message_that_fails_otherwise_is_refused_acknowledged_and_skipped(
 
 
 def test_consecutive_updates_are_handed_over_together_up_to_max_batch() -> None:
-    coordinator, client = FlakyCoordinator(failures=0), FakeClient()
+    coordinator, client = FlakyCoordinator(failures=0), Acks()
     service = CoordinatorService(coordinator, client,  # type: ignore[arg-type]
                                  tick_interval_s=0.01, max_batch=4)
     for payload in (b"u1", b"u2", b"p1", b"u3", b"u4", b"u5", b"u6"):
@@ -117,7 +108,7 @@ def test_consecutive_updates_are_handed_over_together_up_to_max_batch() -> None:
 
 
 def test_a_batch_storage_could_not_take_is_kept_whole() -> None:
-    coordinator, client = FlakyCoordinator(failures=1), FakeClient()
+    coordinator, client = FlakyCoordinator(failures=1), Acks()
     service = CoordinatorService(coordinator, client,  # type: ignore[arg-type]
                                  tick_interval_s=0.01, max_batch=10)
     for payload in (b"fine", b"fails", b"third"):  # storage fails at the second
@@ -132,5 +123,5 @@ def test_a_batch_storage_could_not_take_is_kept_whole() -> None:
 @pytest.mark.parametrize("options", [{"max_batch": 0}, {"batch_wait_s": -1.0}])
 def test_batch_options_are_checked(options: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="max_batch"):
-        CoordinatorService(FlakyCoordinator(failures=0), FakeClient(),  # type: ignore[arg-type]
+        CoordinatorService(FlakyCoordinator(failures=0), Acks(),  # type: ignore[arg-type]
                            **options)  # type: ignore[arg-type]

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from cloud import coordinator as coordinator_module
+from cloud import rounds as rounds_module
 from cloud.blobs import Blob, BlobStore
+from cloud.coordinator import ingest as ingest_module
 from cloud.coordinator_mqtt import CoordinatorService
 from cloud.db import crud
 from cloud.db.models import ParticipationStatus, UpdateStatus
 from cloud.rounds import RoundConfig
 from shared import topics
 from shared.messages import Refusal, envelope_kind, unpack
-from shared.mqtt import Inbox, Received
-from tests.cloud.roundkit import Cloud, FakeClock, add_devices, device_update, make_cloud
+from tests.cloud.roundkit import Acks, Cloud, FakeClock, add_devices, device_update, make_cloud
 
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-d")
 
@@ -128,22 +128,6 @@ def test_a_storage_error_in_a_batch_stores_none_of_it(cloud: Cloud) -> None:
     assert [row[1] for row in _rows(cloud)] == ["upd-dev-a-1", "upd-dev-b-1", "upd-dev-c-1"]
 
 
-class Acks:
-    """The broker's side of manual acknowledgements: what the service acknowledged, in order."""
-
-    def __init__(self) -> None:
-        self.inbox = Inbox()
-        self.acked: list[bytes] = []
-
-    def ack(self, received: Received) -> bool:
-        self.acked.append(received.payload)
-        return True
-
-    def deliver(self, *updates: tuple[str, bytes]) -> None:
-        for device_id, payload in updates:
-            self.inbox.put(Received(topics.updates(device_id), payload, 1, False))
-
-
 def _service(cloud: Cloud, client: Acks) -> CoordinatorService:
     return CoordinatorService(cloud.coordinator, client,  # type: ignore[arg-type]
                               tick_interval_s=0.01, max_batch=10)
@@ -167,14 +151,14 @@ def test_nothing_is_acknowledged_before_its_batch_is_stored(cloud: Cloud) -> Non
 
 def test_an_update_whose_handling_raises_does_not_take_its_batch_down(
         cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
-    validate = coordinator_module.validate_update
+    validate = ingest_module.validate_update
 
     def buggy(message, parts, *, device_id, **kwargs):
         if device_id == "dev-b":
             raise KeyError("a bug in the gate")
         return validate(message, parts, device_id=device_id, **kwargs)
 
-    monkeypatch.setattr(coordinator_module, "validate_update", buggy)
+    monkeypatch.setattr(ingest_module, "validate_update", buggy)
     client = Acks()
     service = _service(cloud, client)
     updates = [(d, _update(cloud, d, update_id=f"upd-{d}-1")) for d in ("dev-a", "dev-b", "dev-c")]
@@ -189,3 +173,23 @@ def test_an_update_whose_handling_raises_does_not_take_its_batch_down(
     assert [(e.subject, e.details["code"]) for e in refused] == [("device:dev-b", "internal")]
     assert "KeyError" in refused[0].details["reason"]
     assert _refusals(cloud, "dev-b") == ["internal"]
+
+
+def test_a_round_s_config_and_strategy_are_built_once_not_per_update(
+        cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+    make_strategy = rounds_module.make_strategy
+
+    def counted(name: str, **options: Any) -> Any:
+        built.append(name)
+        return make_strategy(name, **options)
+
+    monkeypatch.setattr(rounds_module, "make_strategy", counted)  # validating a config calls it
+    for device_id in DEVICES[:3]:
+        result = cloud.coordinator.handle_update(device_id, _update(cloud, device_id))
+        assert result.outcome == "accepted"
+    assert built == []  # the round's plan was built as it started collecting
+    assert len(cloud.coordinator.plans) == 1
+    cloud.coordinator.handle_update("dev-d", _update(cloud, "dev-d"))
+    cloud.coordinator.tick()  # quorum: merged and closed, its plan dropped
+    assert len(cloud.coordinator.plans) == 0

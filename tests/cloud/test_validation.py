@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import torch
 
-from cloud.db.models import RoundState, UpdateStatus
+from cloud.db.enums import RoundState, UpdateStatus
 from cloud.validation import (
     Accepted,
     Rejection,
@@ -166,3 +168,17 @@ def test_fisher_is_optional_for_strategies_that_do_not_use_it() -> None:
 def test_no_norm_bound_when_unset() -> None:
     context = dataclasses.replace(CONTEXT, max_delta_norm=None)
     assert isinstance(_validate(context=context, parts=_parts(delta=_state(3.0))), Accepted)
+
+
+def test_the_gate_is_pure_logic_without_the_orm() -> None:
+    """The gate and the statuses it names import no database layer (the enums live apart from
+    the SQLAlchemy models so pure logic can use them)."""
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "cloud" / "validation.py", root / "cloud" / "db" / "enums.py"):
+        tree = ast.parse(path.read_text())
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names}
+        modules |= {node.module or "" for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in modules if m.split(".")[0] == "sqlalchemy"
+                    or m == "cloud.db.models"}, path

@@ -16,6 +16,7 @@ from cloud.db import crud, migrate
 from cloud.db.models import RoundState
 from cloud.db.session import make_engine, make_session_factory, session_scope, sqlite_url
 from cloud.registry import ServiceAccount
+from cloud.rounds import RoundConfig
 from edge.local_data import DataSpec
 from fednano.fleet import provision as prov
 from fednano.fleet.faults import (
@@ -24,12 +25,32 @@ from fednano.fleet.faults import (
     FaultPlan,
     KillDevice,
     Note,
+    Sent,
     SlowDevice,
     default_round,
 )
 from fednano.fleet.observe import DeviceLogs, RoundView, Snapshot
 from fednano.fleet.options import FAULTS, FleetOptions, parse_faults
-from fednano.fleet.report import Check, FleetReport, RoundRow, check_rounds, report_markdown
+from fednano.fleet.payloads import redeliveries, rogue_updates
+from fednano.fleet.report import (
+    Check,
+    FleetReport,
+    RoundRow,
+    check_acknowledged,
+    check_merged,
+    check_rounds,
+    check_verdicts,
+    read_rejections,
+    read_rounds,
+    report_markdown,
+)
+from tests.cloud.roundkit import (
+    FakeClock,
+    add_devices,
+    constant_evaluator,
+    device_update,
+    make_cloud,
+)
 
 
 def test_faults_parse_in_a_fixed_order() -> None:
@@ -256,3 +277,38 @@ def test_report_checks_and_markdown() -> None:
     assert report.final_accuracy == 0.61 and not report.ok
     text = report_markdown(report)
     assert "| 1 | closed | 3/3 | 0 | 0 | 0.610 |" in text and "FAILED rounds_closed" in text
+
+
+def test_the_report_reads_rounds_verdicts_and_checks_from_the_database(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "cloud.db")
+    migrate.upgrade(url)
+    cloud = make_cloud(url, tmp_path, FakeClock(), evaluator=constant_evaluator(0.6))
+    add_devices(cloud, "dev-a", "rogue")
+    round_id = cloud.coordinator.open_round(RoundConfig(deadline_s=60))
+    cloud.coordinator.tick()
+    honest = device_update(*cloud.publisher.tasks("dev-a")[-1], "dev-a", update_id="upd-dev-a-1")
+    assert cloud.coordinator.handle_update("dev-a", honest).outcome == "accepted"
+    task, parts = cloud.publisher.tasks("rogue")[-1]
+    bad = rogue_updates(task, parts, {"nan", "truncated"}, older_version=None)
+    bad += redeliveries(honest, prefix="dev-a")
+    sent = [Sent(item, round_id, "dev-a" if item.fault == "duplicate" else "rogue", True)
+            for item in bad]
+    for item in sent:
+        cloud.coordinator.handle_update(item.device_id, item.bad.payload)
+    cloud.coordinator.tick()  # nobody left to answer: merge dev-a's update, evaluate, close
+
+    (row,) = read_rounds(cloud.sessions)
+    assert (row.round_id, row.state, row.selected, row.participants, row.rejected,
+            row.accuracy) == (round_id, "closed", 2, 1, 2, 0.6)
+    rejected, refused, again = read_rejections(cloud.sessions)
+    assert [(r.device_id, r.code) for r in rejected] == [("rogue", "non_finite"),
+                                                         ("dev-a", "duplicate")]
+    assert [(r.device_id, r.code) for r in refused] == [("rogue", "malformed")]
+    assert again == {"dev-a": 2}
+    assert check_merged(cloud.sessions).ok
+    assert check_verdicts(cloud.sessions, sent).ok
+    assert check_acknowledged(cloud.sessions, {"dev-a": ["upd-dev-a-1"]}, sent).ok
+    lost = {"dev-a": ["upd-dev-a-1", "upd-dev-a-lost"]}
+    missing = check_acknowledged(cloud.sessions, lost, sent)
+    assert not missing.ok and "upd-dev-a-lost" in missing.detail
+    cloud.engine.dispose()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud.db.crud.pages import check_page
+from cloud.db.crud.filters import Q, matching
+from cloud.db.crud.pages import paged
 from cloud.db.models import AuditEvent, utcnow
 
 
@@ -28,9 +29,15 @@ def record_audit(session: Session, *, actor: str, action: str, subject: str,
 def list_audit_events(session: Session, *, subject: str | None = None, action: str | None = None,
                       offset: int = 0, limit: int = 100) -> list[AuditEvent]:
     """Audit events, oldest first, optionally for one subject and/or action."""
-    check_page(offset, limit)
-    query = _filtered(select(AuditEvent), subject, action)
-    return list(session.scalars(query.order_by(AuditEvent.id).offset(offset).limit(limit)))
+    query = paged(select(AuditEvent).order_by(AuditEvent.id), offset, limit)
+    return list(session.scalars(_filtered(query, subject, action)))
+
+
+def all_audit_events(session: Session, *, subject: str | None = None,
+                     action: str | None = None) -> list[AuditEvent]:
+    """Every matching audit event, oldest first: unpaged, for reports."""
+    query = _filtered(select(AuditEvent).order_by(AuditEvent.id), subject, action)
+    return list(session.scalars(query))
 
 
 def count_audit_events(session: Session, *, subject: str | None = None,
@@ -40,9 +47,5 @@ def count_audit_events(session: Session, *, subject: str | None = None,
     return session.scalar(query) or 0
 
 
-def _filtered(query: Select, subject: str | None, action: str | None) -> Select:
-    if subject is not None:
-        query = query.where(AuditEvent.subject == subject)
-    if action is not None:
-        query = query.where(AuditEvent.action == action)
-    return query
+def _filtered(query: Q, subject: str | None, action: str | None) -> Q:
+    return matching(query, (AuditEvent.subject, subject), (AuditEvent.action, action))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.errors import DuplicateRecordError, RecordNotFoundError
-from cloud.db.crud.pages import check_page
+from cloud.db.crud.filters import matching
+from cloud.db.crud.pages import paged
 from cloud.db.models import Credential, Device, DeviceStatus, utcnow
 
 
@@ -46,19 +47,34 @@ def require_device(session: Session, *, device_id: str) -> Device:
 def list_devices(session: Session, *, offset: int = 0, limit: int = 100,
                  status: DeviceStatus | None = None) -> list[Device]:
     """Devices in provisioning order (then id), ``limit`` of them from ``offset``."""
-    check_page(offset, limit)
-    query = select(Device).order_by(Device.created_at, Device.id).offset(offset).limit(limit)
-    if status is not None:
-        query = query.where(Device.status == status)
-    return list(session.scalars(query))
+    query = paged(select(Device).order_by(Device.created_at, Device.id), offset, limit)
+    return list(session.scalars(matching(query, (Device.status, status))))
 
 
-def count_devices(session: Session, *, status: DeviceStatus | None = None) -> int:
-    """How many devices (with ``status``, if given) there are."""
-    query = select(func.count()).select_from(Device)
-    if status is not None:
-        query = query.where(Device.status == status)
+def count_devices(session: Session, *, status: DeviceStatus | None = None,
+                  online: bool | None = None) -> int:
+    """How many devices (with ``status``, and online or not, if given) there are."""
+    query = matching(select(func.count()).select_from(Device), (Device.status, status),
+                     (Device.online, online))
     return session.scalar(query) or 0
+
+
+def count_devices_by_status(session: Session) -> dict[DeviceStatus, int]:
+    """How many devices have each status (statuses without devices left out)."""
+    query = select(Device.status, func.count()).group_by(Device.status)
+    return {status: n for status, n in session.execute(query)}
+
+
+def online_devices(session: Session, *, status: DeviceStatus | None = None) -> list[Device]:
+    """Devices whose presence is online (with ``status``, if given), by id."""
+    query = select(Device).where(Device.online.is_(True)).order_by(Device.id)
+    return list(session.scalars(matching(query, (Device.status, status))))
+
+
+def device_statuses(session: Session, *, device_ids: Collection[str]) -> dict[str, DeviceStatus]:
+    """The status of each of ``device_ids`` that is a device (one query), by id."""
+    query = select(Device.id, Device.status).where(Device.id.in_(device_ids))
+    return {row.id: row.status for row in session.execute(query)}
 
 
 def set_presence(session: Session, *, device_id: str, online: bool,

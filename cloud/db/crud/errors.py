@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class RecordNotFoundError(LookupError):
-    """No ``kind`` row with key ``key`` (HTTP 404)."""
+
+class _RecordError(Exception):
+    """An error about the ``kind`` row with key ``key`` (both kept for the caller)."""
+
+    message: ClassVar[str]  # formatted with kind and key
 
     def __init__(self, kind: str, key: object) -> None:
-        super().__init__(f"no {kind} {key!r}")
+        super().__init__(self.message.format(kind=kind, key=key))
         self.kind = kind
         self.key = key
+
+
+class RecordNotFoundError(_RecordError, LookupError):
+    """No ``kind`` row with key ``key`` (HTTP 404)."""
+
+    message = "no {kind} {key!r}"
 
 
 class ConflictError(Exception):
     """The request contradicts what is stored (HTTP 409)."""
 
 
-class DuplicateRecordError(ConflictError):
+class DuplicateRecordError(_RecordError, ConflictError):
     """A ``kind`` row with key ``key`` exists already."""
 
-    def __init__(self, kind: str, key: object) -> None:
-        super().__init__(f"{kind} {key!r} exists already")
-        self.kind = kind
-        self.key = key
+    message = "{kind} {key!r} exists already"
 
 
 class InvalidTransitionError(ConflictError):

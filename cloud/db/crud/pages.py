@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from cloud.db.crud.filters import Q
+
 MAX_PAGE_SIZE = 1000
 T = TypeVar("T")
 
@@ -26,3 +28,9 @@ def check_page(offset: int, limit: int) -> None:
         raise ValueError(f"offset must be >= 0, got {offset!r}")
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit!r}")
+
+
+def paged(query: Q, offset: int, limit: int) -> Q:
+    """``query`` cut to one checked page (``check_page``)."""
+    check_page(offset, limit)
+    return query.offset(offset).limit(limit)

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.errors import InvalidTransitionError, RecordNotFoundError
-from cloud.db.crud.pages import check_page
+from cloud.db.crud.filters import matching
+from cloud.db.crud.pages import paged
 from cloud.db.models import (
     ROUND_TRANSITIONS,
     TERMINAL_ROUND_STATES,
@@ -45,10 +46,16 @@ def create_round(session: Session, *, strategy: str, quorum: int, min_updates: i
     return round_
 
 
+def get_round(session: Session, *, round_id: int, for_update: bool = False) -> Round | None:
+    """The round, or None; ``for_update`` locks its row (PostgreSQL) and reloads it from the
+    database."""
+    return session.get(Round, round_id, with_for_update=for_update or None,
+                       populate_existing=for_update)
+
+
 def require_round(session: Session, *, round_id: int, for_update: bool = False) -> Round:
-    """The round; ``for_update`` locks its row (PostgreSQL) and reloads it from the database."""
-    round_ = session.get(Round, round_id, with_for_update=for_update or None,
-                         populate_existing=for_update)
+    """The round (``get_round``); ``RecordNotFoundError`` if there is none."""
+    round_ = get_round(session, round_id=round_id, for_update=for_update)
     if round_ is None:
         raise RecordNotFoundError("round", round_id)
     return round_
@@ -57,24 +64,40 @@ def require_round(session: Session, *, round_id: int, for_update: bool = False) 
 def list_rounds(session: Session, *, offset: int = 0, limit: int = 100,
                 state: RoundState | None = None) -> list[Round]:
     """Rounds, newest first."""
-    check_page(offset, limit)
-    query = select(Round).order_by(Round.id.desc()).offset(offset).limit(limit)
-    if state is not None:
-        query = query.where(Round.state == state)
-    return list(session.scalars(query))
+    query = paged(select(Round).order_by(Round.id.desc()), offset, limit)
+    return list(session.scalars(matching(query, (Round.state, state))))
+
+
+def all_rounds(session: Session, *, state: RoundState | None = None) -> list[Round]:
+    """Every round (in ``state``, if given), oldest first: unpaged, for reports."""
+    return list(session.scalars(matching(select(Round).order_by(Round.id), (Round.state, state))))
 
 
 def count_rounds(session: Session, *, state: RoundState | None = None) -> int:
     """How many rounds there are (in ``state``, if given)."""
-    query = select(func.count()).select_from(Round)
-    if state is not None:
-        query = query.where(Round.state == state)
-    return session.scalar(query) or 0
+    return session.scalar(matching(select(func.count()).select_from(Round),
+                                   (Round.state, state))) or 0
+
+
+def count_rounds_by_state(session: Session) -> dict[RoundState, int]:
+    """How many rounds are in each state (states without rounds left out)."""
+    query = select(Round.state, func.count()).group_by(Round.state)
+    return {state: n for state, n in session.execute(query)}
 
 
 def unfinished_rounds(session: Session) -> list[Round]:
     """Rounds not closed or failed, oldest first: what a restarted coordinator resumes."""
     query = select(Round).where(Round.state.not_in(TERMINAL_ROUND_STATES)).order_by(Round.id)
+    return list(session.scalars(query))
+
+
+def finished_rounds_with(session: Session, *,
+                         statuses: Collection[ParticipationStatus]) -> list[int]:
+    """Ids of closed or failed rounds that still have participations in ``statuses`` (e.g.
+    tasks still out after an operator stopped the round)."""
+    query = (select(Participation.round_id).join(Round)
+             .where(Round.state.in_(TERMINAL_ROUND_STATES),
+                    Participation.status.in_(statuses)).distinct())
     return list(session.scalars(query))
 
 
@@ -116,8 +139,8 @@ def set_participation_status(session: Session, *, round_id: int, device_id: str,
                              status: ParticipationStatus,
                              at: datetime | None = None) -> Participation:
     """Update a participation's status and the matching timestamp."""
-    participation = session.scalar(select(Participation).where(
-        Participation.round_id == round_id, Participation.device_id == device_id))
+    participation = participations_of(session, round_id=round_id,
+                                      device_ids=(device_id,)).get(device_id)
     if participation is None:
         raise RecordNotFoundError("participation", (round_id, device_id))
     mark_participation(participation, status=status, at=at)
@@ -150,6 +173,20 @@ def list_participations(session: Session, *, round_id: int,
     """A round's participations, by device id."""
     query = (select(Participation).where(Participation.round_id == round_id)
              .order_by(Participation.device_id))
-    if status is not None:
-        query = query.where(Participation.status == status)
+    return list(session.scalars(matching(query, (Participation.status, status))))
+
+
+def all_participations(session: Session) -> list[Participation]:
+    """Every round's participations, by row id: unpaged, for reports."""
+    return list(session.scalars(select(Participation).order_by(Participation.id)))
+
+
+def participant_ids(session: Session, *, round_id: int,
+                    statuses: Collection[ParticipationStatus],
+                    limit: int | None = None) -> list[str]:
+    """Device ids of the round's participants in ``statuses``, in selection order (ids only:
+    the coordinator asks at every tick, and the roster may be a thousand devices)."""
+    query = (select(Participation.device_id)
+             .where(Participation.round_id == round_id, Participation.status.in_(statuses))
+             .order_by(Participation.id).limit(limit))
     return list(session.scalars(query))

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud.db.crud.pages import check_page
+from cloud.db.crud.filters import Q, matching
+from cloud.db.crud.pages import check_page, paged
 from cloud.db.models import (
     AdapterVersion,
     Metric,
@@ -94,8 +95,7 @@ def list_updates_by(session: Session, *, status: UpdateStatus | None = None,
                     device_id: str | None = None, offset: int = 0,
                     limit: int = 100) -> list[Update]:
     """Updates of every round, newest first, optionally with one status and/or device."""
-    check_page(offset, limit)
-    query = select(Update).order_by(Update.id.desc()).offset(offset).limit(limit)
+    query = paged(select(Update).order_by(Update.id.desc()), offset, limit)
     return list(session.scalars(_updates_where(query, status, device_id)))
 
 
@@ -106,9 +106,5 @@ def count_updates_by(session: Session, *, status: UpdateStatus | None = None,
     return session.scalar(_updates_where(query, status, device_id)) or 0
 
 
-def _updates_where(query: Select, status: UpdateStatus | None, device_id: str | None) -> Select:
-    if status is not None:
-        query = query.where(Update.status == status)
-    if device_id is not None:
-        query = query.where(Update.device_id == device_id)
-    return query
+def _updates_where(query: Q, status: UpdateStatus | None, device_id: str | None) -> Q:
+    return matching(query, (Update.status, status), (Update.device_id, device_id))

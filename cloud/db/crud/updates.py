@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cloud.db.crud.errors import RecordNotFoundError, UpdateConflictError
-from cloud.db.crud.pages import check_page
+from cloud.db.crud.filters import matching
+from cloud.db.crud.pages import paged
 from cloud.db.models import (
     SHA256_HEX_LENGTH,
     UPDATE_ID_MAX_LENGTH,
@@ -146,18 +147,21 @@ def list_updates(session: Session, *, round_id: int,
                  status: UpdateStatus | None = None) -> list[Update]:
     """A round's updates in arrival order."""
     query = select(Update).where(Update.round_id == round_id).order_by(Update.id)
-    if status is not None:
-        query = query.where(Update.status == status)
-    return list(session.scalars(query))
+    return list(session.scalars(matching(query, (Update.status, status))))
+
+
+def all_updates(session: Session, *, status: UpdateStatus | None = None) -> list[Update]:
+    """Every round's updates (with ``status``, if given) in arrival order: unpaged, for
+    reports."""
+    return list(session.scalars(matching(select(Update).order_by(Update.id),
+                                         (Update.status, status))))
 
 
 def count_updates(session: Session, *, round_id: int,
                   status: UpdateStatus | None = None) -> int:
     """How many updates a round has (with ``status``, if given): the quorum check."""
     query = select(func.count()).select_from(Update).where(Update.round_id == round_id)
-    if status is not None:
-        query = query.where(Update.status == status)
-    return session.scalar(query) or 0
+    return session.scalar(matching(query, (Update.status, status))) or 0
 
 
 def create_adapter_version(session: Session, *, blob_sha256: str, blob_size: int,
@@ -210,10 +214,13 @@ def get_adapter_version(session: Session, *, version_id: int) -> AdapterVersion 
 def list_adapter_versions(session: Session, *, offset: int = 0,
                           limit: int = 100) -> list[AdapterVersion]:
     """Adapter versions, newest first."""
-    check_page(offset, limit)
-    query = (select(AdapterVersion).order_by(AdapterVersion.id.desc()).offset(offset)
-             .limit(limit))
-    return list(session.scalars(query))
+    return list(session.scalars(paged(select(AdapterVersion).order_by(AdapterVersion.id.desc()),
+                                      offset, limit)))
+
+
+def round_version(session: Session, *, round_id: int) -> AdapterVersion | None:
+    """The version a round's merge produced, or None (not merged yet, or failed)."""
+    return session.scalar(select(AdapterVersion).where(AdapterVersion.round_id == round_id))
 
 
 def count_adapter_versions(session: Session) -> int:
@@ -261,11 +268,6 @@ def record_device_metrics(session: Session, *, name: str, round_id: int,
 def list_metrics(session: Session, *, round_id: int | None = None, version_id: int | None = None,
                  name: str | None = None) -> list[Metric]:
     """Metrics matching every given filter, in recording order."""
-    query = select(Metric).order_by(Metric.id)
-    if round_id is not None:
-        query = query.where(Metric.round_id == round_id)
-    if version_id is not None:
-        query = query.where(Metric.version_id == version_id)
-    if name is not None:
-        query = query.where(Metric.name == name)
+    query = matching(select(Metric).order_by(Metric.id), (Metric.round_id, round_id),
+                     (Metric.version_id, version_id), (Metric.name, name))
     return list(session.scalars(query))

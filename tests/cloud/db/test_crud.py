@@ -331,3 +331,54 @@ def test_concurrent_writers_wait_instead_of_failing(migrated_url: str) -> None:
         assert crud.count_devices(session) == 20
     engine.dispose()
     assert errors == []
+
+
+def test_the_named_queries_of_the_coordinator_and_the_reports(db_session: Session) -> None:
+    _devices(db_session, "d1", "d2", "d3")
+    crud.set_presence(db_session, device_id="d1", online=True)
+    crud.set_presence(db_session, device_id="d3", online=True)
+    crud.mark_revoked(db_session, device_id="d3")  # offline too
+    crud.set_presence(db_session, device_id="d2", online=False)
+    assert [d.id for d in crud.online_devices(db_session, status=DeviceStatus.ACTIVE)] == ["d1"]
+    assert crud.count_devices(db_session, online=True) == 1
+    assert crud.count_devices_by_status(db_session) == {DeviceStatus.ACTIVE: 2,
+                                                        DeviceStatus.REVOKED: 1}
+    assert crud.device_statuses(db_session, device_ids={"d1", "d3", "nobody"}) == {
+        "d1": DeviceStatus.ACTIVE, "d3": DeviceStatus.REVOKED}
+
+    first = crud.create_round(db_session, strategy="fednano", quorum=2, min_updates=1)
+    second = crud.create_round(db_session, strategy="fednano", quorum=1, min_updates=1)
+    for device_id in ("d2", "d1"):
+        crud.add_participation(db_session, round_id=first.id, device_id=device_id)
+    crud.set_participation_status(db_session, round_id=first.id, device_id="d1",
+                                  status=ParticipationStatus.NOTIFIED)
+    outstanding = (ParticipationStatus.SELECTED, ParticipationStatus.NOTIFIED)
+    assert crud.participant_ids(db_session, round_id=first.id, statuses=outstanding) == [
+        "d2", "d1"]  # in selection order
+    assert crud.participant_ids(db_session, round_id=first.id, statuses=outstanding,
+                                limit=1) == ["d2"]
+    assert crud.finished_rounds_with(db_session, statuses=outstanding) == []
+    crud.transition_round(db_session, round_id=first.id, to=RoundState.CLOSED)
+    assert crud.finished_rounds_with(db_session, statuses=outstanding) == [first.id]
+    assert [r.id for r in crud.all_rounds(db_session)] == [first.id, second.id]
+    assert [r.id for r in crud.all_rounds(db_session, state=RoundState.OPEN)] == [second.id]
+    assert crud.count_rounds_by_state(db_session) == {RoundState.CLOSED: 1, RoundState.OPEN: 1}
+    assert crud.get_round(db_session, round_id=999) is None
+    assert [p.device_id for p in crud.all_participations(db_session)] == ["d2", "d1"]
+
+    update, _ = crud.record_update(db_session, record=_accepted("u-1", second.id, "d1"))
+    crud.record_update(db_session, record=_record(
+        update_id="u-2", round_id=second.id, device_id="d2", status=UpdateStatus.REJECTED,
+        blob_sha256=None, rejection_code="late", rejection_reason="too late"))
+    assert [u.update_id for u in crud.all_updates(db_session)] == ["u-1", "u-2"]
+    assert [u.update_id for u in crud.all_updates(db_session, status=UpdateStatus.REJECTED)] == [
+        "u-2"]
+    assert crud.round_version(db_session, round_id=second.id) is None
+    version = crud.create_adapter_version(db_session, blob_sha256=SHA, blob_size=1, blob_path="v",
+                                          round_id=second.id, lineage={update.id: 1.0})
+    assert crud.round_version(db_session, round_id=second.id) is version
+
+    for subject in ("device:d1", "device:d2", "device:d1"):
+        crud.record_audit(db_session, actor="test", action="update.refused", subject=subject)
+    refused = crud.all_audit_events(db_session, action="update.refused", subject="device:d1")
+    assert len(refused) == 2 == crud.count_audit_events(db_session, subject="device:d1")
