@@ -6,7 +6,6 @@ install never needs the cloud's dependencies to print help.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,12 +56,8 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(fleet_app, name="fleet")
 app.command("demo")(demo)
 
-Home = Annotated[
-    Path,
-    typer.Option(envvar="FEDNANO_HOME", help="Where models, caches and bases live "
-                 "(env FEDNANO_HOME).", show_default=True),
-]
-DEFAULT_HOME = Path(os.path.expanduser("~/.cache/fednano"))
+Home = Annotated[Path, opts.home_option("Where models, caches and bases live "
+                                        "(env FEDNANO_HOME).")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)]
 
 
@@ -75,7 +70,7 @@ def _threads(n: int) -> None:
 
 @base_app.command("build")
 def base_build(
-    home: Home = DEFAULT_HOME,
+    home: Home,
     align_steps: Annotated[int, typer.Option(help="Connector-alignment steps (projector only).",
                                              min=1)] = 200,
     grid: Annotated[int, typer.Option(help="Visual tokens = grid x grid.", min=1)] = 2,
@@ -96,7 +91,7 @@ def base_build(
 
 
 @base_app.command("info")
-def base_info(home: Home = DEFAULT_HOME) -> None:
+def base_info(home: Home) -> None:
     """Print the current base's manifest (version, hashes, alignment)."""
     import json
 
@@ -109,6 +104,7 @@ def base_info(home: Home = DEFAULT_HOME) -> None:
 def bundle_export(
     out: Annotated[Path, typer.Option(help="Folder for bundles: writes OUT/<bundle_version>/.",
                                       show_default=False)],
+    home: Home,
     precision: Annotated[Literal["int8", "fp32"], typer.Option(
         help="Encoder + connector graph: static QDQ int8 (calibrated) or fp32.")] = "int8",
     embedder_dtype: Annotated[Literal["float16", "int8"], typer.Option(
@@ -121,7 +117,6 @@ def bundle_export(
     calibration_images: Annotated[int, typer.Option(min=1)] = 64,
     holdout_images: Annotated[int, typer.Option(min=1)] = 32,
     archive: Annotated[bool, typer.Option(help="Also write OUT/<bundle_version>.tar.")] = False,
-    home: Home = DEFAULT_HOME,
     threads: Threads = 0,
 ) -> None:
     """Export the current base as a device bundle: an int8 encoder graph for onnxruntime's CPU
@@ -159,6 +154,7 @@ def footprint(
 
 @app.command()
 def simulate(
+    home: Home,
     strategy: Annotated[list[str] | None, typer.Option(
         help=f"A method: a strategy name, {strategy_help(simulation_baselines())}, "
              "optionally with strategy options as NAME:KEY=VALUE,... (e.g. "
@@ -213,7 +209,6 @@ def simulate(
     = None,
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
-    home: Home = DEFAULT_HOME,
     threads: Threads = 0,
     clients: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
     max_client_samples: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,

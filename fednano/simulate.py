@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm.auto import tqdm
 
 from cloud.base.build import LoadedBase
+from cloud.layout import Layout
 from cloud.strategies import STRATEGIES, make_strategy
 from edge.trainer import RoundResult, local_steps, run_round
 from fednano.lockstep import run_rounds_lockstep
@@ -264,7 +265,7 @@ class Simulation:
         """The base's accuracy (identity adapters) on the eval set, cached per base and set."""
         keys = "|".join(f"{s.image_key}:{s.question}" for s in self.eval_set)
         digest = hashlib.sha256(keys.encode()).hexdigest()[:16]
-        path = self.base.home / "evals" / f"zero-shot-{self.base.version}-{digest}.json"
+        path = Layout(self.base.home).evals / f"zero-shot-{self.base.version}-{digest}.json"
         if path.exists():
             return EvalResult(**json.loads(path.read_text()))
         result = self.evaluate(identity, self.eval_set)

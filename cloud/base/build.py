@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -42,7 +41,6 @@ from cloud.base.llm import LLM_DESCRIPTION, SOURCE_NAME, llm_cache_dir, load_llm
 from cloud.base.manifest import (
     MANIFEST_NAME,
     BaseIntegrityError,
-    base_root,
     file_record,
     read_json,
     read_manifest,
@@ -53,6 +51,7 @@ from cloud.base.manifest import (
     write_current,
     write_json,
 )
+from cloud.layout import Layout
 from cloud.llm_backend import InProcessLLM
 from cloud.split import frozen_embedding_copy, split_causal_lm
 from shared.adapters import AdapterConfig
@@ -69,8 +68,8 @@ MANIFEST_FORMAT = 1
 
 
 def default_home() -> Path:
-    """``$FEDNANO_HOME`` or ``~/.cache/fednano`` (read when called, not at import)."""
-    return Path(os.environ.get("FEDNANO_HOME", "~/.cache/fednano")).expanduser()
+    """``Layout.default().home``: ``$FEDNANO_HOME`` or ``~/.cache/fednano``, read when called."""
+    return Layout.default().home
 
 
 @dataclass
@@ -193,14 +192,9 @@ def _default_task(n_align_images: int, seed: int) -> VQATask:
     return load_easy_vqa(n_align_images=n_align_images, seed=seed)
 
 
-def features_root(home: Path) -> Path:
-    """Parent folder of the feature stores (one per encoder weights and grid)."""
-    return home / "features"
-
-
 def _feature_store(home: Path, pretrained: Pretrained, grid: int) -> FeatureStore:
     sha = sha256_file(pretrained.encoder_weights)
-    return FeatureStore(feature_dir(features_root(home), encoder_name=pretrained.encoder_name,
+    return FeatureStore(feature_dir(Layout(home).features, encoder_name=pretrained.encoder_name,
                                     encoder_sha256=sha, grid=grid))
 
 
@@ -271,7 +265,7 @@ def _save_version(
     home: Path, connector: PoolingConnector, pretrained: Pretrained, store: FeatureStore,
     alignment: dict[str, Any], timings: dict[str, float],
 ) -> Path:
-    root = base_root(home)
+    root = Layout(home).bases
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
     try:
@@ -316,7 +310,7 @@ def verify_base(
     use, default the recorded path, so a reinstalled package elsewhere still verifies); the
     LLM files are hashed only when their size or mtime changed, unless ``full=True``.
     """
-    folder = base_root(home) / manifest["version"]
+    folder = Layout(home).base(manifest["version"])
     files = manifest["files"]
     verify_record(files["connector"], folder)
     verify_record(files["encoder_weights"], path=encoder_weights)
@@ -351,7 +345,7 @@ def load_base(
     edge, backend = split_causal_lm(
         pretrained.model, connector, pretrained.encoder, adapter_config or AdapterConfig()
     )
-    store = FeatureStore(home / "features" / manifest["config"]["features_dir"])
+    store = FeatureStore(Layout(home).features / manifest["config"]["features_dir"])
     return LoadedBase(
         version=manifest["version"], home=home, manifest=manifest, connector=connector,
         edge=edge, backend=backend,
@@ -365,6 +359,6 @@ def _load_connector(home: Path, manifest: dict[str, Any]) -> PoolingConnector:
     config = manifest["config"]
     connector = PoolingConnector(config["in_channels"], config["width"], grid=config["grid"],
                                  hidden=config["hidden"])
-    state = load_file(base_root(home) / manifest["version"] / CONNECTOR_NAME)
+    state = load_file(Layout(home).base(manifest["version"]) / CONNECTOR_NAME)
     connector.load_state_dict(state, strict=True)
     return connector.requires_grad_(False).eval()

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cloud.layout import Layout
 from shared.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
@@ -119,20 +120,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def base_root(home: Path) -> Path:
-    return home / "base"
-
-
 def write_current(home: Path, version: str) -> None:
     """Point ``home/base/current`` at ``version`` (atomic replace)."""
-    if not (base_root(home) / version / MANIFEST_NAME).is_file():
-        raise ValueError(f"no built base version {version!r} under {base_root(home)}")
-    atomic_write_text(base_root(home) / CURRENT_NAME, version + "\n")
+    bases = Layout(home).bases
+    if not (bases / version / MANIFEST_NAME).is_file():
+        raise ValueError(f"no built base version {version!r} under {bases}")
+    atomic_write_text(bases / CURRENT_NAME, version + "\n")
 
 
 def read_current(home: Path) -> str | None:
     """The version ``current`` names, or None when nothing has been built."""
-    path = base_root(home) / CURRENT_NAME
+    path = Layout(home).bases / CURRENT_NAME
     if not path.is_file():
         return None
     version = path.read_text(encoding="utf-8").strip()
@@ -146,10 +144,10 @@ def read_manifest(home: Path, version: str | None = None) -> dict[str, Any]:
         raise BaseNotBuiltError(
             f"no FedNano base is built under {home}: run `fednano base build` first"
         )
-    path = base_root(home) / chosen / MANIFEST_NAME
+    path = Layout(home).base(chosen) / MANIFEST_NAME
     if not path.is_file():
         raise BaseNotBuiltError(
-            f"base version {chosen!r} not found under {base_root(home)}: "
+            f"base version {chosen!r} not found under {Layout(home).bases}: "
             "run `fednano base build` (or pick a built version)"
         )
     return read_json(path)
