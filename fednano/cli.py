@@ -76,28 +76,32 @@ def base_build(
     grid: Annotated[int, typer.Option(help="Visual tokens = grid x grid.", min=1)] = 2,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     seed: int = 0,
+    rank: Annotated[int | None, typer.Option(
+        help="NanoAdapter rank every service of this base uses (alpha = 2 x rank), recorded "
+             "in its manifest. Default: AdapterConfig's (8).", min=1,
+        show_default=False)] = None,
     threads: Threads = 0,
 ) -> None:
     """Load SmolLM2 + EfficientNet-Lite0, align the connector, save a versioned base."""
     import logging
 
     from cloud.base.build import build_base
+    from cloud.base.manifest import adapter_for_rank
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cloud").setLevel(logging.INFO)  # the steps; tqdm shows the long ones
     _threads(threads)
-    folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed)
+    folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed,
+                        adapter=None if rank is None else adapter_for_rank(rank))
     console.print(f"[green]base built[/green]: {folder}")
 
 
 @base_app.command("info")
 def base_info(home: Home) -> None:
-    """Print the current base's manifest (version, hashes, alignment)."""
-    import json
-
+    """Print the current base's manifest (version, hashes, alignment, adapter config)."""
     from cloud.base.manifest import read_manifest
 
-    console.print_json(json.dumps(read_manifest(home, None)))
+    console.print_json(read_manifest(home, None).model_dump_json())
 
 
 @bundle_app.command("export")

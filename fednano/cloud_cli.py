@@ -273,7 +273,7 @@ def _base_version(settings: CloudSettings, base: LoadedBase | None) -> str:
     if base is not None:
         return base.version
     try:
-        return str(read_manifest(settings.home, None)["version"])
+        return read_manifest(settings.home, None).version
     except BaseNotBuiltError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(code=1) from err
@@ -288,7 +288,7 @@ def _initial_state(settings: CloudSettings, base: LoadedBase | None,
     from shared.adapters import AdapterConfig, NanoAdapters
 
     width = (base.edge.width if base is not None
-             else int(read_manifest(settings.home, None)["config"]["width"]))
+             else read_manifest(settings.home, None).config.width)
     torch.manual_seed(0)
     return NanoAdapters(width, AdapterConfig(rank=rank, alpha=2.0 * rank)).adapter_state_dict()
 

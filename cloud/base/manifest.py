@@ -3,6 +3,13 @@
 A base version lives in ``home/base/<version>/`` (``connector.safetensors`` + ``manifest.json``);
 its id is derived from content hashes, so the same inputs give the same id. ``home/base/current``
 is a one-line text file naming the version in use, replaced atomically.
+
+``BaseManifest`` is the manifest's schema. Its ``identity()`` (config, file hashes, alignment
+settings) is what the version id hashes; the rest (alignment results, timings, where the LLM
+came from) is a record. The NanoAdapters' ``AdapterConfig`` is recorded too, so every service
+that trains or serves adapters for this base agrees on their rank; it joins the identity only
+when it is not the default, so the versions of bases built before it was recorded stay valid
+(a manifest without it reads as the default).
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cloud.layout import Layout
+from shared.adapters import AdapterConfig
 from shared.files import atomic_write
+from shared.prompts import PromptTemplate
 
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "current"
@@ -31,6 +42,81 @@ class BaseNotBuiltError(FileNotFoundError):
 
 class BaseIntegrityError(RuntimeError):
     """A file of a built base no longer matches the manifest."""
+
+
+def adapter_for_rank(rank: int) -> AdapterConfig:
+    """The NanoAdapters' config of a given rank: alpha = 2 x rank (the scaling stays 2), so
+    the default rank 8 gives ``AdapterConfig()``."""
+    return AdapterConfig(rank=rank, alpha=2.0 * rank)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoredFile(_Strict):
+    """A file of the base as ``file_record`` writes it: path, sha256, size, mtime."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    mtime_ns: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The plain record ``verify_record`` checks."""
+        return self.model_dump()
+
+
+class BaseFiles(_Strict):
+    """The connector (relative to its version folder), the encoder weights (absolute: a
+    package file) and the LLM cache (relative to home when inside it)."""
+
+    connector: StoredFile
+    encoder_weights: StoredFile
+    llm: list[StoredFile]
+
+    def hashes(self) -> dict[str, Any]:
+        """What the version id takes from the files: their content, not where they are."""
+        return {"connector": self.connector.sha256,
+                "encoder_weights": self.encoder_weights.sha256,
+                "llm": sorted(r.sha256 for r in self.llm)}
+
+
+class BaseConfig(_Strict):
+    """The frozen parts' shapes and names, the devices' prompt and the feature store."""
+
+    encoder: str
+    llm: str
+    grid: int = Field(ge=1)
+    n_visual: int = Field(ge=1)
+    in_channels: int = Field(ge=1)
+    width: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    vqa_template: PromptTemplate
+    features_dir: str
+
+
+class BaseManifest(_Strict):
+    """``manifest.json`` of a base version."""
+
+    format: int
+    version: str
+    created_at: str
+    config: BaseConfig
+    files: BaseFiles
+    alignment: dict[str, Any]  # "settings" (part of the identity) and the loss record
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    llm_source: dict[str, Any] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the base (``version_id`` hashes it): unchanged for a default adapter."""
+        identity = {"config": self.config.model_dump(mode="json"),
+                    "files": self.files.hashes(),
+                    "alignment": self.alignment["settings"]}
+        if self.adapter != AdapterConfig():
+            identity["adapter"] = self.adapter.model_dump(mode="json")
+        return identity
 
 
 def sha256_file(path: Path) -> str:
@@ -137,8 +223,9 @@ def read_current(home: Path) -> str | None:
     return version or None
 
 
-def read_manifest(home: Path, version: str | None = None) -> dict[str, Any]:
-    """The manifest of ``version`` (default: current); ``BaseNotBuiltError`` if there is none."""
+def read_manifest(home: Path, version: str | None = None) -> BaseManifest:
+    """The manifest of ``version`` (default: current); ``BaseNotBuiltError`` if there is none,
+    ``BaseIntegrityError`` if it is not a valid manifest."""
     chosen = version or read_current(home)
     if chosen is None:
         raise BaseNotBuiltError(
@@ -150,4 +237,8 @@ def read_manifest(home: Path, version: str | None = None) -> dict[str, Any]:
             f"base version {chosen!r} not found under {Layout(home).bases}: "
             "run `fednano base build` (or pick a built version)"
         )
-    return read_json(path)
+    try:
+        return BaseManifest.model_validate(read_json(path))
+    except ValueError as err:  # pydantic's ValidationError too
+        raise BaseIntegrityError(f"{path} is not a valid base manifest ({err}); rebuild it "
+                                 "with `fednano base build`") from err
