@@ -176,7 +176,10 @@ def simulate(
     steps: opts.Steps = opts.STEPS,
     batch_size: opts.BatchSize = opts.BATCH_SIZE,
     lr: opts.Lr = opts.LR,
-    rank: Annotated[int, typer.Option(help="NanoAdapter rank.", min=1)] = 8,
+    rank: Annotated[int | None, typer.Option(
+        help="NanoAdapter rank: the base's (`fednano base build --rank`); given, it must be "
+             "the base's (or the rank a missing base is built with).", min=1,
+        show_default=False)] = None,
     prox_mu: Annotated[float, typer.Option(help="FedProx proximal weight.")] = 0.01,
     fisher_samples: opts.FisherSamples = opts.FISHER_SAMPLES,
     fisher_normalize: Annotated[str | None, typer.Option(
@@ -220,6 +223,7 @@ def simulate(
     """Federated simulation in one process on the real base and easy-VQA."""
     from pydantic import ValidationError
 
+    from cloud.base.manifest import AdapterMismatchError
     from fednano.simulate import SimConfig, parse_method
     from shared.training import TrainConfig
 
@@ -246,10 +250,13 @@ def simulate(
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err
     _threads(threads)
-    if len(configs) == 1:
-        run_simulation(configs[0], home, out)
-        return
-    run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
+    try:
+        if len(configs) == 1:
+            run_simulation(configs[0], home, out)
+            return
+        run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
+    except AdapterMismatchError as err:
+        raise typer.BadParameter(str(err), param_hint="--rank") from err
 
 
 def run_simulation(config: object, home: Path, out: Path | None) -> None:

@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 Host = Annotated[str, typer.Option(help="Interface the API listens on.")]
 Port = Annotated[int, typer.Option(help="TCP port of the API.", min=1, max=65535)]
-AdapterRank = Annotated[int, typer.Option(help="NanoAdapter rank of the initial global adapter "
-                                          "(used only when the database has no version yet).",
-                                          min=1)]
 EvalQuestions = Annotated[int, typer.Option(
     help="Held-out easy-VQA questions each new version is evaluated on (0: no evaluation).",
     min=0)]
@@ -92,8 +89,7 @@ def _logging(settings: CloudSettings) -> None:
 def api(host: Host = "127.0.0.1", port: Port = 8000,
         ask: Annotated[bool, typer.Option(
             "--ask", help="Load the base model too, so the dashboard's 'ask the model' page "
-                          "answers (POST /api/v1/ask; loads the LLM).")] = False,
-        rank: AdapterRank = 8) -> None:
+                          "answers (POST /api/v1/ask; loads the LLM).")] = False) -> None:
     """The operators' REST API and dashboard alone (OpenAPI at /api/v1/docs, the dashboard at
     /dashboard)."""
     import uvicorn
@@ -102,7 +98,7 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
 
     settings = load_settings()
     _sessions(settings)  # migrate before serving
-    answerer = _answerer(_load_base(settings, rank), rank) if ask else None
+    answerer = _answerer(_load_base(settings)) if ask else None
     uvicorn.run(create_app(settings, answerer=answerer), host=host, port=port)
 
 
@@ -112,15 +108,14 @@ def coordinator(
                                                "new ones (the schedule).", min=1)] = None,
     target_accuracy: Annotated[float | None, typer.Option(
         help="Stop opening rounds once a version reaches this accuracy.", min=0, max=1)] = None,
-    rank: AdapterRank = 8,
     eval_questions: EvalQuestions = 0,
 ) -> None:
     """The round coordinator alone (persistent MQTT session; resumes rounds from the database)."""
     settings = load_settings()
     _logging(settings)
     _serve_metrics(settings)
-    base = _load_base(settings, rank) if eval_questions else None
-    service, client = _coordinator_service(settings, rank, base, eval_questions)
+    base = _load_base(settings) if eval_questions else None
+    service, client = _coordinator_service(settings, base, eval_questions)
     _schedule(settings, rounds, target_accuracy)
     try:
         service.run()
@@ -137,7 +132,7 @@ def llm_worker(
     settings = load_settings()
     _logging(settings)
     _serve_metrics(settings)
-    base = _load_base(settings, 8)
+    base = _load_base(settings)
     base.backend.to(device)
     worker, client = _llm_worker(settings, base, worker_id)
     worker.subscribe()
@@ -148,7 +143,7 @@ def llm_worker(
 
 
 @cloud_app.command("serve")
-def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
+def serve(host: Host = "127.0.0.1", port: Port = 8000,
           eval_questions: EvalQuestions = 200,
           rounds: Annotated[int | None, typer.Option(help="Schedule this many rounds.",
                                                      min=1)] = None) -> None:
@@ -159,9 +154,9 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
 
     settings = load_settings()
     _logging(settings)
-    base = _load_base(settings, rank)
+    base = _load_base(settings)
     worker, worker_client = _llm_worker(settings, base, "llm-worker-serve")
-    service, client = _coordinator_service(settings, rank, base, eval_questions)
+    service, client = _coordinator_service(settings, base, eval_questions)
     _schedule(settings, rounds, None)
     worker.start()
     service.start()
@@ -169,7 +164,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, rank: AdapterRank = 8,
     _stop_when_a_service_dies([service, worker], stopping, died)
     try:
         uvicorn.run(create_app(settings, broker_connected=lambda: client.connected,
-                               answerer=_answerer(base, rank)), host=host, port=port)
+                               answerer=_answerer(base)), host=host, port=port)
     finally:
         stopping.set()
         service.stop()
@@ -205,24 +200,23 @@ def _stop_when_a_service_dies(services: list[_Service], stopping: threading.Even
 # ------------------------------------------------------------------------------ assembly
 
 
-def _load_base(settings: CloudSettings, rank: int) -> LoadedBase:
+def _load_base(settings: CloudSettings) -> LoadedBase:
+    """The current base, its NanoAdapters at the config its manifest records."""
     from cloud.base.build import load_base
     from cloud.base.manifest import BaseNotBuiltError
-    from shared.adapters import AdapterConfig
 
     try:
-        return load_base(settings.home, adapter_config=AdapterConfig(rank=rank, alpha=2.0 * rank))
+        return load_base(settings.home)
     except BaseNotBuiltError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(code=1) from err
 
 
-def _answerer(base: LoadedBase, rank: int) -> ModelAnswerer:
+def _answerer(base: LoadedBase) -> ModelAnswerer:
     """The dashboard's "ask the model": its own NanoEdge over the base, the newest version."""
     from cloud.ask import answerer_for_base
-    from shared.adapters import AdapterConfig
 
-    return answerer_for_base(base, AdapterConfig(rank=rank, alpha=2.0 * rank))
+    return answerer_for_base(base, base.adapter_config)
 
 
 def coordinator_client(settings: CloudSettings) -> MqttClient:
@@ -235,7 +229,7 @@ def coordinator_client(settings: CloudSettings) -> MqttClient:
         max_batch=settings.ingest_batch))
 
 
-def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | None,
+def _coordinator_service(settings: CloudSettings, base: LoadedBase | None,
                          eval_questions: int) -> tuple[CoordinatorService, MqttClient]:
     from cloud.aggregation import Aggregator
     from cloud.blobs import BlobStore
@@ -250,7 +244,7 @@ def _coordinator_service(settings: CloudSettings, rank: int, base: LoadedBase | 
                                publisher=MqttPublisher(client),
                                aggregator=Aggregator(blobs, evaluator=evaluator),
                                base_version=_base_version(settings, base))
-    coordinator_.ensure_initial_version(_initial_state(settings, base, rank))
+    coordinator_.ensure_initial_version(_initial_state(settings, base))
     _sync_broker(settings)
     service = CoordinatorService(coordinator_, client, tick_interval_s=settings.tick_interval_s,
                                  max_batch=settings.ingest_batch,
@@ -279,18 +273,21 @@ def _base_version(settings: CloudSettings, base: LoadedBase | None) -> str:
         raise typer.Exit(code=1) from err
 
 
-def _initial_state(settings: CloudSettings, base: LoadedBase | None,
-                   rank: int) -> AdapterState:
-    """Fresh NanoAdapters at the base's width (seeded): the first global version."""
+def _initial_state(settings: CloudSettings, base: LoadedBase | None) -> AdapterState:
+    """Fresh NanoAdapters at the base's width and recorded config (seeded): the first global
+    version."""
     import torch
 
     from cloud.base.manifest import read_manifest
-    from shared.adapters import AdapterConfig, NanoAdapters
+    from shared.adapters import NanoAdapters
 
-    width = (base.edge.width if base is not None
-             else read_manifest(settings.home, None).config.width)
+    if base is not None:
+        width, config = base.edge.width, base.adapter_config
+    else:
+        manifest = read_manifest(settings.home, None)
+        width, config = manifest.config.width, manifest.adapter
     torch.manual_seed(0)
-    return NanoAdapters(width, AdapterConfig(rank=rank, alpha=2.0 * rank)).adapter_state_dict()
+    return NanoAdapters(width, config).adapter_state_dict()
 
 
 def _evaluator(base: LoadedBase, questions: int) -> Evaluator:

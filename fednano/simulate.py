@@ -76,7 +76,8 @@ class SimConfig(BaseModel):
     @property
     def use_lockstep(self) -> bool:
         return self.lockstep if self.lockstep is not None else self.llm_device != "cpu"
-    adapter_rank: int = Field(8, ge=1)
+    # The NanoAdapters' rank: the base's (its manifest records it); given, it must match.
+    adapter_rank: int | None = Field(None, ge=1)
     min_samples: int = Field(32, ge=1)
     max_client_samples: int | None = Field(None, ge=1)  # subsample each device's data (quick runs)
     eval_questions: int = Field(1000, ge=1)
@@ -667,7 +668,7 @@ def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = Non
         folder = None if out is None else out / method_folder(config)
         if folder is not None and (folder / "report.json").exists():
             continue
-        report = Simulation(base, task, config, cache=cache).run()
+        report = Simulation(base, task, with_base_rank(config, base), cache=cache).run()
         if folder is not None:
             save_report(report, folder)
         reports.append(report)
@@ -689,23 +690,35 @@ def method_folder(config: SimConfig) -> str:
 def load_and_run(config: SimConfig, home: Path, task: VQATask | None = None) -> SimReport:
     """Load (building it first if there is none) the base, load easy-VQA, run ``config``."""
     base, task = load_base_and_task(config, home, task)
-    return Simulation(base, task, config).run()
+    return Simulation(base, task, with_base_rank(config, base)).run()
+
+
+def with_base_rank(config: SimConfig, base: LoadedBase) -> SimConfig:
+    """``config`` with the base's adapter rank filled in (the report says what ran);
+    ``AdapterMismatchError`` when it asked for another one."""
+    from cloud.base.manifest import require_rank
+
+    adapter = require_rank(base.adapter_config, config.adapter_rank, base.version)
+    return config.model_copy(update={"adapter_rank": adapter.rank})
 
 
 def load_base_and_task(config: SimConfig, home: Path, task: VQATask | None = None,
                        ) -> tuple[LoadedBase, VQATask]:
-    """The base (built first if there is none) on ``config.llm_device``, and the task."""
+    """The base (built first if there is none, at ``config.adapter_rank``) on
+    ``config.llm_device``, and the task; ``AdapterMismatchError`` when the base records another
+    adapter rank than ``config`` asks for."""
     from cloud.base.build import build_base, load_base
-    from cloud.base.manifest import BaseNotBuiltError
-    from shared.adapters import AdapterConfig
+    from cloud.base.manifest import BaseNotBuiltError, adapter_for_rank, read_manifest, require_rank
 
-    adapter_config = AdapterConfig(rank=config.adapter_rank, alpha=2.0 * config.adapter_rank)
+    rank = config.adapter_rank
     try:
-        base = load_base(home, adapter_config=adapter_config)
+        manifest = read_manifest(home)
     except BaseNotBuiltError:
         print(f"no base under {home}: building it once (a few minutes)")
-        build_base(home)
-        base = load_base(home, adapter_config=adapter_config)
+        build_base(home, adapter=None if rank is None else adapter_for_rank(rank))
+        manifest = read_manifest(home)
+    require_rank(manifest.adapter, rank, manifest.version)  # before the LLM loads
+    base = load_base(home, manifest.version)
     base.backend.to(config.llm_device)
     task = task or load_task(config.task)
     check_alignment_data(task, base.manifest)

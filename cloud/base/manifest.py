@@ -44,10 +44,23 @@ class BaseIntegrityError(RuntimeError):
     """A file of a built base no longer matches the manifest."""
 
 
+class AdapterMismatchError(ValueError):
+    """An adapter rank asked for that the base does not record (its services would disagree)."""
+
+
 def adapter_for_rank(rank: int) -> AdapterConfig:
     """The NanoAdapters' config of a given rank: alpha = 2 x rank (the scaling stays 2), so
     the default rank 8 gives ``AdapterConfig()``."""
     return AdapterConfig(rank=rank, alpha=2.0 * rank)
+
+
+def require_rank(adapter: AdapterConfig, rank: int | None, version: str) -> AdapterConfig:
+    """``adapter`` (the base's), after refusing an explicit ``rank`` that differs from it."""
+    if rank is not None and rank != adapter.rank:
+        raise AdapterMismatchError(
+            f"base {version} records NanoAdapter rank {adapter.rank}, not {rank}: drop --rank, "
+            f"or build a base of rank {rank} with `fednano base build --rank {rank}`")
+    return adapter
 
 
 class _Strict(BaseModel):

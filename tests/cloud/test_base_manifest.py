@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cloud.base.manifest import (
     write_current,
     write_json,
 )
+from tests.recorded_base import RECORDED, RECORDED_VERSION
 
 
 def test_sha256_and_file_record(tmp_path: Path) -> None:
@@ -60,12 +60,6 @@ def test_version_id_is_canonical() -> None:
     assert a == version_id({"y": [1, 2], "x": 1})
     assert a != version_id({"x": 2, "y": [1, 2]})
     assert len(a) == 16
-
-
-RECORDED_VERSION = "2322f43975b8c383"  # the real base, built before the adapter was recorded
-RECORDED = json.loads(
-    (Path(__file__).parents[1] / "fixtures" / "base" / f"manifest-{RECORDED_VERSION}.json")
-    .read_text())
 
 
 def test_a_manifest_without_an_adapter_record_keeps_its_version() -> None:

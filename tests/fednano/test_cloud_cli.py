@@ -71,3 +71,20 @@ def test_the_coordinator_acknowledges_only_what_it_stored(monkeypatch: pytest.Mo
         monkeypatch.setenv(name, value)
     options = coordinator_client(load_settings()).options
     assert options.manual_ack and not options.clean_start and options.session_expiry_s > 0
+
+
+def test_the_cloud_takes_the_adapter_rank_from_the_base(monkeypatch: pytest.MonkeyPatch,
+                                                        env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """No --rank to disagree with: the first global version has the rank the base records."""
+    from fednano.cloud_cli import _initial_state, load_settings
+    from tests.recorded_base import write_recorded_base
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in ("serve", "api", "coordinator", "llm-worker"):
+        help_text = CliRunner().invoke(app, ["cloud", command, "--help"]).output
+        assert "--rank" not in help_text, command
+    write_recorded_base(tmp_path, adapter={"rank": 4, "alpha": 8.0})
+    state = _initial_state(load_settings(), None)
+    assert state["image.lora_A.weight"].shape == (4, 576)
