@@ -25,11 +25,28 @@ HOME_ENV = "FEDNANO_HOME"
 DEFAULT_HOME = "~/.cache/fednano"
 
 
+class _Folder:
+    """A folder under the layout's home, by the name it has on disk (``layout.llm`` is
+    ``layout.home / "llm"``): the layout reads like the tree it describes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout: Layout, owner: type[Layout] | None = None) -> Path:
+        return layout.home / self.name
+
+
 @dataclass(frozen=True)
 class Layout:
     """The sub-folders of one home; building paths here keeps them the same in every caller."""
 
     home: Path
+
+    bases = _Folder("base")  # built base versions, one folder each, and the current pointer
+    llm = _Folder("llm")  # the LLM caches, one folder per model
+    features = _Folder("features")  # feature stores, one per encoder weights and grid
+    evals = _Folder("evals")  # cached evaluation results
+    bundles = _Folder("bundles")  # exported NanoEdge bundles when no other folder is given
 
     @classmethod
     def default(cls) -> Layout:
@@ -37,34 +54,9 @@ class Layout:
         child process that sets the variable later still gets its own home."""
         return cls(Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).expanduser())
 
-    @property
-    def bases(self) -> Path:
-        """The built base versions, one folder each, and the ``current`` pointer."""
-        return self.home / "base"
-
     def base(self, version: str) -> Path:
         """The folder of one base version."""
         return self.bases / version
-
-    @property
-    def llm(self) -> Path:
-        """The LLM caches (one folder per model)."""
-        return self.home / "llm"
-
-    @property
-    def features(self) -> Path:
-        """The feature stores (one per encoder weights and grid)."""
-        return self.home / "features"
-
-    @property
-    def evals(self) -> Path:
-        """Cached evaluation results."""
-        return self.home / "evals"
-
-    @property
-    def bundles(self) -> Path:
-        """Exported NanoEdge bundles when no other folder is given."""
-        return self.home / "bundles"
 
     @property
     def data(self) -> Path:

@@ -16,6 +16,7 @@ from fednano import sim_options as opts
 from fednano.choices import simulation_baselines, strategy_help
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
+from shared.version_option import add_version_option
 
 app = typer.Typer(
     help="FedNano: federated tuning of multimodal LLMs. The LLM stays frozen in the cloud; "
@@ -23,24 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"fednano {version('fednano')}")
-        except PackageNotFoundError:
-            print("fednano (not installed as a package)")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True,
-        help="Print the version and exit.")] = False) -> None:
-    """FedNano."""
+add_version_option(app, "fednano")
 
 
 base_app = typer.Typer(help="Build and inspect the frozen base MLLM (real pretrained weights).",

@@ -747,8 +747,18 @@ def save_report(report: SimReport, out_dir: Path) -> tuple[Path, Path]:
 
 
 def report_markdown(report: SimReport) -> str:
+    """The report as markdown: the setting and its results, then one table per view."""
+    lines = [*_summary_lines(report), "", *_round_rows(report), *_codec_rows(report), "",
+             *_client_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(report: SimReport) -> list[str]:
     cfg = report.config
-    lines = [
+    uploads = (f"- uploads compressed: delta {cfg.get('delta_codec')}, Fisher "
+               f"{cfg.get('fisher_codec')}" if cfg.get("delta_codec")
+               else "- uploads uncompressed (fp32)")
+    return [
         f"# {cfg['strategy']}: {cfg['clients']} clients, alpha={cfg['alpha']}, "
         f"{cfg['rounds']} rounds, seed {cfg['seed']}",
         "",
@@ -757,13 +767,14 @@ def report_markdown(report: SimReport) -> str:
         f"- final accuracy {report.final['accuracy']:.3f} on {report.final['n']} questions",
         f"- adapter parameters {report.adapter_parameters:,}; wall time {report.seconds:.0f} s",
         _storage_line(report.storage),
-        f"- uploads compressed: delta {cfg.get('delta_codec')}, Fisher {cfg.get('fisher_codec')}"
-        if cfg.get("delta_codec") else "- uploads uncompressed (fp32)",
-        "",
-        "| round | accuracy | loss | params up/dev | params down/dev | activations up/dev "
-        "| activations down/dev | s |",
-        "|---|---|---|---|---|---|---|---|",
+        uploads,
     ]
+
+
+def _round_rows(report: SimReport) -> list[str]:
+    lines = ["| round | accuracy | loss | params up/dev | params down/dev | activations up/dev "
+             "| activations down/dev | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report.rounds:
         acc = "" if r.accuracy is None else f"{r.accuracy:.3f}"
         lines.append(
@@ -771,16 +782,22 @@ def report_markdown(report: SimReport) -> str:
             f"{_kb(r.param_bytes_down)} | {_kb(r.activation_bytes_up)} | "
             f"{_kb(r.activation_bytes_down)} | {r.seconds:.0f} |"
         )
-    if report.codec_report:
-        lines += ["", "| codec on a real delta | bytes | vs fp32 | relative error |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['scheme']} | {c['bytes']:,} | {c['ratio_vs_fp32']:.1f}x | "
-                  f"{c['rel_error']:.2e} |" for c in report.codec_report]
+    return lines
+
+
+def _codec_rows(report: SimReport) -> list[str]:
+    if not report.codec_report:
+        return []
+    return ["", "| codec on a real delta | bytes | vs fp32 | relative error |", "|---|---|---|---|",
+            *(f"| {c['scheme']} | {c['bytes']:,} | {c['ratio_vs_fp32']:.1f}x | "
+              f"{c['rel_error']:.2e} |" for c in report.codec_report)]
+
+
+def _client_rows(report: SimReport) -> list[str]:
     columns = list(next(iter(report.per_client.values()), {}))
-    lines += ["", "| client | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for cid, vals in report.per_client.items():
-        lines.append(f"| {cid} | " + " | ".join(f"{v:.3f}" for v in vals.values()) + " |")
-    return "\n".join(lines) + "\n"
+    return ["| client | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+            *(f"| {cid} | " + " | ".join(f"{v:.3f}" for v in vals.values()) + " |"
+              for cid, vals in report.per_client.items())]
 
 
 def _storage_line(storage: dict[str, float]) -> str:

@@ -49,8 +49,6 @@ from cloud.base.manifest import (
     read_manifest,
     sha256_file,
     swap_in_dir,
-    verify_record,
-    version_id,
     write_current,
     write_json,
 )
@@ -285,7 +283,7 @@ def _save_version(
             llm_source=_llm_source(pretrained.llm_dir),
             timings_s={k: round(v, 2) for k, v in timings.items()},
         )
-        version = version_id(manifest.identity())
+        version = manifest.content_version()
         write_json(tmp / MANIFEST_NAME,
                    manifest.model_copy(update={"version": version}).model_dump(mode="json"))
         final = root / version
@@ -298,24 +296,6 @@ def _save_version(
 def _llm_source(llm_dir: Path) -> dict[str, Any]:
     path = llm_dir / SOURCE_NAME
     return read_json(path) if path.is_file() else {}
-
-
-def verify_base(
-    home: Path, manifest: BaseManifest, *, encoder_weights: Path | None = None,
-    full: bool = False,
-) -> None:
-    """Raise ``BaseIntegrityError`` if a file of the base differs from its manifest.
-
-    Connector and encoder weights are always hashed (``encoder_weights``: the weights file in
-    use, default the recorded path, so a reinstalled package elsewhere still verifies); the
-    LLM files are hashed only when their size or mtime changed, unless ``full=True``.
-    """
-    folder = Layout(home).base(manifest.version)
-    files = manifest.files
-    verify_record(files.connector.record(), folder)
-    verify_record(files.encoder_weights.record(), path=encoder_weights)
-    for stored in files.llm:
-        verify_record(stored.record(), home, full=full)
 
 
 def load_base(
@@ -338,7 +318,7 @@ def load_base(
     manifest = read_manifest(home, version)
     pretrained = pretrained if pretrained is not None else load_pretrained(home)
     try:
-        verify_base(home, manifest, encoder_weights=pretrained.encoder_weights, full=full_verify)
+        manifest.verify(home, encoder_weights=pretrained.encoder_weights, full=full_verify)
     except BaseIntegrityError as err:
         raise BaseIntegrityError(
             f"base {manifest.version} no longer matches its manifest ({err}); "

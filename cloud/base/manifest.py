@@ -14,23 +14,22 @@ when it is not the default, so the versions of bases built before it was recorde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from cloud.layout import Layout
 from shared.adapters import AdapterConfig
+from shared.bundle import bundle_version_id, sha256_file
 from shared.files import atomic_write
 from shared.prompts import PromptTemplate
 
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "current"
-_CHUNK = 1 << 20
 # mkstemp/mkdtemp create 0600/0700 entries; published files get ordinary permissions.
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -100,11 +99,11 @@ class BaseConfig(_Strict):
 
     encoder: str
     llm: str
-    grid: int = Field(ge=1)
-    n_visual: int = Field(ge=1)
-    in_channels: int = Field(ge=1)
-    width: int = Field(ge=1)
-    hidden: int = Field(ge=1)
+    grid: PositiveInt
+    n_visual: PositiveInt
+    in_channels: PositiveInt
+    width: PositiveInt
+    hidden: PositiveInt
     vqa_template: PromptTemplate
     features_dir: str
 
@@ -122,6 +121,23 @@ class BaseManifest(_Strict):
     llm_source: dict[str, Any] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)
 
+    def verify(self, home: Path, *, encoder_weights: Path | None = None,
+               full: bool = False) -> None:
+        """Raise ``BaseIntegrityError`` if a file of the base differs from this manifest.
+
+        Connector and encoder weights are always hashed (``encoder_weights``: the weights file
+        in use, default the recorded path, so a reinstalled package elsewhere still verifies);
+        the LLM files are hashed only when their size or mtime changed, unless ``full=True``.
+        """
+        verify_record(self.files.connector.record(), Layout(home).base(self.version))
+        verify_record(self.files.encoder_weights.record(), path=encoder_weights)
+        for stored in self.files.llm:
+            verify_record(stored.record(), home, full=full)
+
+    def content_version(self) -> str:
+        """The version id this manifest's content gives (``version`` once written)."""
+        return version_id(self.identity())
+
     def identity(self) -> dict[str, Any]:
         """What defines the base (``version_id`` hashes it): unchanged for a default adapter."""
         identity = {"config": self.config.model_dump(mode="json"),
@@ -130,15 +146,6 @@ class BaseManifest(_Strict):
         if self.adapter != AdapterConfig():
             identity["adapter"] = self.adapter.model_dump(mode="json")
         return identity
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_record(path: Path, root: Path | None = None) -> dict[str, Any]:
@@ -179,9 +186,9 @@ def verify_record(
 
 
 def version_id(content: dict[str, Any]) -> str:
-    """A short id (16 hex) from the canonical JSON of what defines the base."""
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """A short id (16 hex) from the canonical JSON of what defines the base (the rule a
+    bundle's version follows too)."""
+    return bundle_version_id(content)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -5,10 +5,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
-from torch import nn
 
 from cloud.base.build import Pretrained, build_base, load_base
 from cloud.base.manifest import (
@@ -21,20 +19,7 @@ from cloud.base.manifest import (
 from shared.adapters import AdapterConfig
 from shared.data.base import VQATask
 from shared.prompts import collate
-
-C = 16
-
-
-class FakeEncoder(nn.Module):
-    out_channels = C
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(3, C, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, 7, 7)
-        return self.net(pixels)
+from tests.cloud.basekit import FakeEncoder
 
 
 class CallableTokenizer:
