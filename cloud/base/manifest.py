@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from cloud.layout import Layout
 from shared.adapters import AdapterConfig
@@ -259,6 +259,10 @@ def read_manifest(home: Path, version: str | None = None) -> BaseManifest:
         )
     try:
         return BaseManifest.model_validate(read_json(path))
-    except ValueError as err:  # pydantic's ValidationError too
-        raise BaseIntegrityError(f"{path} is not a valid base manifest ({err}); rebuild it "
-                                 "with `fednano base build`") from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "manifest"
+        raise BaseIntegrityError(f"{path} is not a valid base manifest ({where}: "
+                                 f"{first['msg']})") from err
+    except ValueError as err:  # not JSON, or not an object
+        raise BaseIntegrityError(f"{path} is not a valid base manifest ({err})") from err

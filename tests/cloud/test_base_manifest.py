@@ -79,7 +79,10 @@ def test_another_adapter_gives_another_version() -> None:
 def test_an_invalid_manifest_is_an_integrity_error(tmp_path: Path) -> None:
     write_json(tmp_path / "base" / "v1" / "manifest.json", {"version": "v1"})
     write_current(tmp_path, "v1")
-    with pytest.raises(BaseIntegrityError, match="not a valid base manifest"):
+    with pytest.raises(BaseIntegrityError, match=r"not a valid base manifest \(format: Field"):
+        read_manifest(tmp_path)
+    (tmp_path / "base" / "v1" / "manifest.json").write_text("[]")
+    with pytest.raises(BaseIntegrityError, match="must hold a JSON object"):
         read_manifest(tmp_path)
 
 
