@@ -550,9 +550,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_home() -> Path:
-    from cloud.settings import _default_home as cloud_home
+    from cloud.layout import Layout
 
-    return cloud_home()
+    return Layout.default().home
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud.db.session import normalize_url, sqlite_url
+from cloud.layout import Layout
 from shared.mqtt import BrokerAddress
 
 DEFAULT_SECRET = "changethis"
@@ -28,17 +29,13 @@ class SettingsWarning(UserWarning):
     """A setting that works but must not stay as it is (the CLI shows it as one line)."""
 
 
-def _default_home() -> Path:
-    return Path("~/.cache/fednano").expanduser()
-
-
 class CloudSettings(BaseSettings):
     """Settings of the cloud services (API, coordinator, LLM workers)."""
 
     model_config = SettingsConfigDict(env_prefix="FEDNANO_", extra="forbid")
 
     environment: Literal["development", "test", "production"] = "development"
-    home: Path = Field(default_factory=_default_home,
+    home: Path = Field(default_factory=lambda: Layout.default().home,
                        description="models and caches (the frozen base), and by default the "
                                    "cloud's own data")
     data_dir: Path | None = Field(
@@ -139,7 +136,7 @@ class CloudSettings(BaseSettings):
     @property
     def resolved_data_dir(self) -> Path:
         """``data_dir``, or ``home``."""
-        return self.data_dir or self.home
+        return self.data_dir or Layout(self.home).data
 
     @property
     def resolved_database_url(self) -> str:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fednano.processes import launcher
+from fednano.processes import Child, launcher
 
 MAX_PACKET_SIZE = 8 * 2**20  # 8 MiB, as in scripts/services.sh and DEFAULT_MAX_MESSAGE_BYTES
 MAX_QUEUED_MESSAGES = 10_000
@@ -129,7 +129,7 @@ def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACK
     ])
 
 
-class Mosquitto:
+class Mosquitto(Child):
     """A private broker; write its dynamic-security file into ``folder`` before ``start``.
 
     ``folder`` is a new temporary folder unless given; ``close`` deletes the folder it made.
@@ -145,7 +145,6 @@ class Mosquitto:
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.max_packet_size = max_packet_size
-        self._process: subprocess.Popen[bytes] | None = None
         (self.folder / "mosquitto.conf").write_text(mosquitto_config(
             port=self.port, folder=self.folder, max_packet_size=max_packet_size,
             persistence=persistence))
@@ -157,14 +156,6 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     # --- lifecycle ----------------------------------------------------------------------------
 

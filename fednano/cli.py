@@ -6,7 +6,6 @@ install never needs the cloud's dependencies to print help.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +16,7 @@ from fednano import sim_options as opts
 from fednano.choices import simulation_baselines, strategy_help
 from fednano.cloud_cli import cloud_app, devices_app
 from fednano.fleet.cli import demo, fleet_app
+from shared.version_option import add_version_option
 
 app = typer.Typer(
     help="FedNano: federated tuning of multimodal LLMs. The LLM stays frozen in the cloud; "
@@ -24,24 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"fednano {version('fednano')}")
-        except PackageNotFoundError:
-            print("fednano (not installed as a package)")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True,
-        help="Print the version and exit.")] = False) -> None:
-    """FedNano."""
+add_version_option(app, "fednano")
 
 
 base_app = typer.Typer(help="Build and inspect the frozen base MLLM (real pretrained weights).",
@@ -57,12 +40,8 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(fleet_app, name="fleet")
 app.command("demo")(demo)
 
-Home = Annotated[
-    Path,
-    typer.Option(envvar="FEDNANO_HOME", help="Where models, caches and bases live "
-                 "(env FEDNANO_HOME).", show_default=True),
-]
-DEFAULT_HOME = Path(os.path.expanduser("~/.cache/fednano"))
+Home = Annotated[Path, opts.home_option("Where models, caches and bases live "
+                                        "(env FEDNANO_HOME).")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)]
 
 
@@ -84,37 +63,42 @@ def _log_cloud_steps() -> None:
 
 @base_app.command("build")
 def base_build(
-    home: Home = DEFAULT_HOME,
+    home: Home,
     align_steps: Annotated[int, typer.Option(help="Connector-alignment steps (projector only).",
                                              min=1)] = 200,
     grid: Annotated[int, typer.Option(help="Visual tokens = grid x grid.", min=1)] = 2,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     seed: int = 0,
+    rank: Annotated[int | None, typer.Option(
+        help="NanoAdapter rank every service of this base uses (alpha = 2 x rank), recorded "
+             "in its manifest. Default: AdapterConfig's (8).", min=1,
+        show_default=False)] = None,
     threads: Threads = 0,
 ) -> None:
     """Load SmolLM2 + EfficientNet-Lite0, align the connector, save a versioned base."""
     from cloud.base.build import build_base
+    from cloud.base.manifest import adapter_for_rank
 
     _log_cloud_steps()
     _threads(threads)
-    folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed)
+    folder = build_base(home, grid=grid, align_steps=align_steps, batch_size=batch_size, seed=seed,
+                        adapter=None if rank is None else adapter_for_rank(rank))
     console.print(f"[green]base built[/green]: {folder}")
 
 
 @base_app.command("info")
-def base_info(home: Home = DEFAULT_HOME) -> None:
-    """Print the current base's manifest (version, hashes, alignment)."""
-    import json
-
+def base_info(home: Home) -> None:
+    """Print the current base's manifest (version, hashes, alignment, adapter config)."""
     from cloud.base.manifest import read_manifest
 
-    console.print_json(json.dumps(read_manifest(home, None)))
+    console.print_json(read_manifest(home, None).model_dump_json())
 
 
 @bundle_app.command("export")
 def bundle_export(
     out: Annotated[Path, typer.Option(help="Folder for bundles: writes OUT/<bundle_version>/.",
                                       show_default=False)],
+    home: Home,
     precision: Annotated[Literal["int8", "fp32"], typer.Option(
         help="Encoder + connector graph: static QDQ int8 (calibrated) or fp32.")] = "int8",
     embedder_dtype: Annotated[Literal["float16", "int8"], typer.Option(
@@ -127,7 +111,6 @@ def bundle_export(
     calibration_images: Annotated[int, typer.Option(min=1)] = 64,
     holdout_images: Annotated[int, typer.Option(min=1)] = 32,
     archive: Annotated[bool, typer.Option(help="Also write OUT/<bundle_version>.tar.")] = False,
-    home: Home = DEFAULT_HOME,
     threads: Threads = 0,
 ) -> None:
     """Export the current base as a device bundle: an int8 encoder graph for onnxruntime's CPU
@@ -165,6 +148,7 @@ def footprint(
 
 @app.command()
 def simulate(
+    home: Home,
     strategy: Annotated[list[str] | None, typer.Option(
         help=f"A method: a strategy name, {strategy_help(simulation_baselines())}, "
              "optionally with strategy options as NAME:KEY=VALUE,... (e.g. "
@@ -182,7 +166,10 @@ def simulate(
     steps: opts.Steps = opts.STEPS,
     batch_size: opts.BatchSize = opts.BATCH_SIZE,
     lr: opts.Lr = opts.LR,
-    rank: Annotated[int, typer.Option(help="NanoAdapter rank.", min=1)] = 8,
+    rank: Annotated[int | None, typer.Option(
+        help="NanoAdapter rank: the base's (`fednano base build --rank`); given, it must be "
+             "the base's (or the rank a missing base is built with).", min=1,
+        show_default=False)] = None,
     prox_mu: Annotated[float, typer.Option(help="FedProx proximal weight.")] = 0.01,
     fisher_samples: opts.FisherSamples = opts.FISHER_SAMPLES,
     fisher_normalize: Annotated[str | None, typer.Option(
@@ -219,7 +206,6 @@ def simulate(
     = None,
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and report.md.")]
     = None,
-    home: Home = DEFAULT_HOME,
     threads: Threads = 0,
     clients: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
     max_client_samples: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
@@ -227,6 +213,7 @@ def simulate(
     """Federated simulation in one process on the real base and easy-VQA."""
     from pydantic import ValidationError
 
+    from cloud.base.manifest import AdapterMismatchError
     from fednano.simulate import SimConfig, parse_method
     from shared.training import TrainConfig
 
@@ -253,10 +240,13 @@ def simulate(
     except ValidationError as err:
         raise typer.BadParameter(_first_error(err)) from err
     _threads(threads)
-    if len(configs) == 1:
-        run_simulation(configs[0], home, out)
-        return
-    run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
+    try:
+        if len(configs) == 1:
+            run_simulation(configs[0], home, out)
+            return
+        run_paired(configs, home, out or Path("runs") / _run_name(configs[0]))
+    except AdapterMismatchError as err:
+        raise typer.BadParameter(str(err), param_hint="--rank") from err
 
 
 def run_simulation(config: object, home: Path, out: Path | None) -> None:

@@ -33,7 +33,22 @@ def launcher() -> list[str]:
     return [setpriv, "--pdeathsig", "SIGTERM", "--"] if setpriv else []
 
 
-class ManagedProcess:
+class Child:
+    """A handle on at most one child process at a time (``_process``, None before the first
+    start): what it can tell without touching the process."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+class ManagedProcess(Child):
     """One command in its own process group, logging to ``log_path`` (appended)."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
@@ -46,15 +61,6 @@ class ManagedProcess:
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self.starts = 0
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     @property
     def returncode(self) -> int | None:

@@ -11,10 +11,11 @@ here keep their old names as hidden aliases that still work and print a one-line
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cloud.layout import DEFAULT_HOME, HOME_ENV, Layout
 from shared import training_defaults as training
 
 DEVICES = 5
@@ -45,6 +46,13 @@ RoundEvalQuestions = Annotated[int, typer.Option(
 Seed = Annotated[int, typer.Option(help="Seed of the data split, the adapters and the batches.")]
 
 T = TypeVar("T")
+
+
+def home_option(help: str) -> Any:
+    """``--home`` (env ``FEDNANO_HOME``): its default is ``Layout.default()``, taken when the
+    command runs, so every command agrees with the cloud settings on where home is."""
+    return typer.Option(envvar=HOME_ENV, default_factory=lambda: Layout.default().home,
+                        show_default=f"${HOME_ENV} or {DEFAULT_HOME}", help=help)
 
 
 def renamed(value: T, old_value: T | None, *, old: str, new: str, default: T) -> T:

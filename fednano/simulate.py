@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm.auto import tqdm
 
 from cloud.base.build import LoadedBase
+from cloud.layout import Layout
 from cloud.strategies import STRATEGIES, make_strategy
 from edge.trainer import RoundResult, local_steps, run_round
 from fednano.lockstep import run_rounds_lockstep
@@ -75,7 +76,8 @@ class SimConfig(BaseModel):
     @property
     def use_lockstep(self) -> bool:
         return self.lockstep if self.lockstep is not None else self.llm_device != "cpu"
-    adapter_rank: int = Field(8, ge=1)
+    # The NanoAdapters' rank: the base's (its manifest records it); given, it must match.
+    adapter_rank: int | None = Field(None, ge=1)
     min_samples: int = Field(32, ge=1)
     max_client_samples: int | None = Field(None, ge=1)  # subsample each device's data (quick runs)
     eval_questions: int = Field(1000, ge=1)
@@ -264,7 +266,7 @@ class Simulation:
         """The base's accuracy (identity adapters) on the eval set, cached per base and set."""
         keys = "|".join(f"{s.image_key}:{s.question}" for s in self.eval_set)
         digest = hashlib.sha256(keys.encode()).hexdigest()[:16]
-        path = self.base.home / "evals" / f"zero-shot-{self.base.version}-{digest}.json"
+        path = Layout(self.base.home).evals / f"zero-shot-{self.base.version}-{digest}.json"
         if path.exists():
             return EvalResult(**json.loads(path.read_text()))
         result = self.evaluate(identity, self.eval_set)
@@ -666,7 +668,7 @@ def run_methods(configs: Sequence[SimConfig], home: Path, out: Path | None = Non
         folder = None if out is None else out / method_folder(config)
         if folder is not None and (folder / "report.json").exists():
             continue
-        report = Simulation(base, task, config, cache=cache).run()
+        report = Simulation(base, task, with_base_rank(config, base), cache=cache).run()
         if folder is not None:
             save_report(report, folder)
         reports.append(report)
@@ -688,23 +690,35 @@ def method_folder(config: SimConfig) -> str:
 def load_and_run(config: SimConfig, home: Path, task: VQATask | None = None) -> SimReport:
     """Load (building it first if there is none) the base, load easy-VQA, run ``config``."""
     base, task = load_base_and_task(config, home, task)
-    return Simulation(base, task, config).run()
+    return Simulation(base, task, with_base_rank(config, base)).run()
+
+
+def with_base_rank(config: SimConfig, base: LoadedBase) -> SimConfig:
+    """``config`` with the base's adapter rank filled in (the report says what ran);
+    ``AdapterMismatchError`` when it asked for another one."""
+    from cloud.base.manifest import require_rank
+
+    adapter = require_rank(base.adapter_config, config.adapter_rank, base.version)
+    return config.model_copy(update={"adapter_rank": adapter.rank})
 
 
 def load_base_and_task(config: SimConfig, home: Path, task: VQATask | None = None,
                        ) -> tuple[LoadedBase, VQATask]:
-    """The base (built first if there is none) on ``config.llm_device``, and the task."""
+    """The base (built first if there is none, at ``config.adapter_rank``) on
+    ``config.llm_device``, and the task; ``AdapterMismatchError`` when the base records another
+    adapter rank than ``config`` asks for."""
     from cloud.base.build import build_base, load_base
-    from cloud.base.manifest import BaseNotBuiltError
-    from shared.adapters import AdapterConfig
+    from cloud.base.manifest import BaseNotBuiltError, adapter_for_rank, read_manifest, require_rank
 
-    adapter_config = AdapterConfig(rank=config.adapter_rank, alpha=2.0 * config.adapter_rank)
+    rank = config.adapter_rank
     try:
-        base = load_base(home, adapter_config=adapter_config)
+        manifest = read_manifest(home)
     except BaseNotBuiltError:
         print(f"no base under {home}: building it once (a few minutes)")
-        build_base(home)
-        base = load_base(home, adapter_config=adapter_config)
+        build_base(home, adapter=None if rank is None else adapter_for_rank(rank))
+        manifest = read_manifest(home)
+    require_rank(manifest.adapter, rank, manifest.version)  # before the LLM loads
+    base = load_base(home, manifest.version)
     base.backend.to(config.llm_device)
     task = task or load_task(config.task)
     check_alignment_data(task, base.manifest)
@@ -733,8 +747,18 @@ def save_report(report: SimReport, out_dir: Path) -> tuple[Path, Path]:
 
 
 def report_markdown(report: SimReport) -> str:
+    """The report as markdown: the setting and its results, then one table per view."""
+    lines = [*_summary_lines(report), "", *_round_rows(report), *_codec_rows(report), "",
+             *_client_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(report: SimReport) -> list[str]:
     cfg = report.config
-    lines = [
+    uploads = (f"- uploads compressed: delta {cfg.get('delta_codec')}, Fisher "
+               f"{cfg.get('fisher_codec')}" if cfg.get("delta_codec")
+               else "- uploads uncompressed (fp32)")
+    return [
         f"# {cfg['strategy']}: {cfg['clients']} clients, alpha={cfg['alpha']}, "
         f"{cfg['rounds']} rounds, seed {cfg['seed']}",
         "",
@@ -743,13 +767,14 @@ def report_markdown(report: SimReport) -> str:
         f"- final accuracy {report.final['accuracy']:.3f} on {report.final['n']} questions",
         f"- adapter parameters {report.adapter_parameters:,}; wall time {report.seconds:.0f} s",
         _storage_line(report.storage),
-        f"- uploads compressed: delta {cfg.get('delta_codec')}, Fisher {cfg.get('fisher_codec')}"
-        if cfg.get("delta_codec") else "- uploads uncompressed (fp32)",
-        "",
-        "| round | accuracy | loss | params up/dev | params down/dev | activations up/dev "
-        "| activations down/dev | s |",
-        "|---|---|---|---|---|---|---|---|",
+        uploads,
     ]
+
+
+def _round_rows(report: SimReport) -> list[str]:
+    lines = ["| round | accuracy | loss | params up/dev | params down/dev | activations up/dev "
+             "| activations down/dev | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report.rounds:
         acc = "" if r.accuracy is None else f"{r.accuracy:.3f}"
         lines.append(
@@ -757,16 +782,22 @@ def report_markdown(report: SimReport) -> str:
             f"{_kb(r.param_bytes_down)} | {_kb(r.activation_bytes_up)} | "
             f"{_kb(r.activation_bytes_down)} | {r.seconds:.0f} |"
         )
-    if report.codec_report:
-        lines += ["", "| codec on a real delta | bytes | vs fp32 | relative error |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['scheme']} | {c['bytes']:,} | {c['ratio_vs_fp32']:.1f}x | "
-                  f"{c['rel_error']:.2e} |" for c in report.codec_report]
+    return lines
+
+
+def _codec_rows(report: SimReport) -> list[str]:
+    if not report.codec_report:
+        return []
+    return ["", "| codec on a real delta | bytes | vs fp32 | relative error |", "|---|---|---|---|",
+            *(f"| {c['scheme']} | {c['bytes']:,} | {c['ratio_vs_fp32']:.1f}x | "
+              f"{c['rel_error']:.2e} |" for c in report.codec_report)]
+
+
+def _client_rows(report: SimReport) -> list[str]:
     columns = list(next(iter(report.per_client.values()), {}))
-    lines += ["", "| client | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for cid, vals in report.per_client.items():
-        lines.append(f"| {cid} | " + " | ".join(f"{v:.3f}" for v in vals.values()) + " |")
-    return "\n".join(lines) + "\n"
+    return ["| client | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+            *(f"| {cid} | " + " | ".join(f"{v:.3f}" for v in vals.values()) + " |"
+              for cid, vals in report.per_client.items())]
 
 
 def _storage_line(storage: dict[str, float]) -> str:

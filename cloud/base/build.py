@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -41,18 +40,19 @@ from cloud.base.features import FeatureStore, feature_dir
 from cloud.base.llm import LLM_DESCRIPTION, SOURCE_NAME, llm_cache_dir, load_llm
 from cloud.base.manifest import (
     MANIFEST_NAME,
+    BaseConfig,
+    BaseFiles,
     BaseIntegrityError,
-    base_root,
+    BaseManifest,
     file_record,
     read_json,
     read_manifest,
     sha256_file,
     swap_in_dir,
-    verify_record,
-    version_id,
     write_current,
     write_json,
 )
+from cloud.layout import Layout
 from cloud.llm_backend import InProcessLLM
 from cloud.split import frozen_embedding_copy, split_causal_lm
 from shared.adapters import AdapterConfig
@@ -69,8 +69,8 @@ MANIFEST_FORMAT = 1
 
 
 def default_home() -> Path:
-    """``$FEDNANO_HOME`` or ``~/.cache/fednano`` (read when called, not at import)."""
-    return Path(os.environ.get("FEDNANO_HOME", "~/.cache/fednano")).expanduser()
+    """``Layout.default().home``: ``$FEDNANO_HOME`` or ``~/.cache/fednano``, read when called."""
+    return Layout.default().home
 
 
 @dataclass
@@ -114,6 +114,8 @@ class LoadedBase:
 
     version: str
     home: Path
+    # manifest.json as read and checked (``BaseManifest``), as plain JSON for the callers
+    # (bundle export, simulation) that look up its records
     manifest: dict[str, Any]
     connector: PoolingConnector  # frozen, aligned
     edge: NanoEdge  # connector + embedder + fresh adapters, encoder attached
@@ -122,13 +124,16 @@ class LoadedBase:
     template: PromptTemplate  # the VQA prompt devices use
     features: FeatureStore  # pooled features cached for this encoder and grid
     pretrained: Pretrained = field(repr=False)
+    # the NanoAdapters' config: the one the base records unless load_base was given another
+    adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
 
     def make_edge(self, adapter_config: AdapterConfig | None = None, *,
                   with_encoder: bool = True) -> NanoEdge:
-        """Another NanoEdge over the same frozen parts, with fresh adapters (one per device)."""
+        """Another NanoEdge over the same frozen parts, with fresh adapters (one per device;
+        default: the base's adapter config)."""
         encoder = self.pretrained.encoder if with_encoder else None
-        return NanoEdge(self.connector, self.edge.embedder, adapter_config or AdapterConfig(),
-                        encoder=encoder)
+        return NanoEdge(self.connector, self.edge.embedder,
+                        adapter_config or self.adapter_config, encoder=encoder)
 
 
 def build_base(
@@ -144,6 +149,7 @@ def build_base(
     data_seed: int = 0,
     task: VQATask | None = None,
     pretrained: Pretrained | None = None,
+    adapter: AdapterConfig | None = None,
     make_current: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -152,7 +158,8 @@ def build_base(
     ``task`` defaults to ``load_easy_vqa(n_align_images, data_seed)`` (its ``align`` pairs are
     the alignment data; use the same ``data_seed`` as the device split so the reserved images
     match); ``seed`` drives the projector init and batch order; ``pretrained`` defaults to
-    ``load_pretrained(home)``.
+    ``load_pretrained(home)``; ``adapter`` (default ``AdapterConfig()``) is recorded as the
+    NanoAdapters' config every service of this base uses.
     """
     config = AlignConfig(steps=align_steps, batch_size=batch_size, lr=lr, seed=seed,
                          instruction_fraction=instruction_fraction)
@@ -179,7 +186,8 @@ def build_base(
     timings["align_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     alignment = _alignment_record(task, captions, config, losses)
-    folder = _save_version(home, connector, pretrained, store, alignment, timings)
+    folder = _save_version(home, connector, pretrained, store, alignment, timings,
+                           adapter or AdapterConfig())
     if make_current:
         write_current(home, folder.name)
     log.info("base %s built in %.0f s (loss %.3f -> %.3f)", folder.name, timings["total_s"],
@@ -193,14 +201,9 @@ def _default_task(n_align_images: int, seed: int) -> VQATask:
     return load_easy_vqa(n_align_images=n_align_images, seed=seed)
 
 
-def features_root(home: Path) -> Path:
-    """Parent folder of the feature stores (one per encoder weights and grid)."""
-    return home / "features"
-
-
 def _feature_store(home: Path, pretrained: Pretrained, grid: int) -> FeatureStore:
     sha = sha256_file(pretrained.encoder_weights)
-    return FeatureStore(feature_dir(features_root(home), encoder_name=pretrained.encoder_name,
+    return FeatureStore(feature_dir(Layout(home).features, encoder_name=pretrained.encoder_name,
                                     encoder_sha256=sha, grid=grid))
 
 
@@ -236,23 +239,18 @@ def _alignment_settings(
 
 
 def _config_record(connector: PoolingConnector, pretrained: Pretrained,
-                   store: FeatureStore) -> dict[str, Any]:
+                   store: FeatureStore) -> BaseConfig:
     first = connector.projector[0]
     assert isinstance(first, nn.Linear)  # PoolingConnector's projector starts with its Linear
-    return {
-        "encoder": pretrained.encoder_name,
-        "llm": pretrained.llm_name,
-        "grid": connector.grid,
-        "n_visual": connector.num_tokens,
-        "in_channels": connector.in_channels,
-        "width": connector.width,
-        "hidden": first.out_features,
-        "vqa_template": dataclasses.asdict(VQA_TEMPLATE),
-        "features_dir": store.directory.name,
-    }
+    return BaseConfig(
+        encoder=pretrained.encoder_name, llm=pretrained.llm_name, grid=connector.grid,
+        n_visual=connector.num_tokens, in_channels=connector.in_channels,
+        width=connector.width, hidden=first.out_features, vqa_template=VQA_TEMPLATE,
+        features_dir=store.directory.name,
+    )
 
 
-def _file_records(home: Path, folder: Path, pretrained: Pretrained) -> dict[str, Any]:
+def _file_records(home: Path, folder: Path, pretrained: Pretrained) -> BaseFiles:
     """Connector relative to its version folder, LLM files relative to ``home`` when inside it
     (so a moved home stays valid), the encoder weights by absolute path (a package file)."""
     llm_dir, home = pretrained.llm_dir.resolve(), home.resolve()
@@ -260,34 +258,34 @@ def _file_records(home: Path, folder: Path, pretrained: Pretrained) -> dict[str,
         file_record(p, home if p.is_relative_to(home) else None)
         for p in sorted(llm_dir.rglob("*")) if p.is_file()
     ]
-    return {
+    return BaseFiles.model_validate({
         "connector": file_record(folder / CONNECTOR_NAME, folder),
         "encoder_weights": file_record(pretrained.encoder_weights.resolve()),
         "llm": llm_files,
-    }
+    })
 
 
 def _save_version(
     home: Path, connector: PoolingConnector, pretrained: Pretrained, store: FeatureStore,
-    alignment: dict[str, Any], timings: dict[str, float],
+    alignment: dict[str, Any], timings: dict[str, float], adapter: AdapterConfig,
 ) -> Path:
-    root = base_root(home)
+    root = Layout(home).bases
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
     try:
         save_file({k: v.contiguous() for k, v in connector.state_dict().items()},
                   tmp / CONNECTOR_NAME)
-        config = _config_record(connector, pretrained, store)
-        files = _file_records(home, tmp, pretrained)
-        identity = {"config": config, "files": _hashes(files), "alignment": alignment["settings"]}
-        version = version_id(identity)
-        write_json(tmp / MANIFEST_NAME, {
-            "format": MANIFEST_FORMAT, "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": config, "files": files, "alignment": alignment,
-            "llm_source": _llm_source(pretrained.llm_dir),
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        })
+        manifest = BaseManifest(
+            format=MANIFEST_FORMAT, version="",
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            config=_config_record(connector, pretrained, store),
+            files=_file_records(home, tmp, pretrained), alignment=alignment, adapter=adapter,
+            llm_source=_llm_source(pretrained.llm_dir),
+            timings_s={k: round(v, 2) for k, v in timings.items()},
+        )
+        version = manifest.content_version()
+        write_json(tmp / MANIFEST_NAME,
+                   manifest.model_copy(update={"version": version}).model_dump(mode="json"))
         final = root / version
         swap_in_dir(tmp, final)
     finally:
@@ -295,33 +293,9 @@ def _save_version(
     return final
 
 
-def _hashes(files: dict[str, Any]) -> dict[str, Any]:
-    return {"connector": files["connector"]["sha256"],
-            "encoder_weights": files["encoder_weights"]["sha256"],
-            "llm": sorted(r["sha256"] for r in files["llm"])}
-
-
 def _llm_source(llm_dir: Path) -> dict[str, Any]:
     path = llm_dir / SOURCE_NAME
     return read_json(path) if path.is_file() else {}
-
-
-def verify_base(
-    home: Path, manifest: dict[str, Any], *, encoder_weights: Path | None = None,
-    full: bool = False,
-) -> None:
-    """Raise ``BaseIntegrityError`` if a file of the base differs from its manifest.
-
-    Connector and encoder weights are always hashed (``encoder_weights``: the weights file in
-    use, default the recorded path, so a reinstalled package elsewhere still verifies); the
-    LLM files are hashed only when their size or mtime changed, unless ``full=True``.
-    """
-    folder = base_root(home) / manifest["version"]
-    files = manifest["files"]
-    verify_record(files["connector"], folder)
-    verify_record(files["encoder_weights"], path=encoder_weights)
-    for record in files["llm"]:
-        verify_record(record, home, full=full)
 
 
 def load_base(
@@ -334,6 +308,9 @@ def load_base(
 ) -> LoadedBase:
     """Load a built base (default: ``current``), verified against its manifest.
 
+    Its NanoAdapters take the base's recorded ``AdapterConfig`` unless ``adapter_config`` is
+    given (a tool trying another rank on the same frozen parts).
+
     Raises ``BaseNotBuiltError`` (telling you to run ``fednano base build``) when there is none
     and ``BaseIntegrityError`` when a file changed since the build. Pass ``pretrained`` to reuse
     models already loaded in this process.
@@ -341,30 +318,31 @@ def load_base(
     manifest = read_manifest(home, version)
     pretrained = pretrained if pretrained is not None else load_pretrained(home)
     try:
-        verify_base(home, manifest, encoder_weights=pretrained.encoder_weights, full=full_verify)
+        manifest.verify(home, encoder_weights=pretrained.encoder_weights, full=full_verify)
     except BaseIntegrityError as err:
         raise BaseIntegrityError(
-            f"base {manifest['version']} no longer matches its manifest ({err}); "
+            f"base {manifest.version} no longer matches its manifest ({err}); "
             "rebuild it with `fednano base build`"
         ) from err
     connector = _load_connector(home, manifest)
-    edge, backend = split_causal_lm(
-        pretrained.model, connector, pretrained.encoder, adapter_config or AdapterConfig()
-    )
-    store = FeatureStore(home / "features" / manifest["config"]["features_dir"])
+    adapter_config = adapter_config or manifest.adapter
+    edge, backend = split_causal_lm(pretrained.model, connector, pretrained.encoder,
+                                    adapter_config)
+    store = FeatureStore(Layout(home).features / manifest.config.features_dir)
     return LoadedBase(
-        version=manifest["version"], home=home, manifest=manifest, connector=connector,
+        version=manifest.version, home=home, manifest=manifest.model_dump(mode="json"),
+        connector=connector,
         edge=edge, backend=backend,
         tokenizer=HFTokenizer(pretrained.tokenizer),
-        template=PromptTemplate(**manifest["config"]["vqa_template"]),
-        features=store, pretrained=pretrained,
+        template=manifest.config.vqa_template,
+        features=store, pretrained=pretrained, adapter_config=adapter_config,
     )
 
 
-def _load_connector(home: Path, manifest: dict[str, Any]) -> PoolingConnector:
-    config = manifest["config"]
-    connector = PoolingConnector(config["in_channels"], config["width"], grid=config["grid"],
-                                 hidden=config["hidden"])
-    state = load_file(base_root(home) / manifest["version"] / CONNECTOR_NAME)
+def _load_connector(home: Path, manifest: BaseManifest) -> PoolingConnector:
+    config = manifest.config
+    connector = PoolingConnector(config.in_channels, config.width, grid=config.grid,
+                                 hidden=config.hidden)
+    state = load_file(Layout(home).base(manifest.version) / CONNECTOR_NAME)
     connector.load_state_dict(state, strict=True)
     return connector.requires_grad_(False).eval()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cloud.base.manifest import read_json, sha256_file, swap_in_dir, write_json
+from cloud.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def find_gguf() -> Path:
 
 def llm_cache_dir(home: Path) -> Path:
     """Where the safetensors copy of the LLM (and its tokenizer) lives."""
-    return home / "llm" / LLM_NAME
+    return Layout(home).llm / LLM_NAME
 
 
 def load_llm(home: Path, gguf: Path | None = None) -> tuple[Any, Any]:

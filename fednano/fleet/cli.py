@@ -5,7 +5,6 @@ Heavy imports happen inside the commands, so ``--help`` is instant.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from datetime import datetime
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from cloud.layout import Layout
 from fednano import sim_options as opts
 from fednano.choices import strategy_help, strategy_parser
 
@@ -29,9 +29,8 @@ fleet_app = typer.Typer(help="A simulated device fleet: N fednano-edge processes
 # Piped (CI, a log file): wide enough for the report's tables.
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
-Home = Annotated[Path, typer.Option(envvar="FEDNANO_HOME", help="Where the frozen base lives "
-                                    "(built there if missing; env FEDNANO_HOME).")]
-DEFAULT_HOME = Path(os.path.expanduser("~/.cache/fednano"))
+Home = Annotated[Path, opts.home_option("Where the frozen base lives (built there if missing; "
+                                        "env FEDNANO_HOME).")]
 
 
 def _stop_on_signals() -> None:
@@ -53,7 +52,7 @@ def run_fleet(options: FleetOptions, *, out: Path, home: Path, bundles: Path | N
     from fednano.fleet.runner import FleetError, FleetPaths, FleetRunner
 
     paths = FleetPaths(out=out.resolve(), home=home.expanduser().resolve(),
-                       bundles=(bundles or home / "bundles").expanduser().resolve())
+                       bundles=(bundles or Layout(home).bundles).expanduser().resolve())
     _stop_on_signals()
     runner = FleetRunner(options, paths, console=console, overwrite=overwrite,
                          keep_serving=keep_serving)
@@ -82,6 +81,7 @@ def _default_out(kind: str) -> Path:
 
 @fleet_app.command("simulate")
 def simulate(
+    home: Home,
     devices: opts.Devices = opts.DEVICES,
     alpha: opts.Alpha = opts.ALPHA,
     rounds: opts.Rounds = opts.ROUNDS,
@@ -112,7 +112,6 @@ def simulate(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/fleet/<time>).",
                                              show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete what is in --out first.")] = False,
-    home: Home = DEFAULT_HOME,
     bundles: Annotated[Path | None, typer.Option(help="Exported bundles (default HOME/bundles; "
                                                  "exported there if missing).",
                                                  show_default=False)] = None,
@@ -147,11 +146,11 @@ DEMO_OPTIONS = {"devices": 3, "alpha": 0.5, "rounds": 3, "steps": 10, "batch_siz
 
 
 def demo(
+    home: Home,
     out: Annotated[Path, typer.Option(help="Run folder (replaced at every demo).")]
     = Path("runs/demo/fleet"),
     serve: Annotated[bool, typer.Option(help="After the rounds, keep the cloud (API, "
                                         "dashboard) up until Ctrl-C.")] = False,
-    home: Home = DEFAULT_HOME,
 ) -> None:
     """The demo: SQLite, a private Mosquitto, the all-in-one cloud and 3 devices train
     FedNano adapters on easy-VQA for 3 rounds with the real weights; prints the results."""

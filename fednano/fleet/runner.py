@@ -96,13 +96,13 @@ def ensure_base(home: Path, logs: Path, console: Console) -> str:
     from cloud.base.manifest import BaseNotBuiltError, read_manifest
 
     try:
-        return str(read_manifest(home, None)["version"])
+        return read_manifest(home, None).version
     except BaseNotBuiltError:
         console.print(f"no base under {home}: building it once from the packaged weights "
                       f"(a few minutes; log {logs / 'base-build.log'})", highlight=False)
     _run_step([sys.executable, "-m", "fednano.cli", "base", "build", "--home", str(home)],
               logs / "base-build.log", "fednano base build", console)
-    return str(read_manifest(home, None)["version"])
+    return read_manifest(home, None).version
 
 
 def ensure_bundle(home: Path, bundles: Path, base_version: str, logs: Path,

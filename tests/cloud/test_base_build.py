@@ -5,29 +5,21 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
-from torch import nn
 
 from cloud.base.build import Pretrained, build_base, load_base
-from cloud.base.manifest import BaseIntegrityError, BaseNotBuiltError, read_current
+from cloud.base.manifest import (
+    BaseIntegrityError,
+    BaseNotBuiltError,
+    adapter_for_rank,
+    read_current,
+    read_manifest,
+)
+from shared.adapters import AdapterConfig
 from shared.data.base import VQATask
 from shared.prompts import collate
-
-C = 16
-
-
-class FakeEncoder(nn.Module):
-    out_channels = C
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(3, C, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, 7, 7)
-        return self.net(pixels)
+from tests.cloud.basekit import FakeEncoder
 
 
 class CallableTokenizer:
@@ -64,9 +56,9 @@ def pretrained(tmp_path: Path, tiny_llm, word_tokenizer) -> Pretrained:  # type:
                       encoder_name="fake-encoder", llm_name="tiny-llama")
 
 
-def _build(home: Path, pretrained: Pretrained) -> Path:
+def _build(home: Path, pretrained: Pretrained, adapter: AdapterConfig | None = None) -> Path:
     return build_base(home, grid=2, align_steps=4, batch_size=4, lr=1e-2, task=_task(),
-                      pretrained=pretrained, progress=False)
+                      pretrained=pretrained, adapter=adapter, progress=False)
 
 
 def test_build_then_load_round_trip(tmp_path: Path, pretrained: Pretrained) -> None:
@@ -97,6 +89,20 @@ def test_rebuild_is_reproducible(tmp_path: Path, pretrained: Pretrained) -> None
     home = tmp_path / "home"
     first = _build(home, pretrained)
     assert _build(home, pretrained) == first  # same inputs, same content hashes, same id
+
+
+def test_the_base_records_the_adapter_config_its_services_use(
+        tmp_path: Path, pretrained: Pretrained) -> None:
+    home = tmp_path / "home"
+    default = _build(home, pretrained)
+    assert json.loads((default / "manifest.json").read_text())["adapter"]["rank"] == 8
+    rank4 = _build(home, pretrained, adapter_for_rank(4))
+    assert rank4 != default  # not the same version under another rank
+    assert read_manifest(home).adapter == AdapterConfig(rank=4, alpha=8.0)
+    base = load_base(home, pretrained=pretrained)
+    assert base.adapter_config.rank == base.edge.adapters.config.rank == 4
+    assert base.make_edge(with_encoder=False).adapters.config.rank == 4
+    assert load_base(home, default.name, pretrained=pretrained).adapter_config.rank == 8
 
 
 def test_load_refuses_missing_or_tampered_bases(tmp_path: Path, pretrained: Pretrained) -> None:

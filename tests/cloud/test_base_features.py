@@ -6,27 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from cloud.base.features import FeatureStore, feature_dir
 from shared.connector import PoolingConnector
 from shared.vision import preprocess
-
-C = 16  # channels of the fake encoder's feature map
-
-
-class FakeEncoder(nn.Module):
-    """(B, 3, 224, 224) -> (B, C, 7, 7), deterministic, a stand-in for EfficientNet."""
-
-    out_channels = C
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(3, C, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels)
+from tests.cloud.basekit import C, FakeEncoder
 
 
 class Images:

@@ -8,7 +8,9 @@ import pytest
 
 from cloud.base.manifest import (
     BaseIntegrityError,
+    BaseManifest,
     BaseNotBuiltError,
+    adapter_for_rank,
     file_record,
     read_current,
     read_manifest,
@@ -19,6 +21,7 @@ from cloud.base.manifest import (
     write_current,
     write_json,
 )
+from tests.recorded_base import RECORDED, RECORDED_VERSION
 
 
 def test_sha256_and_file_record(tmp_path: Path) -> None:
@@ -59,6 +62,30 @@ def test_version_id_is_canonical() -> None:
     assert len(a) == 16
 
 
+def test_a_manifest_without_an_adapter_record_keeps_its_version() -> None:
+    manifest = BaseManifest.model_validate(RECORDED)
+    assert manifest.adapter == adapter_for_rank(8) == manifest.adapter.__class__()
+    assert version_id(manifest.identity()) == RECORDED_VERSION == manifest.version
+    assert manifest.model_dump(mode="json") == {**RECORDED, "adapter": {
+        "rank": 8, "alpha": 16.0, "dropout": 0.0}}  # nothing else added or lost
+
+
+def test_another_adapter_gives_another_version() -> None:
+    manifest = BaseManifest.model_validate({**RECORDED, "adapter": {"rank": 4, "alpha": 8.0}})
+    assert version_id(manifest.identity()) != RECORDED_VERSION
+    assert manifest.identity()["adapter"]["rank"] == 4
+
+
+def test_an_invalid_manifest_is_an_integrity_error(tmp_path: Path) -> None:
+    write_json(tmp_path / "base" / "v1" / "manifest.json", {"version": "v1"})
+    write_current(tmp_path, "v1")
+    with pytest.raises(BaseIntegrityError, match=r"not a valid base manifest \(format: Field"):
+        read_manifest(tmp_path)
+    (tmp_path / "base" / "v1" / "manifest.json").write_text("[]")
+    with pytest.raises(BaseIntegrityError, match="must hold a JSON object"):
+        read_manifest(tmp_path)
+
+
 def test_current_pointer(tmp_path: Path) -> None:
     assert read_current(tmp_path) is None
     with pytest.raises(BaseNotBuiltError, match="fednano base build"):
@@ -66,12 +93,12 @@ def test_current_pointer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no built base version"):
         write_current(tmp_path, "v1")
     for version in ("v1", "v2"):
-        write_json(tmp_path / "base" / version / "manifest.json", {"version": version})
+        write_json(tmp_path / "base" / version / "manifest.json", {**RECORDED, "version": version})
     write_current(tmp_path, "v1")
     write_current(tmp_path, "v2")
     assert read_current(tmp_path) == "v2"
-    assert read_manifest(tmp_path)["version"] == "v2"
-    assert read_manifest(tmp_path, "v1")["version"] == "v1"
+    assert read_manifest(tmp_path).version == "v2"
+    assert read_manifest(tmp_path, "v1").version == "v1"
     with pytest.raises(BaseNotBuiltError, match="'v3' not found"):
         read_manifest(tmp_path, "v3")
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["current", "v1", "v2"]

@@ -65,9 +65,28 @@ def test_the_coordinator_acknowledges_only_what_it_stored(monkeypatch: pytest.Mo
                                                           env: dict[str, str]) -> None:
     """`fednano cloud coordinator` / `serve` connect with a persistent session and manual acks
     (tests/cloud/test_coordinator_mqtt.py shows what that buys on a real broker)."""
-    from fednano.cloud_cli import coordinator_client, load_settings
+    from cloud.service import coordinator_client
+    from fednano.cloud_cli import load_settings
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     options = coordinator_client(load_settings()).options
     assert options.manual_ack and not options.clean_start and options.session_expiry_s > 0
+
+
+def test_the_cloud_takes_the_adapter_rank_from_the_base(monkeypatch: pytest.MonkeyPatch,
+                                                        env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """No --rank to disagree with: the first global version has the rank the base records."""
+    from cloud.service import _first_version
+    from fednano.cloud_cli import load_settings
+    from tests.recorded_base import RECORDED_VERSION, write_recorded_base
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in ("serve", "api", "coordinator", "llm-worker"):
+        help_text = CliRunner().invoke(app, ["cloud", command, "--help"]).output
+        assert "--rank" not in help_text, command
+    write_recorded_base(tmp_path, adapter={"rank": 4, "alpha": 8.0})
+    version, state = _first_version(load_settings(), None)
+    assert version == RECORDED_VERSION and state["image.lora_A.weight"].shape == (4, 576)

@@ -3,6 +3,7 @@ share have the same names, help (meaning) and defaults, and the old names still 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,3 +94,13 @@ def test_an_old_and_a_new_name_together_are_refused(captured: dict[str, Any]) ->
     assert done.exit_code == 2
     assert "--clients is the former name of --devices" in done.output
     assert not captured
+
+
+def test_a_rank_other_than_the_bases_is_refused(tmp_path: Path) -> None:
+    from tests.recorded_base import write_recorded_base
+
+    write_recorded_base(tmp_path)  # rank 8
+    done = runner.invoke(app, ["simulate", "--rank", "4", "--home", str(tmp_path)])
+    assert done.exit_code == 2
+    message = " ".join(done.output.replace("│", " ").split())  # unwrap rich's error box
+    assert "records NanoAdapter rank 8, not 4" in message

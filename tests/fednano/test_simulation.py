@@ -27,6 +27,7 @@ from shared.nanoedge import NanoEdge
 from shared.prompts import PromptTemplate
 from shared.protocol import decode_update
 from shared.update import AdapterUpdate
+from tests.recorded_base import write_recorded_base
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 
@@ -56,9 +57,11 @@ def tiny_base(tmp_path: Path, tiny_llm, word_tokenizer):  # type: ignore[no-unty
     encoder = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(3, 12, 1)).eval()
     connector = PoolingConnector(12, 32, grid=2)
     embedder = nn.Embedding.from_pretrained(model.get_input_embeddings().weight.clone())
-    edge = NanoEdge(connector, embedder, AdapterConfig(rank=4, alpha=8), encoder=encoder)
+    adapter_config = AdapterConfig(rank=4, alpha=8)
+    edge = NanoEdge(connector, embedder, adapter_config, encoder=encoder)
     return SimpleNamespace(
-        edge=edge, backend=backend, connector=connector, tokenizer=word_tokenizer,
+        edge=edge, adapter_config=adapter_config, backend=backend, connector=connector,
+        tokenizer=word_tokenizer,
         template=PromptTemplate(), features=FeatureStore(tmp_path / "features"),
         pretrained=SimpleNamespace(encoder=encoder), manifest={"version": "tiny"},
         version="tiny", home=tmp_path,
@@ -260,3 +263,18 @@ def test_lockstep_simulation_matches_the_sequential_one(tiny_base) -> None:  # t
     assert [r.mean_loss for r in together.rounds] == pytest.approx(
         [r.mean_loss for r in alone.rounds], rel=1e-5)
     assert together.rounds[1].activation_bytes_up == alone.rounds[1].activation_bytes_up
+
+
+def test_the_adapter_rank_is_the_bases_and_another_is_refused(tmp_path: Path) -> None:
+    from cloud.base.manifest import AdapterMismatchError
+    from fednano.simulate import load_base_and_task, with_base_rank
+
+    base = SimpleNamespace(adapter_config=AdapterConfig(rank=4, alpha=8), version="tiny")
+    assert config("fedavg").adapter_rank is None  # unset: the base's
+    assert with_base_rank(config("fedavg"), base).adapter_rank == 4  # type: ignore[arg-type]
+    assert with_base_rank(config("fedavg", adapter_rank=4), base).adapter_rank == 4  # type: ignore[arg-type]
+    with pytest.raises(AdapterMismatchError, match="records NanoAdapter rank 4, not 8"):
+        with_base_rank(config("fedavg", adapter_rank=8), base)  # type: ignore[arg-type]
+    write_recorded_base(tmp_path)  # rank 8, checked before anything heavy loads
+    with pytest.raises(AdapterMismatchError, match="fednano base build --rank 4"):
+        load_base_and_task(config("fedavg", adapter_rank=4), tmp_path)
