@@ -40,27 +40,33 @@ pg_bindir() {
 }
 
 ensure_packages() {
-  local missing=() browser=()
+  local missing=() optional=()
   command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
   pg_bindir >/dev/null || missing+=(postgresql)
-  # Not services, but the tests need them too: the dashboard's browser tests drive Debian's
-  # headless Chromium through its chromedriver (tests/cloud/test_dashboard_browser.py).
-  command -v chromium >/dev/null 2>&1 || browser+=(chromium)
-  command -v chromedriver >/dev/null 2>&1 || browser+=(chromium-driver)
-  # qemu-user emulates an x86 CPU without VNNI for the bundle gate's portability test
-  # (tests/cloud/test_bundle_optimum.py).
+  # Not services, but tests use them too: the dashboard's browser tests drive Debian's headless
+  # Chromium through its chromedriver (tests/cloud/test_dashboard_browser.py), and qemu-user
+  # emulates an x86 CPU without VNNI for the bundle gate's portability test
+  # (tests/cloud/test_bundle_optimum.py). Without them those tests skip, saying why.
+  command -v chromium >/dev/null 2>&1 || optional+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || optional+=(chromium-driver)
   if [ "$(uname -m)" = x86_64 ]; then
-    command -v qemu-x86_64 >/dev/null 2>&1 || browser+=(qemu-user)
+    command -v qemu-x86_64 >/dev/null 2>&1 || optional+=(qemu-user)
   fi
-  [ ${#missing[@]} -eq 0 ] && [ ${#browser[@]} -eq 0 ] && return
+  [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && return
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing ${missing[*]} ${browser[*]} with apt-get"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" "${browser[@]}" >&2
+    log "installing ${missing[*]} ${optional[*]} with apt-get"
+    apt-get update -qq >&2 || log "apt-get update failed; trying the install anyway"
+    if [ ${#missing[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    fi
+    if [ ${#optional[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${optional[@]}" >&2 ||
+        log "could not install ${optional[*]}: the tests that need them will skip"
+    fi
     return
   fi
-  if [ ${#browser[@]} -gt 0 ]; then
-    log "no ${browser[*]}: the tests that need them will skip (sudo apt-get install -y ${browser[*]})"
+  if [ ${#optional[@]} -gt 0 ]; then
+    log "no ${optional[*]}: the tests that need them will skip (sudo apt-get install -y ${optional[*]})"
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     die "missing ${missing[*]}: install them (Debian/Ubuntu: sudo apt-get install -y ${missing[*]}) or run this script as root"
