@@ -32,7 +32,10 @@ class SettingsWarning(UserWarning):
 class CloudSettings(BaseSettings):
     """Settings of the cloud services (API, coordinator, LLM workers)."""
 
-    model_config = SettingsConfigDict(env_prefix="FEDNANO_", extra="forbid")
+    # hide_input_in_errors: a refused value may hold a secret (a broker URL with credentials),
+    # and ``fednano cloud`` prints the whole error
+    model_config = SettingsConfigDict(env_prefix="FEDNANO_", extra="forbid",
+                                      hide_input_in_errors=True)
 
     environment: Literal["development", "test", "production"] = "development"
     home: Path = Field(default_factory=lambda: Layout.default().home,

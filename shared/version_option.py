@@ -1,5 +1,6 @@
-"""``--version`` for FedNano's commands (``fednano``, ``fednano-edge``): one implementation, so
-every command reports the installed package's version the same way."""
+"""``--version`` for FedNano's commands: ``fednano`` uses it (``fednano-edge`` still has its own
+in ``edge.cli``, printing the same line), so a command reports the installed package's version
+the same way."""
 
 from __future__ import annotations
 

@@ -193,3 +193,24 @@ def test_a_round_s_config_and_strategy_are_built_once_not_per_update(
     cloud.coordinator.handle_update("dev-d", _update(cloud, "dev-d"))
     cloud.coordinator.tick()  # quorum: merged and closed, its plan dropped
     assert len(cloud.coordinator.plans) == 0
+
+
+def test_a_round_s_plan_follows_its_row_and_goes_with_it() -> None:
+    """A plan is reused while the row's config is the same and rebuilt when it changes (the
+    coordinator records the base version as the round starts collecting): never stale."""
+    from types import SimpleNamespace
+
+    from cloud.coordinator import RoundPlans
+
+    plans = RoundPlans()
+    row = SimpleNamespace(id=7, config=RoundConfig(strategy="fedavg").model_dump(mode="json"))
+    first = plans.of(row)  # type: ignore[arg-type]
+    assert plans.of(row) is first  # type: ignore[arg-type]
+    row.config = {**row.config, "strategy": "fednano", "base_version": "b" * 16}
+    changed = plans.of(row)  # type: ignore[arg-type]
+    assert changed is not first and changed.config.strategy == "fednano"
+    assert changed.config.base_version == "b" * 16 and changed.strategy.name == "fednano"
+    row.config["max_update_bytes"] = 2**20  # changed in place: still seen
+    assert plans.of(row).config.max_update_bytes == 2**20  # type: ignore[arg-type]
+    plans.keep({8})
+    assert len(plans) == 0
