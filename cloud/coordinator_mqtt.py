@@ -68,9 +68,13 @@ class MqttPublisher:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, max_bytes=self.max_bytes, retain=retain,
-                            timeout=self.timeout_s)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                wait: bool = True) -> None:
+        if wait:
+            self.client.publish(topic, payload, max_bytes=self.max_bytes, retain=retain,
+                                timeout=self.timeout_s)
+        else:
+            self.client.publish_nowait(topic, payload, max_bytes=self.max_bytes, retain=retain)
 
 
 class CoordinatorService(BackgroundService):

@@ -319,7 +319,11 @@ class RoundLifecycle(Wiring):
                 deadline_at=(None if latest is None or latest.deadline_at is None
                              else latest.deadline_at.timestamp()),
                 created_at=self.clock().timestamp())
-        self.publisher.publish(topics.ROUND_ANNOUNCEMENT, to_json(message), retain=True)
+        # Not waited for: the announcement is derived from the database and republished at every
+        # transition, and a broker busy saving its database (after a 1,000-update burst) held
+        # the tick, and with it the coordinator's ingest, 10 s per transition (docs/fleet.md).
+        self.publisher.publish(topics.ROUND_ANNOUNCEMENT, to_json(message), retain=True,
+                               wait=False)
 
     def _audit_transition(self, session: Session, round_id: int, state: RoundState,
                           **details: object) -> None:

@@ -40,8 +40,10 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 class Publisher(Protocol):
     """Where the coordinator's messages go (MQTT QoS 1 in production)."""
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish ``payload`` on ``topic``; raise if the broker did not take it."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                wait: bool = True) -> None:
+        """Publish ``payload`` on ``topic``; raise if the broker did not take it. ``wait``
+        False: hand it to the client (QoS 1: delivered after a reconnect too) and go on."""
 
 
 class Wiring:

@@ -63,9 +63,13 @@ class RecordingPublisher:
     """Keeps every published message, in order."""
 
     sent: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    not_waited: list[str] = field(default_factory=list)  # topics published with wait=False
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                wait: bool = True) -> None:
         self.sent.append((topic, payload, retain))
+        if not wait:
+            self.not_waited.append(topic)
 
     def tasks(self, device_id: str) -> list[tuple[TrainTask, dict[str, bytes]]]:
         return [unpack(p, TrainTask) for t, p, _ in self.sent

@@ -15,6 +15,7 @@ from cloud.db import crud
 from cloud.db.crud import InvalidTransitionError
 from cloud.db.models import ParticipationStatus, RoundState, UpdateStatus
 from cloud.rounds import NotEnoughDevicesError, RoundConfig, Schedule, save_defaults, save_schedule
+from shared import topics
 from shared.adapters import AdapterState
 from tests.cloud.roundkit import (
     Cloud,
@@ -62,6 +63,16 @@ def _last_step(cloud: Cloud) -> AdapterState:
         assert parent is not None
         new, old = (aggregation.load_state(cloud.blobs, v) for v in (version, parent))
     return {key: new[key] - old[key] for key in new}
+
+
+def test_the_announcement_does_not_hold_the_tick_but_tasks_are_waited_for(cloud: Cloud) -> None:
+    # A broker busy saving its database delays PUBACKs; the retained announcement is
+    # republished at every transition, so the tick must not wait on it (tasks it must).
+    add_devices(cloud, "dev-a", "dev-b")
+    cloud.coordinator.open_round(TWO)
+    cloud.coordinator.tick()
+    assert cloud.publisher.announcements() and cloud.publisher.tasks("dev-a")
+    assert set(cloud.publisher.not_waited) == {topics.ROUND_ANNOUNCEMENT}
 
 
 def test_a_round_runs_open_to_closed_with_lineage_and_metrics(cloud: Cloud) -> None:
