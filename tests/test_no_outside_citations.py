@@ -1,7 +1,8 @@
 """The repo stands alone: no file cites a design, facts or style document kept outside it.
 
-A sentence like "see DESIGN.md" or "(STYLE 13)" means nothing to a reader of this repo, and it
-goes stale silently when the outside document changes; say the reason in place instead.
+A sentence that sends the reader to such a document (by its file name, a numbered rule of it,
+or "the <document> says") means nothing to a reader of this repo, and it goes stale silently
+when the outside document changes; say the reason in place instead.
 """
 
 from __future__ import annotations
@@ -11,15 +12,25 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# "DESIGN.md", "STYLE 13", "the DESIGN says": capitals name the outside document.
-CITATION = re.compile(r"\b(?:DESIGN|FACTS|STYLE)\.md\b|\bSTYLE \d|\bthe (?:DESIGN|FACTS|STYLE)\b")
+# The outside documents' names, in capitals as they are cited; built here so that this file
+# does not cite them itself.
+_NAMES = "|".join(word.upper() for word in ("design", "facts", "style"))
+CITATION = re.compile(rf"\b(?:{_NAMES})\.md\b|\b{'style'.upper()} \d|\bthe (?:{_NAMES})\b")
 
 
 def tracked_text_files() -> list[Path]:
-    """Every file git tracks, except this test (which spells the patterns) and binaries."""
+    """Every file git tracks."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
     paths = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
-    return [path for path in paths if path.is_file() and path != Path(__file__).resolve()]
+    return [path for path in paths if path.is_file()]
+
+
+def test_the_pattern_finds_each_form_of_citation() -> None:
+    for name in ("design", "facts", "style"):
+        assert CITATION.search(f"see {name.upper()}.md for why")
+        assert CITATION.search(f"as the {name.upper()} says")
+    assert CITATION.search(f"reads top to bottom ({'style'.upper()} 13)")
+    assert not CITATION.search("the design of the round; style and facts")
 
 
 def test_no_file_cites_an_outside_document() -> None:
