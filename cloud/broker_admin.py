@@ -117,14 +117,16 @@ class BrokerAdmin:
                     answers[tag] = answer
         return answers
 
-    def add_device(self, device_id: str, secret: str) -> None:
-        """Create the device's role and client (bound to its client id) with ``secret``."""
+    def add_device(self, device_id: str, secret: str | None) -> None:
+        """Create the device's role and client (bound to its client id) with ``secret``; with
+        None, a client no password logs in to: an X.509 device, whose certificate names it."""
         role = registry.device_role(device_id)
-        self.run([
-            {"command": "createRole", "rolename": role["rolename"], "acls": role["acls"]},
-            {"command": "createClient", "username": device_id, "clientid": device_id,
-             "password": secret, "roles": [{"rolename": role["rolename"]}]},
-        ])
+        client = {"command": "createClient", "username": device_id, "clientid": device_id,
+                  "roles": [{"rolename": role["rolename"]}]}
+        if secret is not None:
+            client["password"] = secret
+        self.run([{"command": "createRole", "rolename": role["rolename"],
+                   "acls": role["acls"]}, client])
 
     def remove_device(self, device_id: str) -> None:
         """Delete the device's client (its live connection is closed at once) and role;

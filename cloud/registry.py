@@ -1,4 +1,5 @@
-"""Device registry and provisioning: add, list, revoke, rotate secrets; broker files; configs.
+"""Device registry: add, list, revoke, rotate secrets; the broker's accounts file. (A device's
+config and kit: ``cloud.provisioning``.)
 
 A device's MQTT secret is ``secrets.token_urlsafe(32)`` (256 random bits), returned once and
 stored only as a hash in mosquitto's own ``$7$`` format (PBKDF2-SHA512, random 12-byte salt).
@@ -31,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy.orm import Session
 
 from cloud.db import crud
 from cloud.db.crud import Page
-from cloud.db.models import Device, DeviceStatus
+from cloud.db.models import CredentialKind, Device, DeviceStatus
+from cloud.pki import IssuedCertificate, Issuer
 from shared import topics
 from shared.files import atomic_write
 from shared.identity import (
@@ -66,6 +67,10 @@ SYSTEM_ACTOR = "system"
 
 class DeviceRevokedError(crud.ConflictError):
     """The device is revoked: it cannot get new secrets or be revoked again."""
+
+
+class CredentialKindError(crud.ConflictError):
+    """The change does not apply to the device's kind of credential (no secret to rotate)."""
 
 
 @dataclass(frozen=True)
@@ -135,24 +140,55 @@ def _b64(raw: bytes) -> str:
 def add_device(session: Session, *, device_id: str, profile: str, actor: str = SYSTEM_ACTOR,
                capabilities: Mapping[str, Any] | None = None,
                reserved_ids: Collection[str] = (),
+               known_profiles: Collection[str] | None = None,
                iterations: int = DEFAULT_HASH_ITERATIONS) -> tuple[Device, str]:
     """Register a device; returns it and its secret, which is shown this once and never stored.
 
-    ``reserved_ids`` are names a device may not take (the cloud's own broker usernames).
-    ``DuplicateRecordError`` if the id exists (revoked ids are never reused).
+    ``reserved_ids`` are names a device may not take (the cloud's own broker usernames);
+    ``known_profiles``, when given, the profile names a device may have (``ValueError`` naming
+    them otherwise). ``DuplicateRecordError`` if the id exists (revoked ids are never reused).
     """
-    validate_device_id(device_id)
-    validate_profile_name(profile)
-    if device_id in {*reserved_ids, HEALTH_USERNAME}:
-        raise ValueError(f"device id is reserved for a cloud service account, got {device_id!r}")
-    device = crud.create_device(session, device_id=device_id, profile=profile,
-                                capabilities=capabilities)
+    device = _new_device(session, device_id, profile, capabilities, reserved_ids,
+                         known_profiles)
     secret = generate_secret()
     credential = crud.add_credential(session, device_id=device_id,
                                      secret_hash=hash_secret(secret, iterations=iterations))
     crud.record_audit(session, actor=actor, action="device.add", subject=_subject(device_id),
                       details={"profile": profile, "credential_id": credential.id})
     return device, secret
+
+
+def add_x509_device(session: Session, *, device_id: str, profile: str, issuer: Issuer,
+                    actor: str = SYSTEM_ACTOR, capabilities: Mapping[str, Any] | None = None,
+                    reserved_ids: Collection[str] = (),
+                    known_profiles: Collection[str] | None = None,
+                    ) -> tuple[Device, IssuedCertificate]:
+    """Register a device that authenticates with a certificate ``issuer`` signs now (common
+    name: the device id); returns it and the certificate with its key, which is shown this once
+    and never stored (only the certificate's fingerprint is). Otherwise as ``add_device``."""
+    device = _new_device(session, device_id, profile, capabilities, reserved_ids,
+                         known_profiles)
+    issued = issuer.device_certificate(device_id)
+    credential = crud.add_credential(session, device_id=device_id,
+                                     certificate_sha256=issued.sha256)
+    crud.record_audit(session, actor=actor, action="device.add", subject=_subject(device_id),
+                      details={"profile": profile, "credential_id": credential.id,
+                               "credential": "x509", "certificate_sha256": issued.sha256})
+    return device, issued
+
+
+def _new_device(session: Session, device_id: str, profile: str,
+                capabilities: Mapping[str, Any] | None, reserved_ids: Collection[str],
+                known_profiles: Collection[str] | None) -> Device:
+    validate_device_id(device_id)
+    validate_profile_name(profile)
+    if known_profiles is not None and profile not in known_profiles:
+        raise ValueError(f"unknown profile {profile!r}: a device boots only with one of "
+                         f"{', '.join(sorted(known_profiles))}")
+    if device_id in {*reserved_ids, HEALTH_USERNAME}:
+        raise ValueError(f"device id is reserved for a cloud service account, got {device_id!r}")
+    return crud.create_device(session, device_id=device_id, profile=profile,
+                              capabilities=capabilities)
 
 
 def get_device(session: Session, *, device_id: str) -> Device:
@@ -170,8 +206,8 @@ def list_devices(session: Session, *, offset: int = 0, limit: int = 50,
 
 def revoke_device(session: Session, *, device_id: str, actor: str = SYSTEM_ACTOR,
                   reason: str | None = None) -> Device:
-    """Revoke a device and its credentials; it keeps its history. Rewrite the broker files
-    (and reload the broker) for the revocation to reach the broker."""
+    """Revoke a device and its credentials; it keeps its history. The running broker learns
+    it from ``cloud.broker_admin`` (the caller applies it)."""
     device = _active_device(session, device_id)
     crud.revoke_credentials(session, device_id=device_id)
     crud.mark_revoked(session, device_id=device_id)
@@ -183,8 +219,15 @@ def revoke_device(session: Session, *, device_id: str, actor: str = SYSTEM_ACTOR
 def rotate_secret(session: Session, *, device_id: str, actor: str = SYSTEM_ACTOR,
                   iterations: int = DEFAULT_HASH_ITERATIONS) -> str:
     """Replace the device's secret; returns the new one (shown once). The old one stops
-    working as soon as the broker files are rewritten and the broker reloaded."""
+    working once the running broker has the new one (``cloud.broker_admin``). An X.509 device
+    has no secret: ``CredentialKindError``."""
     _active_device(session, device_id)
+    current = crud.active_credential(session, device_id=device_id)
+    if current is not None and current.kind is CredentialKind.X509:
+        raise CredentialKindError(
+            f"device {device_id!r} authenticates with an X.509 certificate, not a secret: its "
+            "certificate names it for as long as it is active; revoke it and provision a new "
+            "device id to replace its key")
     crud.revoke_credentials(session, device_id=device_id)
     secret = generate_secret()
     credential = crud.add_credential(session, device_id=device_id,
@@ -200,7 +243,8 @@ def authenticate_device(session: Session, *, device_id: str, secret: str) -> Dev
     if device is None or device.status is not DeviceStatus.ACTIVE:
         return None
     credential = crud.active_credential(session, device_id=device_id)
-    if credential is None or not verify_secret(secret, credential.secret_hash):
+    if credential is None or credential.secret_hash is None \
+            or not verify_secret(secret, credential.secret_hash):
         return None
     return device
 
@@ -247,8 +291,9 @@ def device_role(device_id: str) -> dict[str, Any]:
 
 
 def dynsec_document(*, services: Sequence[tuple[str, str]],
-                    devices: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """The dynamic-security plugin's configuration from (username, ``$7$`` hash) pairs.
+                    devices: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
+    """The dynamic-security plugin's configuration from (username, ``$7$`` hash) pairs (a
+    device's hash is None when it authenticates with a certificate: no password logs it in).
 
     Everything not granted is denied (``defaultACLAccess``). A device's client is bound to
     its client id (= its device id): another client id with its credentials is refused at
@@ -276,9 +321,12 @@ def dynsec_document(*, services: Sequence[tuple[str, str]],
     }
 
 
-def device_client(device_id: str, hashed: str) -> dict[str, Any]:
-    """A device's client entry: username and client id both its device id."""
-    return {"username": device_id, "clientid": device_id, **dynsec_password(hashed),
+def device_client(device_id: str, hashed: str | None) -> dict[str, Any]:
+    """A device's client entry: username and client id both its device id; without a
+    password for an X.509 device (the broker's certificate listener takes its identity from
+    the certificate and its rights from this entry)."""
+    password = {} if hashed is None else dynsec_password(hashed)
+    return {"username": device_id, "clientid": device_id, **password,
             "roles": [{"rolename": device_role_name(device_id)}]}
 
 
@@ -339,43 +387,3 @@ def write_atomic(path: Path, text: str, *, mode: int | None = None, gid: int | N
     """
     mode = mode if mode is not None else (0o600 if gid is None else 0o640)
     atomic_write(path, text.encode("utf-8"), prefix=f".{path.name}.", mode=mode, gid=gid)
-
-
-# ------------------------------------------------------------------------------ device config
-
-
-def device_config(device: Device, *, broker_url: str, bundle_url: str,
-                  ca_file: str | None = None, password_file: str = "password",
-                  state_dir: str = "state") -> dict[str, Any]:
-    """The device's config (``edge.config.DeviceConfig`` format): profile by name, identity,
-    broker, where the password is (a file beside the config) and the bundle URL."""
-    broker: dict[str, Any] = {"url": broker_url}
-    if ca_file is not None:
-        broker["ca_file"] = ca_file
-    return {
-        "schema_version": 1,
-        "device_id": device.id,
-        "profile": device.profile,
-        "broker": broker,
-        "credentials": {"password_file": password_file},
-        "bundle_url": bundle_url,
-        "state_dir": state_dir,
-    }
-
-
-def device_config_yaml(device: Device, **kwargs: Any) -> str:
-    """``device_config`` as the YAML file a device boots from (no secret in it)."""
-    header = (f"# FedNano device config for {device.id} (generated by the cloud registry).\n"
-              "# The broker password goes in the credentials.password_file, mode 0600.\n")
-    return header + yaml.safe_dump(device_config(device, **kwargs), sort_keys=False)
-
-
-def write_device_files(directory: Path, *, device: Device, secret: str,
-                       **config: Any) -> tuple[Path, Path]:
-    """Write ``device.yaml`` and its ``password`` file (0600) for flashing; returns both paths."""
-    directory.mkdir(parents=True, exist_ok=True)
-    password_name = config.setdefault("password_file", "password")
-    config_path, password_path = directory / "device.yaml", directory / password_name
-    write_atomic(password_path, secret + "\n", mode=0o600)
-    write_atomic(config_path, device_config_yaml(device, **config), mode=0o644)
-    return config_path, password_path

@@ -65,6 +65,21 @@ class CloudSettings(BaseSettings):
     mqtt_hash_iterations: int = Field(
         10_000, ge=1_000, le=10_000_000,
         description="PBKDF2-SHA512 rounds of stored device secrets (paid at every MQTT connect)")
+    device_broker_url: str | None = Field(
+        None, description="the broker as devices reach it, written into the configs of "
+                          "password devices (mqtts://broker.example.com:8883); default: "
+                          "broker_url")
+    device_x509_broker_url: str | None = Field(
+        None, description="the broker's certificate listener as devices reach it (mqtts://; "
+                          "require_certificate, use_identity_as_username), written into the "
+                          "configs of X.509 devices; none: X.509 provisioning is off")
+    device_ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) devices verify the broker with; copied into "
+                          "every device kit (ca.crt). With device_ca_key_file it also signs "
+                          "X.509 devices' certificates: the certificate listener's cafile")
+    device_ca_key_file: Path | None = Field(
+        None, description="the device CA's private key (PEM): signs X.509 devices' "
+                          "certificates; none: X.509 provisioning is off")
     public_url: str = Field("http://127.0.0.1:8000",
                             description="the API's base URL as devices reach it")
     bundle_dir: Path | None = Field(
@@ -91,7 +106,8 @@ class CloudSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or as JSON with device, round and update ids")
 
-    @field_validator("home", "data_dir", "broker_dir", "bundle_dir")
+    @field_validator("home", "data_dir", "broker_dir", "bundle_dir", "device_ca_file",
+                     "device_ca_key_file")
     @classmethod
     def _expand_user(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser()
@@ -103,13 +119,28 @@ class CloudSettings(BaseSettings):
             normalize_url(url)  # raises ValueError naming the scheme
         return url
 
-    @field_validator("broker_url")
+    @field_validator("broker_url", "device_broker_url")
     @classmethod
-    def _mqtt_url(cls, url: str) -> str:
+    def _mqtt_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
         try:
-            BrokerAddress.parse(url)  # the rule the coordinator's client connects by
+            BrokerAddress.parse(url)  # the rule the coordinator's and devices' clients use
         except ValueError as err:
             raise ValueError(f"must be mqtt://host[:port] or mqtts://host[:port]: {err}") from None
+        return url
+
+    @field_validator("device_x509_broker_url")
+    @classmethod
+    def _mqtts_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            address = BrokerAddress.parse(url)
+        except ValueError as err:
+            raise ValueError(f"must be mqtts://host[:port]: {err}") from None
+        if not address.tls:
+            raise ValueError(f"a certificate listener speaks TLS: must be mqtts://, got {url!r}")
         return url
 
     @field_validator("public_url")
@@ -155,6 +186,11 @@ class CloudSettings(BaseSettings):
     def blob_dir(self) -> Path:
         """Where received updates and adapter versions are stored (content-addressed)."""
         return self.resolved_data_dir / "blobs"
+
+    @property
+    def resolved_device_broker_url(self) -> str:
+        """``device_broker_url``, or the cloud's own ``broker_url``."""
+        return self.device_broker_url or self.broker_url
 
     @property
     def bundle_url(self) -> str:

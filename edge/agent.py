@@ -77,6 +77,7 @@ from shared.mqtt import (
 from shared.training import resolve_training
 
 log = logging.getLogger(__name__)
+NOT_AUTHORIZED = 0x87  # MQTT v5 reason code "Not authorized"
 
 # The agent's connection and its stop flag (set at shutdown) -> the LLM.
 BackendFactory = Callable[[MqttClient, threading.Event], LLMBackend]
@@ -170,11 +171,11 @@ class EdgeAgent:
         s = self.settings
         options = ClientOptions(
             client_id=self.device_id, username=self.config.username,
-            password=password if password is not None else self.config.credentials.read_password(),
+            password=password if password is not None else self.config.read_password(),
             will=Will(topics.status(self.device_id), to_json(self.presence("offline"))),
             clean_start=False, keepalive_s=s.keepalive_s, reconnect_min_s=s.reconnect_min_s,
             reconnect_max_s=s.reconnect_max_s)
-        return MqttClient(self.config.broker.address, options)
+        return MqttClient(self.config.broker_address, options)
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -191,7 +192,7 @@ class EdgeAgent:
         if not self._connect():
             return
         try:
-            self._publish_presence()
+            self._announce()
             backend = self._backend_factory(self.client, self._stopping)
             with ThreadPoolExecutor(1, thread_name_prefix=f"edge-{self.device_id}") as pool:
                 worker = pool.submit(self._work_loop, backend)
@@ -240,9 +241,26 @@ class EdgeAgent:
             delay = min(delay * 2, self.settings.reconnect_max_s)
         return False
 
+    def _announce(self) -> None:
+        """The first presence after connecting. A broker that took the connection but refuses
+        the device's own messages ("not authorized": an X.509 device whose certificate names no
+        active device, i.e. a revoked one) is a refusal a retry would get again:
+        ``ConnectRefused``."""
+        try:
+            self._publish_presence()
+        except PublishError as err:
+            if err.reason_code != NOT_AUTHORIZED:
+                raise
+            raise ConnectRefused(f"broker {self.client.address.url} accepted the connection but "
+                                 f"refuses this device's messages ({err}): the device is not "
+                                 "(or no longer) authorized", NOT_AUTHORIZED) from err
+
     def _go_offline(self) -> None:
         if self.client.connected:
-            self._publish_presence("offline")
+            try:
+                self._publish_presence("offline")
+            except PublishError as err:  # refused (revoked): nothing more to tell the broker
+                log.warning("%s: offline presence refused: %s", self.device_id, err)
         else:  # no broker to tell: its last will (if it saw the link die) says "offline"
             log.warning("%s: broker unreachable at shutdown; no offline presence sent",
                         self.device_id)

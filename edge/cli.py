@@ -249,9 +249,9 @@ def _print_device(config: DeviceConfig, source: str) -> None:
     table = _summary_table(f"device config {config.device_id}: valid ({source})")
     broker = config.broker
     rows = {
-        "device id / username": config.username,
+        "device id / username": config.username or f"{config.device_id} (certificate)",
         "broker": f"{broker.host}:{broker.port} ({'TLS' if broker.tls else 'plaintext'})",
-        "password": config.credentials.source(),
+        "credentials": config.credentials.source(),
         "bundle url": config.bundle_url,
         "state dir": str(config.state_dir),
     }
@@ -462,9 +462,9 @@ def _run_agent(device: DeviceConfig, data: DataSpec | None, bundle: Path | None,
     except StateError as err:
         _fail_with("local state unusable", str(err), code=3)
     except ConnectRefused as err:  # only refusals that a retry would get again come here
-        _fail_with("the broker refused this device", f"{err}. Check broker.username and the "
-                   "password file in the device config, or whether the device was revoked; "
-                   "not retrying", code=4)
+        _fail_with("the broker refused this device", f"{err}. Check the credentials in the "
+                   "device config (password file, or certificate and key), or whether the "
+                   "device was revoked; not retrying", code=4)
 
 
 def _fail_with(title: str, message: str, code: int = 1) -> NoReturn:

@@ -7,7 +7,8 @@ broker:
   url: mqtts://broker.example.com:8883
   ca_file: /etc/fednano/ca.pem            # optional: the system CA store otherwise
 credentials:
-  password_file: /etc/fednano/password    # or password_env: FEDNANO_DEVICE_PASSWORD
+  password_file: /etc/fednano/password    # or password_env: FEDNANO_DEVICE_PASSWORD, or an
+                                          # X.509 identity: certificate_file + key_file
 bundle_url: https://cloud.example.com/api/v1/bundles/latest
 state_dir: /var/lib/fednano
 ```
@@ -19,6 +20,7 @@ demos): the file cannot opt itself in.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -39,6 +41,7 @@ from shared.mqtt import BrokerAddress
 
 DEVICE_CONFIG_SCHEMA_FILE = "device-config.schema.json"
 MQTT_MAX_PASSWORD_BYTES = 65_535
+MAX_PEM_BYTES = 64 * 1024
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
@@ -121,18 +124,25 @@ def _is_loopback(host: str) -> bool:
 
 
 class Credentials(StrictModel):
-    """Where the broker password comes from: exactly one of a file or an environment variable.
+    """How the device proves who it is: a password (from exactly one of a file or an
+    environment variable) or an X.509 key and certificate (both files).
 
-    The username is the device id. ``password`` (inline) is refused unless the loader allows it.
+    With a password the username is the device id. With a certificate the broker's certificate
+    listener takes the identity from it (its common name is the device id): no username, no
+    password. ``password`` (inline) is refused unless the loader allows it.
     """
 
+    certificate_file: Path | None = Field(
+        None, description="X.509: the device's certificate (PEM) the cloud's CA signed")
+    key_file: Path | None = Field(
+        None, description="X.509: the certificate's private key (PEM, not readable by others)")
     password_file: Path | None = Field(None, description="a file holding only the password")
     password_env: str | None = Field(None, pattern=_ENV_NAME,
                                      description="an environment variable holding it")
     password: SecretStr | None = Field(
         None, description="refused unless the loader allows inline passwords (demos only)")
 
-    @field_validator("password_file")
+    @field_validator("password_file", "certificate_file", "key_file")
     @classmethod
     def _password_path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return None if path is None else _resolve(path, info)
@@ -149,12 +159,43 @@ class Credentials(StrictModel):
     def _exactly_one(self) -> Credentials:
         given = [name for name in ("password_file", "password_env", "password")
                  if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of password_file or password_env, got {given}")
+        pair = [name for name in ("certificate_file", "key_file") if getattr(self, name)]
+        if pair and len(pair) != 2:
+            raise ValueError(f"an X.509 identity needs both certificate_file and key_file, got "
+                             f"{pair}")
+        if pair and given:
+            raise ValueError(f"give a certificate or a password, not both, got {pair + given}")
+        if not pair and len(given) != 1:
+            raise ValueError(f"give exactly one of password_file or password_env (or "
+                             f"certificate_file and key_file), got {given}")
         return self
+
+    @property
+    def x509(self) -> bool:
+        """Whether the device authenticates with its certificate."""
+        return self.certificate_file is not None
+
+    def check_certificate(self) -> None:
+        """Read the certificate and key now; ``SecretError`` naming the field if missing,
+        unreadable, not PEM, or the key readable by every user."""
+        for where, path, marker in (
+                ("credentials.certificate_file", self.certificate_file, b"CERTIFICATE-----"),
+                ("credentials.key_file", self.key_file, b"PRIVATE KEY-----")):
+            assert path is not None
+            try:
+                mode, head = path.stat().st_mode, path.read_bytes()[:MAX_PEM_BYTES]
+            except OSError as err:
+                raise SecretError(where, f"cannot read {str(path)!r}: {err.strerror}") from err
+            if marker not in head:
+                raise SecretError(where, f"{str(path)!r} is not a PEM {marker[:-5].decode()}")
+            if where.endswith("key_file") and mode & stat.S_IROTH:
+                raise SecretError(where, f"{str(path)!r} is readable by every user: chmod 600 it")
 
     def read_password(self, environ: Mapping[str, str] | None = None) -> str:
         """The password, read now; ``SecretError`` naming the field if missing or unsafe."""
+        if self.x509:
+            raise SecretError("credentials", "this device authenticates with its certificate, "
+                                             "not a password")
         if self.password is not None:
             return _check_password(self.password.get_secret_value(), "credentials.password")
         if self.password_file is not None:
@@ -167,7 +208,9 @@ class Credentials(StrictModel):
         return _check_password(value, where)
 
     def source(self) -> str:
-        """Where the password comes from, for summaries (never the password itself)."""
+        """Where the password (or certificate) comes from, for summaries (never a secret)."""
+        if self.certificate_file is not None:
+            return f"certificate {self.certificate_file}"
         if self.password_file is not None:
             return f"file {self.password_file}"
         return f"env ${self.password_env}" if self.password_env else "inline (demo only)"
@@ -236,10 +279,32 @@ class DeviceConfig(StrictModel):
             raise ValueError(f"state_dir must name a folder, got {str(path)!r}")
         return _resolve(path, info)
 
+    @model_validator(mode="after")
+    def _certificate_needs_tls(self) -> DeviceConfig:
+        if self.credentials.x509 and not self.broker.tls:
+            raise ValueError("an X.509 identity is presented over TLS: broker.url must be "
+                             f"mqtts://, got {self.broker.url!r}")
+        return self
+
     @property
-    def username(self) -> str:
-        """The broker username: the device id (the broker ACL's ``%u``)."""
-        return self.device_id
+    def username(self) -> str | None:
+        """The broker username: the device id (the broker ACL's ``%u``); None with a
+        certificate (the broker takes the identity from it)."""
+        return None if self.credentials.x509 else self.device_id
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        """Where and how to connect: the broker's address with this device's certificate when
+        it has one."""
+        address = self.broker.address
+        if not self.credentials.x509:
+            return address
+        return dataclasses.replace(address, cert_file=self.credentials.certificate_file,
+                                   key_file=self.credentials.key_file)
+
+    def read_password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The broker password, read now (None with a certificate)."""
+        return None if self.credentials.x509 else self.credentials.read_password(environ)
 
     def warnings(self) -> list[str]:
         """Things that validate but deserve an operator's attention."""
@@ -272,7 +337,10 @@ def load_device_config(
     config = validate_model(DeviceConfig, data, path, context)
     if check_secrets:
         try:
-            config.credentials.read_password(environ)
+            if config.credentials.x509:
+                config.credentials.check_certificate()
+            else:
+                config.credentials.read_password(environ)
         except SecretError as err:
             raise ConfigError.single(path, err.field, err.message) from err
     return config

@@ -48,6 +48,8 @@ from edge.hardware import (
     resolve_power_mode,
     version_key,
 )
+from shared.identity import default_profiles_dir as default_profiles_dir
+from shared.identity import list_profiles as list_profiles
 from shared.training import TrainConfig
 
 __all__ = [  # with the config-file and hardware names callers import from here
@@ -211,20 +213,6 @@ class DeviceProfile(StrictModel):
 
 
 # ------------------------------------------------------------------------- loading profiles
-
-
-def default_profiles_dir() -> Path:
-    """``$FEDNANO_PROFILES_DIR`` if set, else the repository's ``firmware_configs/``."""
-    env = os.environ.get("FEDNANO_PROFILES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "firmware_configs"
-
-
-def list_profiles(directory: Path | None = None) -> list[str]:
-    """Names of the profiles shipped in ``directory`` (default: ``default_profiles_dir()``)."""
-    folder = directory or default_profiles_dir()
-    if not folder.is_dir():
-        raise ValueError(f"profiles directory does not exist, got {str(folder)!r}")
-    return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
 def profile_path(name_or_path: str | Path, directory: Path | None = None) -> Path:

@@ -17,7 +17,9 @@ handed to that user at every start.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import ipaddress
 import os
 import pwd
 import shutil
@@ -26,16 +28,20 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fednano.processes import Child, launcher
+from shared.files import atomic_write
 
 MAX_PACKET_SIZE = 8 * 2**20  # 8 MiB, as in scripts/services.sh and DEFAULT_MAX_MESSAGE_BYTES
 MAX_QUEUED_MESSAGES = 10_000
 MAX_QUEUED_BYTES = 2**30
 BROKER_USER = "mosquitto"
 DYNSEC_FILE = "dynamic-security.json"  # the name cloud.registry.write_broker_files uses
+CA_CERT_FILE = "ca.crt"
+SERVER_CERT_FILE = "server.crt"
+SERVER_KEY_FILE = "server.key"
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 # Where Debian/Ubuntu (multiarch) and the eclipse-mosquitto image put the plugin.
 _PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so",
@@ -83,11 +89,25 @@ def dynsec_plugin() -> str:
                             "(mosquitto_dynamic_security.so; Debian's mosquitto package ships it)")
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` (the loopback interface by default) right now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def public_address() -> str:
+    """This machine's IPv4 address on its default route (what other machines reach it by);
+    ``BrokerUnavailable`` when it has none but the loopback. No packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # a documentation address: only routes are looked up
+            address = str(sock.getsockname()[0])
+        except OSError:
+            address = socket.gethostbyname(socket.gethostname())
+    if ipaddress.ip_address(address).is_loopback or address == "0.0.0.0":
+        raise BrokerUnavailable("this machine has no network address besides the loopback")
+    return address
 
 
 @dataclass(frozen=True)
@@ -110,12 +130,34 @@ class Persistence:
 ACKED_MEANS_KEPT = Persistence()
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """Two TLS listeners on ``host`` (an address of this machine that devices reach): one for
+    passwords (``port``), one that requires a client certificate signed by ``ca_pem`` and takes
+    the device's identity from its common name (``x509_port``). PEM contents; free ports when
+    not given."""
+
+    host: str
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    port: int = 0
+    x509_port: int = 0
+
+    def lines(self, folder: Path, port: int, x509_port: int) -> list[str]:
+        files = [f"certfile {folder / SERVER_CERT_FILE}", f"keyfile {folder / SERVER_KEY_FILE}",
+                 f"cafile {folder / CA_CERT_FILE}"]
+        return [f"listener {port} {self.host}", *files,
+                f"listener {x509_port} {self.host}", *files, "require_certificate true",
+                "use_identity_as_username true", "use_username_as_clientid true"]
+
+
 def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACKET_SIZE,
-                     persistence: Persistence = ACKED_MEANS_KEPT) -> str:
-    """The broker's configuration: one loopback listener, accounts and rights in the
-    dynamic-security plugin, the limits."""
+                     persistence: Persistence = ACKED_MEANS_KEPT,
+                     tls: BrokerTls | None = None) -> str:
+    """The broker's configuration: a loopback listener (and ``tls``'s listeners), accounts and
+    rights in the dynamic-security plugin, the limits."""
     return "\n".join([
-        f"listener {port} 127.0.0.1",
         "allow_anonymous false",
         f"plugin {dynsec_plugin()}",
         f"plugin_opt_config_file {folder / DYNSEC_FILE}",
@@ -125,6 +167,8 @@ def mosquitto_config(*, port: int, folder: Path, max_packet_size: int = MAX_PACK
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
         "log_dest stderr",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        f"listener {port} 127.0.0.1",
+        *(tls.lines(folder, tls.port, tls.x509_port) if tls is not None else []),
         "",
     ])
 
@@ -137,7 +181,8 @@ class Mosquitto(Child):
 
     def __init__(self, *, port: int | None = None, folder: Path | None = None,
                  max_packet_size: int = MAX_PACKET_SIZE, install: bool = False,
-                 persistence: Persistence = ACKED_MEANS_KEPT) -> None:
+                 persistence: Persistence = ACKED_MEANS_KEPT,
+                 tls: BrokerTls | None = None) -> None:
         self.binary = ensure_mosquitto(install=install)
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="fednano-mosquitto-")) if folder is None \
@@ -145,9 +190,17 @@ class Mosquitto(Child):
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.max_packet_size = max_packet_size
+        self.tls = tls
+        if tls is not None:
+            self.tls = dataclasses.replace(tls, port=tls.port or free_port(tls.host),
+                                           x509_port=tls.x509_port or free_port(tls.host))
+            for name, content, mode in ((CA_CERT_FILE, tls.ca_pem, 0o644),
+                                        (SERVER_CERT_FILE, tls.cert_pem, 0o644),
+                                        (SERVER_KEY_FILE, tls.key_pem, 0o600)):
+                atomic_write(self.folder / name, content, prefix=f".{name}.", mode=mode)
         (self.folder / "mosquitto.conf").write_text(mosquitto_config(
             port=self.port, folder=self.folder, max_packet_size=max_packet_size,
-            persistence=persistence))
+            persistence=persistence, tls=self.tls))
 
     @property
     def dynsec_file(self) -> Path:
@@ -155,7 +208,27 @@ class Mosquitto(Child):
 
     @property
     def url(self) -> str:
+        """The plaintext loopback listener (the cloud's services on this machine)."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        """The TLS listener devices reach with a password (``tls`` needed)."""
+        return self._tls_url(self._require_tls().port)
+
+    @property
+    def x509_url(self) -> str:
+        """The TLS listener devices reach with a certificate (``tls`` needed)."""
+        return self._tls_url(self._require_tls().x509_port)
+
+    def _require_tls(self) -> BrokerTls:
+        if self.tls is None:
+            raise RuntimeError("this broker has no TLS listeners (Mosquitto(tls=...))")
+        return self.tls
+
+    def _tls_url(self, port: int) -> str:
+        host = self._require_tls().host
+        return f"mqtts://{f'[{host}]' if ':' in host else host}:{port}"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -195,7 +268,7 @@ class Mosquitto(Child):
             return  # not root, or no such user: mosquitto stays who we are
         for path in (self.folder, *self.folder.iterdir(), *(self.folder / "data").iterdir()):
             os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(self.dynsec_file, 0o600)
+        os.chmod(self.dynsec_file, 0o600)  # the server key is 0600 already
 
     def _wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -155,33 +155,44 @@ def token_revoke(token_id: int) -> None:
 @devices_app.command("add")
 def devices_add(
     device_id: Annotated[str, typer.Argument(help="Device id = MQTT username.")],
-    profile: Annotated[str, typer.Option(help="Firmware profile (firmware_configs/).")],
-    out: Annotated[Path | None, typer.Option(help="Write device.yaml + password here.")] = None,
+    profile: Annotated[str, typer.Option(help="Firmware profile: one of firmware_configs/ "
+                                              "(fednano-edge profiles lists them).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Write the device's kit here: device.yaml, its password (or key and "
+             "certificate), ca.crt.")] = None,
+    x509: Annotated[bool, typer.Option(
+        "--x509", help="Authenticate with a certificate the device CA signs now "
+                       "(FEDNANO_DEVICE_CA_FILE/_KEY_FILE, FEDNANO_DEVICE_X509_BROKER_URL) "
+                       "instead of a password; needs --out.")] = False,
 ) -> None:
-    """Register a device; prints its secret once (or writes it, mode 0600, with --out)."""
-    from cloud import registry
+    """Register a device; prints its secret once, or writes its kit (secrets mode 0600) with
+    --out. The config names the broker and bundle as devices reach them
+    (FEDNANO_DEVICE_BROKER_URL, FEDNANO_PUBLIC_URL)."""
     from cloud.db.crud import DuplicateRecordError
     from cloud.db.session import session_scope
+    from cloud.provisioning import DeviceNetwork, provision
     from cloud.service import sessions
 
+    if x509 and out is None:
+        raise typer.BadParameter("an X.509 device's private key is written to its kit: give "
+                                 "--out DIR", param_hint="--x509")
     settings = load_settings()
     try:
+        network = DeviceNetwork.from_settings(settings)
         with session_scope(sessions(settings)) as session:
-            device, secret = registry.add_device(
-                session, device_id=device_id, profile=profile, actor="cli",
-                reserved_ids={settings.broker_username},
-                iterations=settings.mqtt_hash_iterations)
-            config = {"broker_url": settings.broker_url, "bundle_url": settings.bundle_url}
-            if out is not None:
-                paths = registry.write_device_files(out, device=device, secret=secret, **config)
+            kit = provision(session, network, device_id=device_id, profile=profile, x509=x509,
+                            actor="cli", reserved_ids={settings.broker_username},
+                            iterations=settings.mqtt_hash_iterations)
+            paths = kit.write(out) if out is not None else []
     except (ValueError, DuplicateRecordError) as err:
         raise typer.BadParameter(str(err)) from err
-    _broker_change(settings, lambda admin: admin.add_device(device_id, secret))
+    _broker_change(settings, lambda admin: admin.add_device(device_id, kit.broker_secret))
     if out is not None:
-        console.print(f"added {device_id}: wrote {paths[0]} and {paths[1]}", markup=False)
+        console.print(f"added {device_id} ({kit.kind.value}): wrote "
+                      f"{', '.join(p.name for p in paths)} to {out}", markup=False)
     else:
         console.print(f"added {device_id}; its MQTT secret (shown once):", markup=False)
-        print(secret)
+        print(kit.secret)
 
 
 @devices_app.command("list")

@@ -3,12 +3,15 @@
 
 A device id is the device's MQTT username, a level of its topics and the broker ACL's ``%u``,
 a file name on the device and a database key in the cloud: the edge validates its config with
-it and the cloud registry validates new devices with it, so it lives here, once.
+it and the cloud registry validates new devices with it, so it lives here, once. So do the
+firmware profile names a device may be provisioned with (``list_profiles``).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 # Safe in an MQTT topic level and as the broker username that ACL patterns substitute (%u):
 # no '/', '+', '#', '$', spaces or control characters; also a safe file and database key.
@@ -43,3 +46,18 @@ def validate_profile_name(name: object) -> str:
         raise ValueError("profile name must be 1-63 of a-z 0-9 . _ - starting with a letter or "
                          f"digit, got {name!r}")
     return name
+
+
+def default_profiles_dir() -> Path:
+    """``$FEDNANO_PROFILES_DIR`` if set, else the repository's ``firmware_configs/``."""
+    env = os.environ.get("FEDNANO_PROFILES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "firmware_configs"
+
+
+def list_profiles(directory: Path | None = None) -> list[str]:
+    """Names of the profiles shipped in ``directory`` (default: ``default_profiles_dir()``):
+    the profiles a device may be provisioned with."""
+    folder = directory or default_profiles_dir()
+    if not folder.is_dir():
+        raise ValueError(f"profiles directory does not exist, got {str(folder)!r}")
+    return sorted(path.stem for path in folder.glob("*.yaml"))

@@ -76,7 +76,12 @@ class NotConnectedError(MqttError, ConnectionError):
 
 
 class PublishError(MqttError):
-    """The broker refused a publish (e.g. "Not authorized" from its ACL) or paho failed it."""
+    """The broker refused a publish (e.g. "Not authorized" from its ACL: ``reason_code`` 135)
+    or paho failed it (``reason_code`` None)."""
+
+    def __init__(self, message: str, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
 
 
 class SubscribeError(MqttError):
@@ -103,6 +108,9 @@ class BrokerAddress:
     port: int
     tls: bool = False
     ca_file: Path | None = None  # CA bundle for TLS; None: the system's CAs
+    # The client's own certificate and key (PEM) for a broker that takes the identity from it.
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -111,6 +119,11 @@ class BrokerAddress:
             raise ValueError(f"broker port must be in 1..65535, got {self.port!r}")
         if self.ca_file is not None and not self.tls:
             raise ValueError(f"ca_file needs TLS (an mqtts:// URL), got {self.url!r}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError(f"a client certificate needs TLS (an mqtts:// URL), got "
+                             f"{self.url!r}")
 
     @classmethod
     def parse(cls, url: str, *, ca_file: str | Path | None = None) -> BrokerAddress:
@@ -198,7 +211,9 @@ def make_paho_client(address: BrokerAddress, options: ClientOptions) -> mqtt.Cli
         will = options.will
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     if address.tls:
-        client.tls_set(ca_certs=None if address.ca_file is None else str(address.ca_file))
+        client.tls_set(ca_certs=None if address.ca_file is None else str(address.ca_file),
+                       certfile=None if address.cert_file is None else str(address.cert_file),
+                       keyfile=None if address.key_file is None else str(address.key_file))
     client.reconnect_delay_set(options.reconnect_min_s, options.reconnect_max_s)
     return client
 
@@ -617,4 +632,4 @@ def publish_checked(client: MqttClient, topic: str, payload: bytes, *, max_bytes
         raise AckTimeout(f"no PUBACK for {topic!r} (mid {mid}) within {timeout:g} s")
     if reason.is_failure:
         raise PublishError(f"broker refused publish to {topic!r}: {reason} "
-                           f"(reason code {reason.value})")
+                           f"(reason code {reason.value})", reason.value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
@@ -41,6 +41,9 @@ class DeviceBase(BaseModel):
 
 class DeviceCreate(DeviceBase):
     id: str = Field(pattern=DEVICE_ID_PATTERN, description="also its MQTT username")
+    credential: Literal["password", "x509"] = Field(
+        "password", description="password: an MQTT secret; x509: a key and a certificate the "
+                                "device CA signs (the broker's certificate listener)")
 
 
 def _displayable(value: object) -> object:
@@ -72,7 +75,16 @@ class DeviceSecret(BaseModel):
     secret: str
 
 
-class DeviceCreated(DeviceSecret):
+class DeviceCreated(BaseModel):
+    """A new device and its credential, shown once: the secret (password devices) or the key
+    and certificate (X.509 devices), and the CA certificate devices verify the broker with."""
+
+    device_id: str
+    credential: Literal["password", "x509"]
+    secret: str | None = None
+    certificate_pem: str | None = None
+    private_key_pem: str | None = None
+    ca_certificate_pem: str | None = None
     device: DevicePublic
     config: dict[str, Any] = Field(description="the device.yaml content (no secret in it)")
 

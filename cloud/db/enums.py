@@ -18,6 +18,13 @@ class DeviceStatus(str, enum.Enum):
     REVOKED = "revoked"
 
 
+class CredentialKind(str, enum.Enum):
+    """How a device authenticates to the broker: a password, or an X.509 certificate."""
+
+    PASSWORD = "password"
+    X509 = "x509"
+
+
 class RoundState(str, enum.Enum):
     """A round's state; ``ROUND_TRANSITIONS`` lists the allowed moves."""
 

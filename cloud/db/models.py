@@ -50,6 +50,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # The statuses live in ``cloud.db.enums`` (importable without the ORM) and are re-exported here.
 from cloud.db.enums import ROUND_TRANSITIONS as ROUND_TRANSITIONS
 from cloud.db.enums import TERMINAL_ROUND_STATES as TERMINAL_ROUND_STATES
+from cloud.db.enums import CredentialKind as CredentialKind
 from cloud.db.enums import DeviceStatus as DeviceStatus
 from cloud.db.enums import ParticipationStatus as ParticipationStatus
 from cloud.db.enums import RoundState as RoundState
@@ -140,8 +141,11 @@ class Device(Base):
 
 
 class Credential(Base):
-    """A device's MQTT secret, hashed (``$7$`` PBKDF2-SHA512, mosquitto's own format).
+    """How a device proves who it is to the broker.
 
+    ``kind`` ``password``: its MQTT secret, hashed (``$7$`` PBKDF2-SHA512, mosquitto's own
+    format) in ``secret_hash``. ``x509``: a certificate the cloud's CA signed with the device id
+    as its common name; ``certificate_sha256`` is its fingerprint, no secret is stored.
     At most one credential per device is active (``revoked_at IS NULL``); rotating a secret
     revokes the old row and adds a new one, so the history stays.
     """
@@ -150,13 +154,20 @@ class Credential(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
-    secret_hash: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[CredentialKind] = mapped_column(
+        _enum(CredentialKind, "credential_kind"), default=CredentialKind.PASSWORD,
+        server_default=CredentialKind.PASSWORD.value)
+    secret_hash: Mapped[str | None] = mapped_column(String(255))
+    certificate_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 
     device: Mapped[Device] = relationship(back_populates="credentials")
 
     __table_args__ = (
+        CheckConstraint("(kind = 'password') = (secret_hash IS NOT NULL) AND "
+                        "(kind = 'x509') = (certificate_sha256 IS NOT NULL)",
+                        name="credential_fields"),
         Index("uq_credentials_active_device", "device_id", unique=True,
               sqlite_where=text("revoked_at IS NULL"), postgresql_where=text("revoked_at IS NULL")),
         Index("ix_credentials_device_id", "device_id"),

@@ -104,6 +104,13 @@ def simulate(
                                         "stale-base, cloud-restart, broker-restart, broker-kill; "
                                         "or all.")]
     = "",
+    network: Annotated[str, typer.Option(
+        help="loopback: devices reach the broker on 127.0.0.1 in plaintext; tls: on this "
+             "machine's network address over TLS (a private CA signs the broker's "
+             "certificate), as a real fleet does.")] = "loopback",
+    x509_devices: Annotated[int, typer.Option(
+        help="How many devices authenticate with a certificate the CA signs instead of a "
+             "password (needs --network tls).", min=0)] = 0,
     seed: opts.Seed = 0,
     llm_timeout: Annotated[float, typer.Option(help="Seconds a device waits for the LLM worker "
                                                "per attempt.", min=1)] = 20.0,
@@ -132,7 +139,8 @@ def simulate(
             batch_size=batch_size, lr=lr, fisher_samples=fisher_samples,
             max_samples=opts.whole_shard(max_samples), eval_questions=round_eval_questions,
             deadline_s=deadline,
-            database=database, faults=parse_faults(faults), seed=seed, llm_timeout_s=llm_timeout,
+            database=database, faults=parse_faults(faults), network=network,
+            x509_devices=x509_devices, seed=seed, llm_timeout_s=llm_timeout,
             timeout_s=timeout)
     except (ValidationError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err

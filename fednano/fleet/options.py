@@ -67,6 +67,12 @@ class FleetOptions(BaseModel):
     database: str = Field("sqlite", description="'sqlite' (a file in the run folder) or the "
                                                 "URL of an empty database")
     faults: tuple[Fault, ...] = ()
+    network: Literal["loopback", "tls"] = Field(
+        "loopback", description="loopback: devices reach the broker on 127.0.0.1 in plaintext; "
+                                "tls: on this machine's network address over TLS, as a real "
+                                "fleet does (a private CA signs the broker's certificate)")
+    x509_devices: int = Field(0, ge=0, description="how many devices authenticate with a "
+                                                   "certificate instead of a password (tls)")
     seed: int = 0
     llm_timeout_s: float = Field(20.0, gt=0, description="device -> LLM worker, per attempt")
     timeout_s: float = Field(3600.0, gt=0, description="give up on the run after this long")
@@ -77,6 +83,15 @@ class FleetOptions(BaseModel):
         if name not in STRATEGIES:
             raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
         return name
+
+    @model_validator(mode="after")
+    def _x509_over_tls(self) -> FleetOptions:
+        if self.x509_devices and self.network != "tls":
+            raise ValueError("X.509 devices connect over TLS: use network 'tls'")
+        if self.x509_devices > self.devices:
+            raise ValueError(f"x509_devices ({self.x509_devices}) exceeds devices "
+                             f"({self.devices})")
+        return self
 
     @model_validator(mode="after")
     def _fisher_when_needed(self) -> FleetOptions:

@@ -1,7 +1,9 @@
 """Provisioning a simulated fleet through the real registry: devices, secrets, broker files.
 
-Each device gets what a flashed device gets (``cloud.registry.write_device_files``): a
-``device.yaml`` naming its profile, broker and state folder, and a ``password`` file (0600).
+Each device gets what a flashed device gets (``cloud.provisioning``): a ``device.yaml``
+naming its profile, broker and state folder, and its ``password`` file (0600) -- or, for an
+X.509 device, its key (0600) and certificate -- and the CA certificate when the broker is
+reached over TLS.
 Its local data is a shard of easy-VQA (``edge.local_data.DataSpec``): every device process
 partitions the task with the same seed and keeps its own shard.
 """
@@ -9,14 +11,16 @@ partitions the task with the same seed and keeps its own shard.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud import registry
+from cloud import provisioning, registry
 from cloud.db import crud
 from cloud.db.session import session_scope
+from cloud.provisioning import DeviceNetwork
 
 SERVICE_USERNAME = "fednano-cloud"
 ROGUE_ID = "rogue"
@@ -29,7 +33,7 @@ class FleetDevice:
 
     device_id: str
     folder: Path
-    secret: str = field(repr=False)
+    secret: str | None = field(repr=False)  # None: an X.509 device
 
     @property
     def config_path(self) -> Path:
@@ -65,16 +69,18 @@ def require_empty(sessions: sessionmaker[Session]) -> None:
 
 
 def provision(sessions: sessionmaker[Session], ids: list[str], *, folder: Path,
-              broker_url: str, bundle_url: str, profile: str = PROFILE) -> list[FleetDevice]:
-    """Register ``ids`` and write each device's files under ``folder/<id>/``."""
+              network: DeviceNetwork, x509: Collection[str] = (),
+              profile: str = PROFILE) -> list[FleetDevice]:
+    """Register ``ids`` (those in ``x509`` with a certificate) and write each device's kit
+    under ``folder/<id>/``."""
     devices = []
     with session_scope(sessions) as session:
         for device_id in ids:
-            device, secret = registry.add_device(session, device_id=device_id, profile=profile,
-                                                 actor="fleet", reserved_ids={SERVICE_USERNAME})
-            registry.write_device_files(folder / device_id, device=device, secret=secret,
-                                        broker_url=broker_url, bundle_url=bundle_url)
-            devices.append(FleetDevice(device_id, folder / device_id, secret))
+            kit = provisioning.provision(session, network, device_id=device_id,
+                                         profile=profile, x509=device_id in x509,
+                                         actor="fleet", reserved_ids={SERVICE_USERNAME})
+            kit.write(folder / device_id)
+            devices.append(FleetDevice(device_id, folder / device_id, kit.secret))
     return devices
 
 

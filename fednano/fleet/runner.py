@@ -6,7 +6,8 @@
     -> database (SQLite in the run folder, or an empty PostgreSQL database), migrated
     -> devices provisioned in the registry (device.yaml + password each), round defaults and
        a schedule of R rounds, an operator token
-    -> private Mosquitto (free loopback port) with the registry's accounts file
+    -> private Mosquitto (free loopback port; with --network tls also TLS listeners on this
+       machine's address, for passwords and for X.509 devices) with the registry's accounts
     -> the cloud: ``fednano cloud serve`` (API + coordinator + LLM worker), until /ready
     -> N ``fednano-edge run`` processes, each with its own DataSpec shard
     -> rounds run by the cloud's schedule; the runner watches the database and the device
@@ -41,8 +42,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.db.session import make_engine, make_session_factory, session_scope, sqlite_url
+from cloud.pki import Issuer
+from cloud.provisioning import DeviceNetwork
 from cloud.rounds import RoundConfig, Schedule, save_defaults, save_schedule
-from fednano.broker import Mosquitto, ensure_mosquitto
+from fednano.broker import BrokerTls, BrokerUnavailable, Mosquitto, ensure_mosquitto, public_address
 from fednano.fleet import provision as prov
 from fednano.fleet import report as rep
 from fednano.fleet.faults import (
@@ -311,21 +314,43 @@ class FleetRunner:
         o = self.options
         self._api_port = _free_port()
         self.api_url = f"http://127.0.0.1:{self._api_port}"
-        self._broker = Mosquitto(install=True)
+        network = self._start_network(f"{self.api_url}/api/v1/bundles/latest")
         folder = self.paths.out / "devices"
-        bundle_url = f"{self.api_url}/api/v1/bundles/latest"
-        devices = prov.provision(self.sessions, prov.device_ids(o.devices), folder=folder,
-                                 broker_url=self.broker.url, bundle_url=bundle_url)
+        ids = prov.device_ids(o.devices)
+        devices = prov.provision(self.sessions, ids, folder=folder, network=network,
+                                 x509=ids[:o.x509_devices])
         rogue = None
         if o.rogue:
             (rogue,) = prov.provision(self.sessions, [prov.ROGUE_ID], folder=folder,
-                                      broker_url=self.broker.url, bundle_url=bundle_url)
+                                      network=network)
         with session_scope(self.sessions) as session:
             save_defaults(session, self.round_config())
             # Off until every device is online: the runner then starts it through the API.
             save_schedule(session, Schedule(enabled=False))
             _, self.token = create_operator_token(session, name="fleet", actor="fleet")
         return devices, rogue
+
+    def _start_network(self, bundle_url: str) -> DeviceNetwork:
+        """The broker (not started yet) and what devices are told about it. ``tls``: a new
+        CA (kept in the run folder, the cloud signs X.509 devices with it) signs the broker's
+        certificate for this machine's network address, which devices then use."""
+        if self.options.network == "loopback":
+            self._broker = Mosquitto(install=True)
+            return DeviceNetwork(broker_url=self.broker.url, bundle_url=bundle_url)
+        try:
+            host = public_address()
+        except BrokerUnavailable as err:
+            raise FleetError(f"{err}: run with --network loopback") from err
+        issuer = Issuer.create("FedNano fleet CA")
+        self._ca_files = (self.paths.out / "ca" / "ca.crt", self.paths.out / "ca" / "ca.key")
+        self._ca_files[0].parent.mkdir(parents=True, exist_ok=True)
+        issuer.write(*self._ca_files)
+        server = issuer.server_certificate([host, "127.0.0.1"])
+        self._broker = Mosquitto(install=True, tls=BrokerTls(
+            host, issuer.certificate_pem, server.certificate_pem, server.key_pem))
+        return DeviceNetwork(broker_url=self.broker.tls_url, bundle_url=bundle_url,
+                             ca_pem=issuer.certificate_pem, x509_broker_url=self.broker.x509_url,
+                             issuer=issuer)
 
     def round_config(self) -> RoundConfig:
         """Every honest device takes part in every round; aggregate when all submitted, or at
@@ -351,7 +376,16 @@ class FleetRunner:
             "FEDNANO_BROKER_PASSWORD": self._service.password,
             "FEDNANO_SECRET_KEY": secrets.token_urlsafe(32),
             "FEDNANO_BUNDLE_DIR": str(self.paths.bundles), "FEDNANO_PUBLIC_URL": self.api_url,
-            "FEDNANO_TICK_INTERVAL_S": "0.5"})
+            "FEDNANO_TICK_INTERVAL_S": "0.5", **self._device_network_env()})
+
+    def _device_network_env(self) -> dict[str, str]:
+        """What the cloud tells devices it provisions itself (``POST /devices``)."""
+        if self.broker.tls is None:
+            return {}
+        return {"FEDNANO_DEVICE_BROKER_URL": self.broker.tls_url,
+                "FEDNANO_DEVICE_X509_BROKER_URL": self.broker.x509_url,
+                "FEDNANO_DEVICE_CA_FILE": str(self._ca_files[0]),
+                "FEDNANO_DEVICE_CA_KEY_FILE": str(self._ca_files[1])}
 
     def _start_cloud_and_wait(self) -> None:
         argv = [sys.executable, "-m", "fednano.cli", "cloud", "serve", "--host", "127.0.0.1",
@@ -385,6 +419,7 @@ class FleetRunner:
         ids = [d.device_id for d in devices]
         actions: list[FaultAction] = []
         if rogue is not None:
+            assert rogue.secret is not None  # the rogue is a password device
             actions.append(Rogue(set(o.faults), device_id=rogue.device_id,
                                  password=rogue.secret, factory=factory, rounds=o.rounds))
         if "duplicate" in o.faults:

@@ -221,28 +221,6 @@ def test_service_account_repr_hides_the_password() -> None:
         registry.ServiceAccount("a:b", "x")
 
 
-# ------------------------------------------------------------------------------ device config
-
-
-def test_the_device_config_loads_on_the_edge(session: Session, tmp_path: Path) -> None:
-    from edge.config import load_device_config  # tests may import both sides
-
-    device, secret = registry.add_device(session, device_id="orin-nano-0042",
-                                         profile="jetson-orin-nano-8gb", iterations=FAST)
-    config_path, password_path = registry.write_device_files(
-        tmp_path / "kit", device=device, secret=secret, broker_url="mqtts://broker.example:8883",
-        bundle_url="https://cloud.example/api/v1/bundles/latest")
-    assert secret not in config_path.read_text()
-    assert stat.S_IMODE(password_path.stat().st_mode) == 0o600
-    config = load_device_config(config_path)
-    assert (config.device_id, config.profile.name) == ("orin-nano-0042", "jetson-orin-nano-8gb")
-    assert (config.broker.host, config.broker.port, config.broker.tls) == (
-        "broker.example", 8883, True)
-    assert config.credentials.read_password() == secret
-    assert config.bundle_url == "https://cloud.example/api/v1/bundles/latest"
-    assert config.state_dir == tmp_path / "kit" / "state"
-
-
 # ------------------------------------------------------------------------------ real broker
 
 

@@ -15,6 +15,7 @@ import yaml
 from cloud.db import crud, migrate
 from cloud.db.models import RoundState
 from cloud.db.session import make_engine, make_session_factory, session_scope, sqlite_url
+from cloud.provisioning import DeviceNetwork
 from cloud.registry import ServiceAccount
 from cloud.rounds import RoundConfig
 from edge.local_data import DataSpec
@@ -108,9 +109,10 @@ def test_provisioning_writes_what_a_device_boots_from(tmp_path: Path) -> None:
     sessions = make_session_factory(engine)
     try:
         prov.require_empty(sessions)
+        network = DeviceNetwork(broker_url="mqtt://127.0.0.1:1999",
+                                bundle_url="http://127.0.0.1:8000/api/v1/bundles/latest")
         devices = prov.provision(sessions, ["dev-00", "rogue"], folder=tmp_path / "devices",
-                                 broker_url="mqtt://127.0.0.1:1999",
-                                 bundle_url="http://127.0.0.1:8000/api/v1/bundles/latest")
+                                 network=network)
         config = yaml.safe_load(devices[0].config_path.read_text())
         assert config["device_id"] == "dev-00" and config["profile"] == "sim-cpu"
         assert (devices[0].folder / "password").read_text().strip() == devices[0].secret

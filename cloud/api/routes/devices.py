@@ -1,4 +1,5 @@
-"""Devices: list, get, add (secret shown once + config), revoke, rotate the secret, config."""
+"""Devices: list, get, add (secret or key shown once + config), revoke, rotate the secret,
+config."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cloud.api.schemas import (
 from cloud.broker_admin import BrokerAdmin
 from cloud.db import crud
 from cloud.db.models import DeviceStatus
+from cloud.provisioning import DeviceNetwork, ProvisioningError, credential_kind, provision
 from cloud.settings import CloudSettings
 
 router = APIRouter(prefix="/devices", tags=["devices"])
@@ -38,24 +40,32 @@ def list_devices(session: SessionDep, _: OperatorDep, page: PageDep,
 @router.post("", response_model=DeviceCreated, status_code=status.HTTP_201_CREATED)
 def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
                settings: SettingsDep) -> DeviceCreated:
-    """Register a device. Its MQTT secret is in this response only; the running broker
-    accepts it at once."""
-    reserved = {settings.broker_username}
+    """Register a device. Its MQTT secret -- or, with ``"credential": "x509"``, its private key
+    and the certificate the device CA signed -- is in this response only; the running broker
+    accepts the device at once. ``config`` names the broker and bundle as devices reach them;
+    409 when X.509 is asked for and the cloud has no device CA or certificate listener."""
     try:
-        device, secret = registry.add_device(
-            session, device_id=body.id, profile=body.profile, capabilities=body.capabilities,
-            actor=operator.actor, reserved_ids=reserved,
-            iterations=settings.mqtt_hash_iterations)
+        network = DeviceNetwork.from_settings(settings)
+        kit = provision(session, network, device_id=body.id, profile=body.profile,
+                        x509=body.credential == "x509", capabilities=body.capabilities,
+                        actor=operator.actor, reserved_ids={settings.broker_username},
+                        iterations=settings.mqtt_hash_iterations)
+    except ProvisioningError as err:
+        raise HTTPException(409, str(err)) from err
     except ValueError as err:
+        field = "profile" if "profile" in str(err) else "id"
         raise HTTPException(422,
-                            [{"loc": ["body", "id"], "msg": str(err), "type": "value_error"}],
+                            [{"loc": ["body", field], "msg": str(err), "type": "value_error"}],
                             ) from err
-    _broker_change(session, settings, operator.actor, device.id,
-                   lambda admin: admin.add_device(device.id, secret))
-    config = registry.device_config(device, broker_url=settings.broker_url,
-                                    bundle_url=settings.bundle_url)
-    return DeviceCreated(device_id=device.id, secret=secret,
-                         device=DevicePublic.model_validate(device), config=config)
+    _broker_change(session, settings, operator.actor, kit.device.id,
+                   lambda admin: admin.add_device(kit.device.id, kit.broker_secret))
+    issued = kit.certificate
+    return DeviceCreated(
+        device_id=kit.device.id, secret=kit.secret, credential=kit.kind.value,
+        certificate_pem=None if issued is None else issued.certificate_pem.decode(),
+        private_key_pem=None if issued is None else issued.key_pem.decode(),
+        ca_certificate_pem=None if network.ca_pem is None else network.ca_pem.decode(),
+        device=DevicePublic.model_validate(kit.device), config=kit.config)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
@@ -70,8 +80,11 @@ def device_config(device_id: str, session: SessionDep, _: OperatorDep,
                   settings: SettingsDep) -> Response:
     """The device's ``device.yaml`` (no secret in it) as a download."""
     device = registry.get_device(session, device_id=device_id)
-    text = registry.device_config_yaml(device, broker_url=settings.broker_url,
-                                       bundle_url=settings.bundle_url)
+    try:
+        text = DeviceNetwork.from_settings(settings).config_yaml(
+            device, credential_kind(session, device_id))
+    except ProvisioningError as err:
+        raise HTTPException(409, str(err)) from err
     return Response(text, media_type="application/yaml", headers={
         "Content-Disposition": f'attachment; filename="{device.id}.yaml"'})
 

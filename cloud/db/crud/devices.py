@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from cloud.db.crud.errors import DuplicateRecordError, RecordNotFoundError
 from cloud.db.crud.filters import matching
 from cloud.db.crud.pages import paged
-from cloud.db.models import Credential, Device, DeviceStatus, utcnow
+from cloud.db.models import Credential, CredentialKind, Device, DeviceStatus, utcnow
 
 
 def create_device(session: Session, *, device_id: str, profile: str,
@@ -97,9 +97,15 @@ def mark_revoked(session: Session, *, device_id: str, at: datetime | None = None
     return device
 
 
-def add_credential(session: Session, *, device_id: str, secret_hash: str) -> Credential:
-    """Store a hashed secret as the device's active credential (revoke the old one first)."""
-    credential = Credential(device_id=device_id, secret_hash=secret_hash, created_at=utcnow())
+def add_credential(session: Session, *, device_id: str, secret_hash: str | None = None,
+                   certificate_sha256: str | None = None) -> Credential:
+    """Store the device's active credential (revoke the old one first): a hashed secret, or
+    the fingerprint of an X.509 certificate (exactly one of them)."""
+    if (secret_hash is None) == (certificate_sha256 is None):
+        raise ValueError("a credential is a secret hash or a certificate fingerprint")
+    kind = CredentialKind.PASSWORD if secret_hash is not None else CredentialKind.X509
+    credential = Credential(device_id=device_id, kind=kind, secret_hash=secret_hash,
+                            certificate_sha256=certificate_sha256, created_at=utcnow())
     session.add(credential)
     session.flush()
     return credential
@@ -121,8 +127,9 @@ def revoke_credentials(session: Session, *, device_id: str, at: datetime | None 
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def active_device_hashes(session: Session) -> list[tuple[str, str]]:
-    """``(device id, secret hash)`` of every active device with an active credential, by id."""
+def active_device_hashes(session: Session) -> list[tuple[str, str | None]]:
+    """``(device id, secret hash)`` of every active device with an active credential, by id;
+    the hash is None for a device that authenticates with an X.509 certificate."""
     query = (select(Device.id, Credential.secret_hash)
              .join(Credential, Credential.device_id == Device.id)
              .where(Device.status == DeviceStatus.ACTIVE, Credential.revoked_at.is_(None))

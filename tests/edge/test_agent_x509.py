@@ -1,0 +1,163 @@
+"""Devices provisioned for a real network: the cloud's registry writes their kits with the
+broker's TLS address on this machine's network interface (not the loopback), one with a
+password and one with an X.509 certificate the cloud's CA signed; each boots from its kit
+(``load_device_config``), connects to a real Mosquitto over TLS, trains a round's task and
+uploads its update. Revoking the X.509 device at the running broker stops it for good.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy.orm import Session
+
+from cloud import broker_admin, registry
+from cloud.broker_admin import BrokerAdmin
+from cloud.db import migrate
+from cloud.db.models import CredentialKind
+from cloud.db.session import make_engine, make_session_factory, sqlite_url
+from cloud.pki import Issuer
+from cloud.provisioning import DeviceKit, DeviceNetwork, provision
+from edge.agent import EdgeAgent
+from edge.config import load_device_config
+from fednano.broker import BrokerTls, BrokerUnavailable, Mosquitto, public_address
+from shared import topics
+from shared.mqtt import BrokerAddress, ClientOptions, ConnectRefused, MqttClient
+from tests.edge.agent_support import FAST, make_model, make_samples, make_task, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVICE = registry.ServiceAccount("fednano-cloud", "service-secret-for-tests")
+
+
+@pytest.fixture(scope="module")
+def host() -> str:
+    try:
+        return public_address()
+    except BrokerUnavailable as err:
+        pytest.skip(f"{err}: nothing but the loopback to provision for")
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    url = sqlite_url(tmp_path / "cloud.db")
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with make_session_factory(engine)() as db:
+        yield db
+    engine.dispose()
+
+
+@pytest.fixture
+def network_and_broker(host: str) -> Iterator[tuple[DeviceNetwork, Mosquitto]]:
+    """A CA, a broker with TLS listeners on ``host`` whose certificate the CA signed, and what
+    devices are told about them."""
+    ca = Issuer.create("test device CA")
+    server = ca.server_certificate([host])
+    broker = Mosquitto(tls=BrokerTls(host, ca.certificate_pem, server.certificate_pem,
+                                     server.key_pem))
+    network = DeviceNetwork(broker_url=broker.tls_url, x509_broker_url=broker.x509_url,
+                            bundle_url="https://cloud.example/api/v1/bundles/latest",
+                            ca_pem=ca.certificate_pem, issuer=ca)
+    yield network, broker
+    broker.close()
+
+
+def _kits(session: Session, network: DeviceNetwork, tmp_path: Path) -> dict[str, Path]:
+    kits: dict[str, DeviceKit] = {
+        "dev-pw": provision(session, network, device_id="dev-pw", profile="sim-cpu",
+                            iterations=1000),
+        "dev-x": provision(session, network, device_id="dev-x", profile="sim-cpu", x509=True)}
+    session.commit()
+    for device_id, kit in kits.items():
+        kit.write(tmp_path / device_id)
+    return {device_id: tmp_path / device_id / "device.yaml" for device_id in kits}
+
+
+def _agent(config_path: Path, model, backend) -> EdgeAgent:  # type: ignore[no-untyped-def]
+    config = load_device_config(config_path)  # what the device does at boot
+    return EdgeAgent(config, model, make_samples(), lambda client, stop: backend,
+                     settings=FAST)
+
+
+def test_kits_name_the_network_address_and_hold_only_their_own_secret(
+        session: Session, network_and_broker: tuple[DeviceNetwork, Mosquitto],
+        tmp_path: Path) -> None:
+    network, _ = network_and_broker
+    paths = _kits(session, network, tmp_path)
+    assert sorted(p.name for p in paths["dev-pw"].parent.iterdir()) == [
+        "ca.crt", "device.yaml", "password"]
+    assert sorted(p.name for p in paths["dev-x"].parent.iterdir()) == [
+        "ca.crt", "device.crt", "device.key", "device.yaml"]
+    assert stat.S_IMODE((paths["dev-x"].parent / "device.key").stat().st_mode) == 0o600
+    for device_id, path in paths.items():
+        config = load_device_config(path)
+        assert not ipaddress.ip_address(config.broker.host).is_loopback
+        assert config.broker.tls and config.broker.ca_file == path.parent / "ca.crt"
+    x509 = load_device_config(paths["dev-x"])
+    assert x509.username is None and x509.broker_address.cert_file == paths["dev-x"].parent / (
+        "device.crt")
+    assert urlsplit(x509.broker.url).port != urlsplit(
+        load_device_config(paths["dev-pw"]).broker.url).port  # the certificate listener
+    device = registry.get_device(session, device_id="dev-x")
+    assert [c.kind for c in device.credentials] == [CredentialKind.X509]
+    assert device.credentials[0].secret_hash is None
+    client = registry.dynsec_config(session, services=[SERVICE], iterations=1000)["clients"]
+    entry = next(c for c in client if c["username"] == "dev-x")
+    assert "password" not in entry and entry["clientid"] == "dev-x"
+
+
+def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused(
+        session: Session, network_and_broker: tuple[DeviceNetwork, Mosquitto], tmp_path: Path,
+        tiny_edge, word_tokenizer, tiny_llm) -> None:  # type: ignore[no-untyped-def]
+    network, broker = network_and_broker
+    paths = _kits(session, network, tmp_path)
+    registry.write_broker_files(session, directory=broker.folder, services=[SERVICE],
+                                iterations=1000)
+    broker.start()
+    cloud = MqttClient(BrokerAddress.parse(broker.url), ClientOptions(
+        client_id="cloud", username=SERVICE.username, password=SERVICE.password))
+    cloud.connect(10)
+    updates = cloud.subscribe(topics.ALL_UPDATES)
+    agents: dict[str, tuple[EdgeAgent, threading.Thread]] = {}
+    try:
+        for device_id, path in paths.items():
+            model = make_model(tiny_edge, word_tokenizer)
+            agent = _agent(path, model, tiny_llm[1])
+            agents[device_id] = (agent, agent.start())
+            wait_until(lambda a=agent: a.client.connected)  # type: ignore[misc]
+            _, payload = make_task(model, task_id=f"task-{device_id}")
+            cloud.publish(topics.tasks(device_id), payload, max_bytes=8 * 2**20)
+        senders = set()
+        for _ in paths:
+            received = updates.get(timeout=60)
+            assert received is not None, f"updates from {senders} only"
+            senders.add(topics.device_of(received.topic))
+        assert senders == {"dev-pw", "dev-x"}
+
+        with BrokerAdmin.connect(url=broker.url, username=SERVICE.username,
+                                 password=SERVICE.password) as admin:
+            registry.revoke_device(session, device_id="dev-x", reason="stolen")
+            session.commit()
+            admin.remove_device("dev-x")
+            report = broker_admin.sync_registry(admin, session,
+                                                service_usernames=[SERVICE.username])
+        assert report.removed == () and report.missing == ()
+        agent, thread = agents.pop("dev-x")
+        agent.stop()
+        thread.join(30)
+        again = _agent(paths["dev-x"], make_model(tiny_edge, word_tokenizer), tiny_llm[1])
+        with pytest.raises(ConnectRefused, match="not .*authorized") as refused:
+            again.run()  # its certificate still verifies; it names no device any more
+        assert refused.value.permanent and "accepted the connection" in str(refused.value)
+    finally:
+        for agent, thread in agents.values():
+            agent.stop()
+            thread.join(30)
+        cloud.close()
