@@ -69,6 +69,10 @@ class DeviceRevokedError(crud.ConflictError):
     """The device is revoked: it cannot get new secrets or be revoked again."""
 
 
+class UnknownProfileError(ValueError):
+    """The profile is not one a device can boot with (the message lists those it can)."""
+
+
 class CredentialKindError(crud.ConflictError):
     """The change does not apply to the device's kind of credential (no secret to rotate)."""
 
@@ -183,7 +187,7 @@ def _new_device(session: Session, device_id: str, profile: str,
     validate_device_id(device_id)
     validate_profile_name(profile)
     if known_profiles is not None and profile not in known_profiles:
-        raise ValueError(f"unknown profile {profile!r}: a device boots only with one of "
+        raise UnknownProfileError(f"unknown profile {profile!r}: a device boots only with one of "
                          f"{', '.join(sorted(known_profiles))}")
     if device_id in {*reserved_ids, HEALTH_USERNAME}:
         raise ValueError(f"device id is reserved for a cloud service account, got {device_id!r}")

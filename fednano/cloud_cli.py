@@ -186,6 +186,8 @@ def devices_add(
             paths = kit.write(out) if out is not None else []
     except (ValueError, DuplicateRecordError) as err:
         raise typer.BadParameter(str(err)) from err
+    except OSError as err:  # the device is not added: the transaction is rolled back
+        raise typer.BadParameter(f"cannot write the kit: {err}", param_hint="--out") from err
     _broker_change(settings, lambda admin: admin.add_device(device_id, kit.broker_secret))
     if out is not None:
         console.print(f"added {device_id} ({kit.kind.value}): wrote "

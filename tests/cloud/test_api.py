@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,9 +112,72 @@ def test_devices_add_get_config_rotate_revoke(client: TestClient) -> None:
     assert {e["actor"] for e in events["items"]} == {"operator:alice"}
 
 
+@contextlib.contextmanager
+def _operator_client(settings: CloudSettings) -> Iterator[TestClient]:
+    """What the ``client`` fixture gives, for settings made in the test."""
+    from cloud.api.security import create_operator_token
+
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        _, token = create_operator_token(session, name="alice")
+    engine.dispose()
+    app = create_app(settings)
+    with TestClient(app) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        yield client
+    app.state.fednano.engine.dispose()
+
+
+def test_x509_devices_get_a_key_and_a_certificate_the_device_ca_signed(
+        migrated_url: str, tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from cloud.pki import Issuer
+
+    ca = Issuer.create()
+    ca.write(tmp_path / "ca.crt", tmp_path / "ca.key")
+    settings = _settings(tmp_path, migrated_url, device_broker_url="mqtts://mqtt.example:8883",
+                         device_x509_broker_url="mqtts://mqtt.example:8884",
+                         device_ca_file=tmp_path / "ca.crt",
+                         device_ca_key_file=tmp_path / "ca.key")
+    with _operator_client(settings) as client:
+        created = client.post(f"{API}/devices", json={"id": "orin-x", "profile": "sim-cpu",
+                                                     "credential": "x509"})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert body["secret"] is None and body["credential"] == "x509"
+        certificate = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
+        certificate.verify_directly_issued_by(ca.certificate)
+        assert certificate.subject.rfc4514_string() == "CN=orin-x"
+        assert "PRIVATE KEY" in body["private_key_pem"]
+        assert body["ca_certificate_pem"] == ca.certificate_pem.decode()
+        assert body["config"]["broker"] == {"url": "mqtts://mqtt.example:8884",
+                                            "ca_file": "ca.crt"}
+        assert body["config"]["credentials"] == {"certificate_file": "device.crt",
+                                                 "key_file": "device.key"}
+        config = yaml.safe_load(client.get(f"{API}/devices/orin-x/config").text)
+        assert config["broker"]["url"] == "mqtts://mqtt.example:8884"
+        rotate = client.post(f"{API}/devices/orin-x/rotate-secret")
+        assert rotate.status_code == 409 and "X.509" in rotate.json()["detail"]
+        password = client.post(f"{API}/devices", json={"id": "orin-p", "profile": "sim-cpu"})
+        assert password.json()["config"]["broker"]["url"] == "mqtts://mqtt.example:8883"
+        audit = client.get(f"{API}/audit", params={"subject": "device:orin-x"}).json()
+        assert audit["items"][0]["details"]["certificate_sha256"] == (
+            certificate.fingerprint(certificate.signature_hash_algorithm).hex())  # type: ignore[arg-type]
+
+
+def test_x509_is_refused_with_the_settings_to_set_when_off(client: TestClient) -> None:
+    response = client.post(f"{API}/devices", json={"id": "orin-x", "profile": "sim-cpu",
+                                                  "credential": "x509"})
+    assert response.status_code == 409
+    assert "FEDNANO_DEVICE_X509_BROKER_URL" in response.json()["detail"]
+    assert client.get(f"{API}/devices/orin-x").status_code == 404  # nothing half-added
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"id": "bad/id", "profile": "sim-cpu"}, "id"),
     ({"id": "ok-1", "profile": "Not A Profile"}, "profile"),
+    ({"id": "ok-1", "profile": "orin-nano"}, "profile"),  # well formed, but no such profile
     ({"id": "ok-1"}, "profile"),
     ({"id": "ok-1", "profile": "sim-cpu", "colour": "red"}, "colour"),
     ({"id": "fednano-cloud", "profile": "sim-cpu"}, "id"),  # the cloud's own broker user

@@ -210,8 +210,59 @@ def test_password_file_problems(tmp_path: Path) -> None:
     {"password_file": "password", "password_env": "FEDNANO_TEST_PASSWORD"},
 ])
 def test_exactly_one_password_source(tmp_path: Path, credentials: dict[str, str]) -> None:
-    assert "give exactly one of password_file or password_env" in _errors(
+    assert "give exactly one of password_file or password_env (or certificate_file and " \
+           "key_file)" in _errors(
         tmp_path, _config(credentials=credentials))
+
+
+X509 = {"certificate_file": "device.crt", "key_file": "device.key"}
+
+
+def _x509_files(tmp_path: Path, key_mode: int = 0o600) -> None:
+    from cloud.pki import Issuer  # tests may use both sides: the cloud's CA signs it
+
+    issued = Issuer.create().device_certificate("orin-nano-0042")
+    (tmp_path / "device.crt").write_bytes(issued.certificate_pem)
+    (tmp_path / "device.key").write_bytes(issued.key_pem)
+    (tmp_path / "device.key").chmod(key_mode)
+
+
+def test_an_x509_identity_is_a_certificate_and_a_key_over_tls(tmp_path: Path) -> None:
+    _x509_files(tmp_path)
+    config = load_device_config(_write(tmp_path, _config(credentials=X509)))
+    assert config.username is None and config.read_password() is None
+    address = config.broker_address
+    assert (address.cert_file, address.key_file) == (tmp_path / "device.crt",
+                                                     tmp_path / "device.key")
+    assert config.credentials.source() == f"certificate {tmp_path / 'device.crt'}"
+
+
+@pytest.mark.parametrize(("credentials", "message"), [
+    ({"certificate_file": "device.crt"}, "needs both certificate_file and key_file"),
+    ({**X509, "password_file": "password"}, "a certificate or a password, not both"),
+])
+def test_x509_credentials_come_whole_and_alone(tmp_path: Path, credentials: dict[str, str],
+                                               message: str) -> None:
+    assert message in _errors(tmp_path, _config(credentials=credentials))
+
+
+def test_an_x509_identity_needs_tls(tmp_path: Path) -> None:
+    _x509_files(tmp_path)
+    data = _config(credentials=X509, broker={"url": "mqtt://broker.example.com:1883"})
+    assert "an X.509 identity is presented over TLS" in _errors(tmp_path, data)
+
+
+def test_x509_file_problems(tmp_path: Path) -> None:
+    path = _write(tmp_path, _config(credentials=X509))
+    with pytest.raises(ConfigError, match=r"credentials\.certificate_file: cannot read"):
+        load_device_config(path)
+    _x509_files(tmp_path, key_mode=0o644)
+    with pytest.raises(ConfigError, match=r"credentials\.key_file: .* readable by every user"):
+        load_device_config(path)
+    (tmp_path / "device.key").chmod(0o600)
+    (tmp_path / "device.crt").write_text("junk")
+    with pytest.raises(ConfigError, match=r"credentials\.certificate_file: .* not a PEM"):
+        load_device_config(path)
 
 
 def test_username_is_not_configurable(tmp_path: Path) -> None:

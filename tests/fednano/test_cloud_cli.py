@@ -54,6 +54,45 @@ def test_token_and_device_commands(env: dict[str, str], tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_devices_add_writes_a_kit_for_the_network_devices_reach(env: dict[str, str],
+                                                                 tmp_path: Path) -> None:
+    from cloud.pki import Issuer
+    from edge.config import load_device_config  # the kit is what a device boots from
+
+    Issuer.create().write(tmp_path / "ca.crt", tmp_path / "ca.key")
+    env = {**env, "FEDNANO_DEVICE_BROKER_URL": "mqtts://mqtt.example:8883",
+           "FEDNANO_DEVICE_X509_BROKER_URL": "mqtts://mqtt.example:8884",
+           "FEDNANO_DEVICE_CA_FILE": str(tmp_path / "ca.crt"),
+           "FEDNANO_DEVICE_CA_KEY_FILE": str(tmp_path / "ca.key")}
+    output = _run(env, "devices", "add", "orin-x", "--profile", "jetson-orin-nano-8gb", "--x509",
+                  "--out", str(tmp_path / "x"))
+    assert "added orin-x (x509)" in output
+    config = load_device_config(tmp_path / "x" / "device.yaml")
+    assert (config.broker.url, config.username) == ("mqtts://mqtt.example:8884", None)
+    assert config.broker_address.key_file == tmp_path / "x" / "device.key"
+    _run(env, "devices", "add", "orin-p", "--profile", "sim-cpu", "--out", str(tmp_path / "p"))
+    config = load_device_config(tmp_path / "p" / "device.yaml")
+    assert config.broker.url == "mqtts://mqtt.example:8883"
+    assert config.broker.ca_file == tmp_path / "p" / "ca.crt"
+    assert len(config.read_password() or "") == 43
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["orin-7", "--profile", "orin-nano"], "unknown profile 'orin-nano'"),
+    (["orin-7", "--profile", "sim-cpu", "--x509"], "give --out DIR"),
+    (["orin-7", "--profile", "sim-cpu", "--x509", "--out", "kit"],
+     "X.509 provisioning is off: set FEDNANO_DEVICE_X509_BROKER_URL"),
+])
+def test_devices_add_refuses_in_one_line(env: dict[str, str], args: list[str],
+                                         message: str) -> None:
+    result = CliRunner().invoke(app, ["devices", "add", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    listed = CliRunner().invoke(app, ["devices", "list"], env=env)
+    assert "orin-7" not in listed.output  # nothing half-added
+
+
 def test_production_with_default_secrets_refuses_to_start(env: dict[str, str]) -> None:
     result = CliRunner().invoke(app, ["cloud", "token", "list"],
                                 env={**env, "FEDNANO_ENVIRONMENT": "production",

@@ -1,10 +1,14 @@
 """The whole system on one machine: 3 device processes (+ a rogue client), the private
 Mosquitto, the all-in-one cloud on PostgreSQL and the real base, 2 rounds, with faults:
 a device killed mid-round and restarted, a NaN update, a corrupted update, a duplicate
-delivery and the cloud crashing mid-round. Everything is asserted from the database."""
+delivery and the cloud crashing mid-round. The devices are provisioned for this machine's
+network address, not the loopback: they reach the broker over TLS, dev-00 with an X.509
+certificate the run's CA signed, the others with passwords. Everything is asserted from the
+database."""
 
 from __future__ import annotations
 
+import ipaddress
 from io import StringIO
 from pathlib import Path
 
@@ -40,7 +44,8 @@ def fleet_run(built_home: Path, postgres_server: str,
     url = _create_database(postgres_server)
     options = FleetOptions(devices=3, rounds=2, steps=3, batch_size=8, fisher_samples=8,
                            max_samples=48, eval_questions=40, deadline_s=300,
-                           llm_timeout_s=10, database=url, faults=FAULTS, timeout_s=900)
+                           llm_timeout_s=10, database=url, faults=FAULTS, timeout_s=900,
+                           network="tls", x509_devices=1)
     out = tmp_path_factory.mktemp("fleet")
     paths = FleetPaths(out=out, home=built_home, bundles=built_home / "bundles")
     output = StringIO()
@@ -111,3 +116,19 @@ def test_killed_device_came_back_and_delivered(fleet_run) -> None:  # type: igno
     assert status is ParticipationStatus.SUBMITTED
     assert next(d for d in report.devices if d["device_id"] == target)["starts"] == 2
     assert (out / "logs" / "cloud.log").read_text().count("=== start") == 2  # crashed once
+
+
+def test_devices_joined_over_the_network_with_and_without_x509(fleet_run) -> None:  # type: ignore[no-untyped-def]
+    _, sessions, out = fleet_run
+    from edge.config import load_device_config
+
+    for device_id, kind in (("dev-00", "x509"), ("dev-01", "password"), ("dev-02", "password")):
+        config = load_device_config(out / "devices" / device_id / "device.yaml")
+        assert config.broker.tls and not ipaddress.ip_address(config.broker.host).is_loopback
+        assert config.credentials.x509 == (kind == "x509")
+        with session_scope(sessions) as session:
+            (credential,) = crud.require_device(session, device_id=device_id).credentials
+            assert credential.kind.value == kind
+            submitted = session.scalars(select(Participation.status).where(
+                Participation.device_id == device_id)).all()
+        assert submitted == [ParticipationStatus.SUBMITTED] * 2, device_id

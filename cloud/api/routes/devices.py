@@ -53,7 +53,7 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
     except ProvisioningError as err:
         raise HTTPException(409, str(err)) from err
     except ValueError as err:
-        field = "profile" if "profile" in str(err) else "id"
+        field = "profile" if isinstance(err, registry.UnknownProfileError) else "id"
         raise HTTPException(422,
                             [{"loc": ["body", field], "msg": str(err), "type": "value_error"}],
                             ) from err
