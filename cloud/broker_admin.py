@@ -12,7 +12,7 @@ not talk (the broker was down during a revocation): every device client the data
 hold as active is deleted. A device that is active in the database but missing at the broker
 cannot be recreated from a hash over the control topic (the plugin takes plaintext there); it
 is reported, and ``fednano devices broker-files`` rebuilds the broker's file from the database
-before the broker's next start.
+before the broker's next start. An X.509 device has no password, so it is recreated.
 
 Typical use::
 
@@ -55,6 +55,7 @@ class SyncReport:
 
     removed: tuple[str, ...]
     missing: tuple[str, ...]  # active in the database, unknown to the broker
+    restored: tuple[str, ...] = ()  # X.509 devices recreated (no password needed)
 
 
 class BrokerAdmin:
@@ -151,19 +152,25 @@ class BrokerAdmin:
 
 def sync_registry(admin: BrokerAdmin, session: Session, *,
                   service_usernames: Sequence[str]) -> SyncReport:
-    """Delete every device client the database does not hold as active; report the active
+    """Delete every device client the database does not hold as active; recreate the active
+    X.509 devices the broker lacks (their client has no password); report the active password
     devices the broker lacks."""
-    active = {device_id for device_id, _ in crud.active_device_hashes(session)}
+    hashes = dict(crud.active_device_hashes(session))
     at_broker = set(admin.client_names()) - {*service_usernames, registry.HEALTH_USERNAME}
-    removed = sorted(at_broker - active)
+    removed = sorted(at_broker - hashes.keys())
     for device_id in removed:
         admin.remove_device(device_id)
         log.warning("broker: removed %s, which is not an active device", device_id)
-    missing = sorted(active - at_broker)
+    absent = sorted(hashes.keys() - at_broker)
+    restored = [device_id for device_id in absent if hashes[device_id] is None]
+    for device_id in restored:
+        admin.add_device(device_id, None)
+        log.warning("broker: recreated X.509 device %s, which it had lost", device_id)
+    missing = [device_id for device_id in absent if hashes[device_id] is not None]
     if missing:
         log.error("broker: active devices unknown to the broker: %s (rebuild its file with "
                   "`fednano devices broker-files` before its next start)", missing)
-    return SyncReport(tuple(removed), tuple(missing))
+    return SyncReport(tuple(removed), tuple(missing), tuple(restored))
 
 
 def connect(settings: CloudSettings) -> BrokerAdmin:

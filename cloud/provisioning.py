@@ -56,6 +56,9 @@ class DeviceNetwork:
     ca_pem: bytes | None = None
     x509_broker_url: str | None = None
     issuer: Issuer | None = field(default=None, repr=False)
+    # (CA certificate, CA key) files the issuer is loaded from when an X.509 device is added:
+    # a key that cannot be read then fails that addition only, not every password device's
+    issuer_files: tuple[Path, Path] | None = None
 
     def __post_init__(self) -> None:
         BrokerAddress.parse(self.broker_url)  # ValueError naming the problem
@@ -65,8 +68,9 @@ class DeviceNetwork:
 
     @classmethod
     def from_settings(cls, settings: CloudSettings) -> DeviceNetwork:
-        """From ``FEDNANO_DEVICE_*`` (``ProvisioningError`` when a CA file is unusable)."""
-        ca_pem, issuer = None, None
+        """From ``FEDNANO_DEVICE_*`` (``ProvisioningError`` when the CA certificate cannot be
+        read; the CA key is read only when an X.509 device is added)."""
+        ca_pem, issuer_files = None, None
         if settings.device_ca_file is not None:
             try:
                 ca_pem = settings.device_ca_file.read_bytes()
@@ -74,28 +78,29 @@ class DeviceNetwork:
                 raise ProvisioningError(f"cannot read FEDNANO_DEVICE_CA_FILE "
                                         f"{settings.device_ca_file}: {err.strerror}") from None
             if settings.device_ca_key_file is not None:
-                try:
-                    issuer = Issuer.load(settings.device_ca_file, settings.device_ca_key_file)
-                except PkiError as err:
-                    raise ProvisioningError(f"the device CA is unusable: {err}") from None
+                issuer_files = (settings.device_ca_file, settings.device_ca_key_file)
         return cls(broker_url=settings.resolved_device_broker_url,
                    bundle_url=settings.bundle_url, ca_pem=ca_pem,
-                   x509_broker_url=settings.device_x509_broker_url, issuer=issuer)
-
-    @property
-    def x509_ready(self) -> bool:
-        return self.issuer is not None and self.x509_broker_url is not None
+                   x509_broker_url=settings.device_x509_broker_url, issuer_files=issuer_files)
 
     def require_x509(self) -> tuple[Issuer, str]:
-        """The issuer and the certificate listener; ``ProvisioningError`` naming what is off."""
-        missing = [name for name, value in (
-            ("FEDNANO_DEVICE_X509_BROKER_URL", self.x509_broker_url),
-            ("FEDNANO_DEVICE_CA_FILE and FEDNANO_DEVICE_CA_KEY_FILE", self.issuer))
-            if value is None]
+        """The issuer and the certificate listener; ``ProvisioningError`` naming what is off
+        or why the CA cannot sign."""
+        has_issuer = self.issuer is not None or self.issuer_files is not None
+        missing = [name for name, present in (
+            ("FEDNANO_DEVICE_X509_BROKER_URL", self.x509_broker_url is not None),
+            ("FEDNANO_DEVICE_CA_FILE and FEDNANO_DEVICE_CA_KEY_FILE", has_issuer))
+            if not present]
         if missing:
             raise ProvisioningError(f"X.509 provisioning is off: set {' and '.join(missing)}")
-        assert self.issuer is not None and self.x509_broker_url is not None
-        return self.issuer, self.x509_broker_url
+        assert self.x509_broker_url is not None
+        if self.issuer is not None:
+            return self.issuer, self.x509_broker_url
+        assert self.issuer_files is not None
+        try:
+            return Issuer.load(*self.issuer_files), self.x509_broker_url
+        except PkiError as err:
+            raise ProvisioningError(f"the device CA cannot sign: {err}") from None
 
     def config(self, device: Device, kind: CredentialKind) -> dict[str, Any]:
         """The device's config (``edge.config.DeviceConfig`` format) for its credential kind:

@@ -43,6 +43,7 @@ from edge.profiles import (
 )
 from shared import logs
 from shared.bundle import BundleError
+from shared.version_option import add_version_option
 
 if TYPE_CHECKING:
     from edge.local_data import DataSpec
@@ -58,22 +59,7 @@ app = typer.Typer(
 
 
 
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"fednano-edge {version('fednano')}")
-        except PackageNotFoundError:
-            print("fednano-edge (not installed as a package)")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True,
-        help="Print the version and exit.")] = False) -> None:
-    """FedNano edge device."""
+add_version_option(app, "fednano-edge")
 
 
 ProfilesDir = Annotated[

@@ -1,6 +1,5 @@
-"""``--version`` for FedNano's commands: ``fednano`` uses it (``fednano-edge`` still has its own
-in ``edge.cli``, printing the same line), so a command reports the installed package's version
-the same way."""
+"""``--version`` for FedNano's commands (``fednano`` and ``fednano-edge``), so each reports the
+installed package's version the same way."""
 
 from __future__ import annotations
 

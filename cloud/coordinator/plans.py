@@ -35,7 +35,8 @@ class RoundPlans:
     """Each unfinished round's ``RoundPlan``, built once per round rather than for every
     update and every task (validating a config builds strategies), and built again only if
     the row's config changed (it does once: the base version is recorded as the round starts
-    collecting). A finished round's plan is dropped."""
+    collecting). A finished round's plan is dropped. Not locked: the coordinator service
+    handles messages and ticks rounds on its one thread (``cloud.coordinator_mqtt``)."""
 
     def __init__(self) -> None:
         self._plans: dict[int, RoundPlan] = {}

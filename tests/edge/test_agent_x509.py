@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from sqlalchemy.orm import Session
 
 from cloud import broker_admin, registry
@@ -26,9 +27,13 @@ from cloud.pki import Issuer
 from cloud.provisioning import DeviceKit, DeviceNetwork, provision
 from edge.agent import EdgeAgent
 from edge.config import load_device_config
+from edge.device_round import DeviceModel
 from fednano.broker import BrokerTls, BrokerUnavailable, Mosquitto, public_address
 from shared import topics
+from shared.adapters import AdapterConfig
+from shared.connector import PoolingConnector
 from shared.mqtt import BrokerAddress, ClientOptions, ConnectRefused, MqttClient
+from shared.nanoedge import NanoEdge
 from tests.edge.agent_support import FAST, make_model, make_samples, make_task, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,6 +85,14 @@ def _kits(session: Session, network: DeviceNetwork, tmp_path: Path) -> dict[str,
     return {device_id: tmp_path / device_id / "device.yaml" for device_id in kits}
 
 
+def _model(tiny_llm, word_tokenizer) -> DeviceModel:  # type: ignore[no-untyped-def]
+    """A tiny device model of its own (two agents must not train the same adapters)."""
+    embedder = torch.nn.Embedding.from_pretrained(
+        tiny_llm[0].get_input_embeddings().weight.clone())
+    edge = NanoEdge(PoolingConnector(12, 32, grid=2), embedder, AdapterConfig(rank=4, alpha=8))
+    return make_model(edge, word_tokenizer)
+
+
 def _agent(config_path: Path, model, backend) -> EdgeAgent:  # type: ignore[no-untyped-def]
     config = load_device_config(config_path)  # what the device does at boot
     return EdgeAgent(config, model, make_samples(), lambda client, stop: backend,
@@ -96,7 +109,7 @@ def test_kits_name_the_network_address_and_hold_only_their_own_secret(
     assert sorted(p.name for p in paths["dev-x"].parent.iterdir()) == [
         "ca.crt", "device.crt", "device.key", "device.yaml"]
     assert stat.S_IMODE((paths["dev-x"].parent / "device.key").stat().st_mode) == 0o600
-    for device_id, path in paths.items():
+    for path in paths.values():
         config = load_device_config(path)
         assert not ipaddress.ip_address(config.broker.host).is_loopback
         assert config.broker.tls and config.broker.ca_file == path.parent / "ca.crt"
@@ -115,7 +128,7 @@ def test_kits_name_the_network_address_and_hold_only_their_own_secret(
 
 def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused(
         session: Session, network_and_broker: tuple[DeviceNetwork, Mosquitto], tmp_path: Path,
-        tiny_edge, word_tokenizer, tiny_llm) -> None:  # type: ignore[no-untyped-def]
+        word_tokenizer, tiny_llm) -> None:  # type: ignore[no-untyped-def]
     network, broker = network_and_broker
     paths = _kits(session, network, tmp_path)
     registry.write_broker_files(session, directory=broker.folder, services=[SERVICE],
@@ -128,7 +141,7 @@ def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused
     agents: dict[str, tuple[EdgeAgent, threading.Thread]] = {}
     try:
         for device_id, path in paths.items():
-            model = make_model(tiny_edge, word_tokenizer)
+            model = _model(tiny_llm, word_tokenizer)
             agent = _agent(path, model, tiny_llm[1])
             agents[device_id] = (agent, agent.start())
             wait_until(lambda a=agent: a.client.connected)  # type: ignore[misc]
@@ -143,17 +156,20 @@ def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused
 
         with BrokerAdmin.connect(url=broker.url, username=SERVICE.username,
                                  password=SERVICE.password) as admin:
+            # added while the broker could not be told: no password to lose, so recreated
+            provision(session, network, device_id="dev-y", profile="sim-cpu", x509=True)
             registry.revoke_device(session, device_id="dev-x", reason="stolen")
             session.commit()
             admin.remove_device("dev-x")
             report = broker_admin.sync_registry(admin, session,
                                                 service_usernames=[SERVICE.username])
-        assert report.removed == () and report.missing == ()
+            assert "dev-y" in admin.client_names() and "dev-x" not in admin.client_names()
+        assert (report.removed, report.missing, report.restored) == ((), (), ("dev-y",))
         agent, thread = agents.pop("dev-x")
         agent.stop()
         thread.join(30)
-        again = _agent(paths["dev-x"], make_model(tiny_edge, word_tokenizer), tiny_llm[1])
-        with pytest.raises(ConnectRefused, match="not .*authorized") as refused:
+        again = _agent(paths["dev-x"], _model(tiny_llm, word_tokenizer), tiny_llm[1])
+        with pytest.raises(ConnectRefused, match=r"not .*authorized") as refused:
             again.run()  # its certificate still verifies; it names no device any more
         assert refused.value.permanent and "accepted the connection" in str(refused.value)
     finally:

@@ -77,6 +77,21 @@ def test_devices_add_writes_a_kit_for_the_network_devices_reach(env: dict[str, s
     assert len(config.read_password() or "") == 43
 
 
+def test_an_unreadable_ca_key_stops_x509_devices_only(env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    from cloud.pki import Issuer
+
+    Issuer.create().write(tmp_path / "ca.crt", tmp_path / "ca.key")
+    env = {**env, "FEDNANO_DEVICE_X509_BROKER_URL": "mqtts://mqtt.example:8884",
+           "FEDNANO_DEVICE_CA_FILE": str(tmp_path / "ca.crt"),
+           "FEDNANO_DEVICE_CA_KEY_FILE": str(tmp_path / "gone.key")}
+    _run(env, "devices", "add", "orin-p", "--profile", "sim-cpu")
+    result = CliRunner().invoke(app, ["devices", "add", "orin-x", "--profile", "sim-cpu",
+                                      "--x509", "--out", str(tmp_path / "x")], env=env)
+    assert result.exit_code == 2
+    assert "the device CA cannot sign: cannot read the CA key" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["orin-7", "--profile", "orin-nano"], "unknown profile 'orin-nano'"),
     (["orin-7", "--profile", "sim-cpu", "--x509"], "give --out DIR"),
