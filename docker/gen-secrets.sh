@@ -12,11 +12,12 @@
 #   mosquitto, localhost, 127.0.0.1 and those in FEDNANO_BROKER_HOSTNAMES (space-separated
 #   DNS names or IP addresses devices use, e.g. "broker.example.com 203.0.113.7").
 # Existing files are kept (delete one to regenerate it; delete server.crt after changing the
-# names; a new CA invalidates every device certificate it signed). The folders are 0700; the
-# secret files and ca.key are 0644 inside them because compose mounts a secret with the host
-# file's owner and mode, and the containers read it as their own non-root users (ca.key: the
-# cloud image's user, in api and init only). server.key stays 0600: the broker's start.sh
-# copies it as root. Rerunning the script fixes the modes of files made by an older version.
+# names; a new CA invalidates every device certificate the old one signed). The folders are
+# 0700; the secret files and ca.key are 0644 inside them because compose mounts a secret with
+# the host file's owner and mode, and the containers read it as their own non-root users
+# (ca.key: the cloud image's user, in api and init only). server.key stays 0600: the broker's
+# start.sh copies it as root. Rerunning the script fixes the modes of files made by an older
+# version.
 set -euo pipefail
 
 out=${1:-$(dirname "$0")}
