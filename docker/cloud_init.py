@@ -9,7 +9,9 @@ exit) and again on every ``docker compose up``; each step is skipped when its re
    base (``fednano bundle export --archive``; ``FEDNANO_BUNDLE_MIN_COSINE`` sets its quality
    gate, the command's default otherwise);
 4. register the simulated devices ``sim-000`` ... (``fednano devices add --out``: device.yaml
-   and password in the fleet volume) up to ``FEDNANO_SIM_DEVICES``;
+   and password in the fleet volume) up to ``FEDNANO_SIM_DEVICES``. They run inside the compose
+   network, so their configs name the broker as the cloud reaches it (``FEDNANO_BROKER_URL``,
+   given to the command as ``FEDNANO_DEVICE_BROKER_URL``), not as devices outside do;
 5. write ``fleet.json`` (device ids, bundle version, sha256 and URL) for the ``edge-sim``
    containers (docker/edge_sim.py);
 6. write the broker's dynamic-security file from the registry
@@ -25,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cloud.base.manifest import read_current
@@ -39,6 +41,8 @@ FLEET_DIR_ENV = "FEDNANO_FLEET_DIR"
 SIM_DEVICES_ENV = "FEDNANO_SIM_DEVICES"
 SIM_PROFILE_ENV = "FEDNANO_SIM_PROFILE"
 MIN_COSINE_ENV = "FEDNANO_BUNDLE_MIN_COSINE"  # the bundle's quality gate (fednano bundle export)
+DEVICE_BROKER_URL_ENV = "FEDNANO_DEVICE_BROKER_URL"  # CloudSettings.device_broker_url
+DEVICE_CA_KEY_ENV = "FEDNANO_DEVICE_CA_KEY_FILE"  # CloudSettings.device_ca_key_file
 ENV_VARS = (FLEET_DIR_ENV, SIM_DEVICES_ENV, SIM_PROFILE_ENV,
             MIN_COSINE_ENV)  # besides CloudSettings' fields
 FLEET_MANIFEST = "fleet.json"
@@ -75,9 +79,11 @@ def broker_files_argv() -> list[str]:
     return ["fednano", "devices", "broker-files"]
 
 
-def run(argv: Sequence[str]) -> None:
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    """Run a command (with ``env`` as its whole environment when given); ``InitError`` when
+    it fails."""
     print("init: $", " ".join(argv), flush=True)
-    result = subprocess.run(list(argv), check=False)
+    result = subprocess.run(list(argv), check=False, env=None if env is None else dict(env))
     if result.returncode != 0:
         raise InitError(f"{' '.join(argv[:3])} failed with exit code {result.returncode}")
 
@@ -112,15 +118,26 @@ def ensure_bundle(home: Path, bundle_dir: Path, base_version: str,
     return entry
 
 
-def ensure_devices(fleet_dir: Path, count: int, profile: str) -> list[str]:
-    """Register ``count`` simulated devices whose files are not in ``fleet_dir`` yet."""
+def sim_device_env(broker_url: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of ``fednano devices add`` for a simulated device: its config names
+    ``broker_url`` (the broker as the cloud reaches it inside the compose network) instead of
+    ``FEDNANO_DEVICE_BROKER_URL``, the address devices outside use; and no CA key (a password
+    device needs none)."""
+    env = {k: v for k, v in environ.items() if k != DEVICE_CA_KEY_ENV}
+    return {**env, DEVICE_BROKER_URL_ENV: broker_url}
+
+
+def ensure_devices(fleet_dir: Path, count: int, profile: str,
+                   env: Mapping[str, str] | None = None) -> list[str]:
+    """Register ``count`` simulated devices whose files are not in ``fleet_dir`` yet (``env``:
+    the commands' environment, ``sim_device_env``)."""
     ids = [sim_device_id(i) for i in range(count)]
     for device_id in ids:
         folder = fleet_dir / device_id
         if (folder / "device.yaml").is_file():
             continue
         try:
-            run(device_add_argv(device_id, profile, folder))
+            run(device_add_argv(device_id, profile, folder), env)
         except InitError as err:
             raise InitError(f"{err}: if the database already has {device_id} but the fleet "
                             "volume lost its files, reset both (docker compose down -v)") from err
@@ -158,7 +175,8 @@ def main() -> int:
         base_version = ensure_base(settings.home)
         bundle = ensure_bundle(settings.home, settings.bundle_dir, base_version,
                                os.environ.get(MIN_COSINE_ENV) or None)
-        ids = ensure_devices(fleet_dir, count, profile)
+        ids = ensure_devices(fleet_dir, count, profile,
+                             sim_device_env(settings.broker_url, os.environ))
         manifest = fleet_manifest(ids, bundle, settings.public_url)
         write_atomic(fleet_dir / FLEET_MANIFEST, json.dumps(manifest, indent=2) + "\n",
                      mode=0o644)

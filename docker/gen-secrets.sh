@@ -5,13 +5,19 @@
 #
 # OUT/secrets/db_password, secret_key, broker_password: 32 random bytes, hex.
 # OUT/certs/ca.key, ca.crt: a private CA (10 years); give ca.crt to devices (broker.ca_file).
+#   It is also the device CA: the api and init services sign X.509 devices' certificates with
+#   ca.key (compose secret broker_ca_key), and the broker's certificate listener (8884) trusts
+#   what ca.crt signed.
 # OUT/certs/server.key, server.crt: the broker's certificate (825 days) for the names
 #   mosquitto, localhost, 127.0.0.1 and those in FEDNANO_BROKER_HOSTNAMES (space-separated
 #   DNS names or IP addresses devices use, e.g. "broker.example.com 203.0.113.7").
 # Existing files are kept (delete one to regenerate it; delete server.crt after changing the
-# names). The folders are 0700; the secret files are 0644 inside them because compose mounts
-# a secret with the host file's owner and mode, and the containers read it as their own
-# non-root users. ca.key never leaves this machine.
+# names; a new CA invalidates every device certificate the old one signed). The folders are
+# 0700; the secret files and ca.key are 0644 inside them because compose mounts a secret with
+# the host file's owner and mode, and the containers read it as their own non-root users
+# (ca.key: the cloud image's user, in api and init only). server.key stays 0600: the broker's
+# start.sh copies it as root. Rerunning the script fixes the modes of files made by an older
+# version.
 set -euo pipefail
 
 out=${1:-$(dirname "$0")}
@@ -48,6 +54,6 @@ if [ ! -s "$certs/server.crt" ] || [ ! -s "$certs/server.key" ]; then
     -out "$certs/server.crt" 2>/dev/null
   rm -f "$certs/server.csr" "$certs/server.ext"
 fi
-chmod 0644 "$certs/ca.crt" "$certs/server.crt"
-chmod 0600 "$certs/ca.key" "$certs/server.key"
+chmod 0644 "$certs/ca.crt" "$certs/server.crt" "$certs/ca.key"
+chmod 0600 "$certs/server.key"
 echo "secrets in $secrets, certificates in $certs (CA for devices: $certs/ca.crt)"

@@ -2,6 +2,8 @@
 # The broker container's entrypoint: copy the TLS files from the compose secrets (bind mounts
 # that keep the host's owner and mode) to /mosquitto/certs, readable by the mosquitto user the
 # broker drops to, put the accounts file in place, then hand over to the image's entrypoint.
+# ca.crt is the cafile of both TLS listeners: on 8884 it decides which device certificates get
+# in. The CA's key is no secret of the broker's (only api and init sign certificates).
 set -eu
 certs=/mosquitto/certs
 mkdir -p "$certs"

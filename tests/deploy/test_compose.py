@@ -176,7 +176,8 @@ def published_host_ports(service: dict[str, Any]) -> list[int]:
     return ports
 
 
-@pytest.mark.parametrize("env", [{}, {"FEDNANO_API_PORT": "8080", "FEDNANO_MQTTS_PORT": "18883"}])
+@pytest.mark.parametrize("env", [{}, {"FEDNANO_API_PORT": "8080", "FEDNANO_MQTTS_PORT": "18883",
+                                      "FEDNANO_MQTTS_X509_PORT": "18884"}])
 def test_published_ports_do_not_collide(env: dict[str, str]) -> None:
     ports = [p for s in services(env).values() for p in published_host_ports(s)]
     assert len(ports) == len(set(ports)) and ports
@@ -191,7 +192,7 @@ def test_replicated_services_publish_no_fixed_port() -> None:
 def test_only_tls_the_api_and_prometheus_on_loopback_are_published() -> None:
     published = {name: published_host_ports(s) for name, s in services().items()
                  if s.get("ports")}
-    assert published == {"mosquitto": [8883], "api": [8000], "prometheus": [9090]}
+    assert published == {"mosquitto": [8883, 8884], "api": [8000], "prometheus": [9090]}
     assert all(str(p).startswith("127.0.0.1:") for p in services()["prometheus"]["ports"])
 
 
@@ -332,6 +333,8 @@ def test_cloud_environment_names_real_settings() -> None:
     known |= cli_envvars() | set(load_script("cloud_init").ENV_VARS)
     for name in CLOUD_SERVICES:
         for key in environment(services()[name]):
+            if key in known:  # a setting that is itself a path (FEDNANO_DEVICE_CA_FILE)
+                continue
             base = key.removesuffix("_FILE")
             if key.endswith("_FILE"):
                 assert base in entrypoint, f"{name}: the entrypoint does not read {key}"
@@ -356,6 +359,119 @@ def test_urls_point_at_the_services() -> None:
     assert database.path == "/" + environment(s["postgres"])["POSTGRES_DB"]
     assert public.hostname == "api"
     assert public.port == parse_command_line(service_argv("api")).params["port"]
+
+
+def published_port(container_port: int, env: dict[str, str] | None = None) -> int:
+    """The host port the broker's ``container_port`` is published on."""
+    for entry in services(env)["mosquitto"]["ports"]:
+        *_, host, container = str(entry).split(":")
+        if int(container) == container_port:
+            return int(host)
+    raise AssertionError(f"the broker's port {container_port} is not published")
+
+
+@pytest.mark.parametrize("env", [{}, {"FEDNANO_BROKER_PUBLIC_HOST": "broker.example.com",
+                                      "FEDNANO_MQTTS_PORT": "18883",
+                                      "FEDNANO_MQTTS_X509_PORT": "18884"}])
+def test_device_urls_name_the_published_tls_listeners(env: dict[str, str]) -> None:
+    """Kits name the broker as devices outside reach it: the host's published ports of the
+    password listener (8883) and the certificate listener (8884), never the internal 1883."""
+    conf = MOSQUITTO_CONF.read_text()
+    for name in CLOUD_SERVICES:
+        cloud = environment(services(env)[name])
+        for key, container_port in (("FEDNANO_DEVICE_BROKER_URL", 8883),
+                                    ("FEDNANO_DEVICE_X509_BROKER_URL", 8884)):
+            url = urlsplit(cloud[key])
+            assert url.scheme == "mqtts", f"{name}: {key}"
+            assert url.hostname == env.get("FEDNANO_BROKER_PUBLIC_HOST", "localhost")
+            assert url.port == published_port(container_port, env), f"{name}: {key}"
+            assert f"listener {container_port}\n" in conf
+
+
+def test_only_the_provisioning_services_hold_the_ca_key() -> None:
+    s = services()
+    holders = {name for name, service in s.items() if "broker_ca_key" in
+               service.get("secrets", [])}
+    assert holders == {"api", "init"}
+    for name in holders:
+        assert environment(s[name])["FEDNANO_DEVICE_CA_KEY_FILE"] == \
+            SECRETS_MOUNT + "broker_ca_key"
+    for name, service in s.items():
+        if name not in holders:
+            assert "FEDNANO_DEVICE_CA_KEY_FILE" not in environment(service), name
+    key, cert = (Path(load_compose()["secrets"][n]["file"])
+                 for n in ("broker_ca_key", "broker_ca_cert"))
+    assert (key.parent, key.name, cert.name) == (cert.parent, "ca.key", "ca.crt")
+
+
+def test_the_cloud_signs_with_the_ca_the_certificate_listener_trusts() -> None:
+    """The api's FEDNANO_DEVICE_CA_FILE is the secret the broker's start.sh copies to the file
+    its listeners name as cafile."""
+    s = services()
+    start = (DOCKER_DIR / "mosquitto" / "start.sh").read_text()
+    cafile = next(line.split()[1] for line in MOSQUITTO_CONF.read_text().splitlines()
+                  if line.startswith("cafile "))
+    copied = next(line.split()[1] for line in start.splitlines()
+                  if line.startswith("cp ") and line.endswith(f'"$certs/{Path(cafile).name}"'))
+    assert copied.startswith(SECRETS_MOUNT) and copied.removeprefix(SECRETS_MOUNT) in \
+        s["mosquitto"]["secrets"]
+    for name in ("api", "init"):
+        assert environment(s[name])["FEDNANO_DEVICE_CA_FILE"] == copied, name
+
+
+def test_the_simulated_devices_keep_the_internal_broker(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """init registers the simulated devices with the cloud's own broker URL (the compose
+    network's plaintext listener), not the public one of the other kits, and without the CA
+    key: their configs name an address the edge-sim containers reach."""
+    init = load_script("cloud_init")
+    env = environment(services()["init"])
+    calls: list[dict[str, str] | None] = []
+
+    def fake_run(argv: list[str], env: dict[str, str] | None = None) -> None:
+        calls.append(env)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "device.yaml").write_text("device_id: x\n")
+
+    monkeypatch.setattr(init, "run", fake_run)
+    init.ensure_devices(tmp_path, 1, "sim-cpu", init.sim_device_env(env["FEDNANO_BROKER_URL"],
+                                                                    env))
+    given = calls[0]
+    assert given is not None and given["FEDNANO_DEVICE_BROKER_URL"] == "mqtt://mosquitto:1883"
+    assert "FEDNANO_DEVICE_CA_KEY_FILE" not in given
+    assert given["FEDNANO_DEVICE_CA_FILE"] == env["FEDNANO_DEVICE_CA_FILE"]
+
+
+def test_the_api_provisions_x509_devices_with_the_generated_ca(tmp_path: Path) -> None:
+    """The api's environment with the files gen-secrets.sh makes behind its secrets: X.509
+    provisioning is on and signs certificates the stack's CA verifies."""
+    from cloud.provisioning import DeviceNetwork
+    from cloud.settings import CloudSettings
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    subprocess.run(["bash", str(DOCKER_DIR / "gen-secrets.sh"), str(tmp_path)], check=True,
+                   capture_output=True, timeout=60)
+    declared = load_compose()["secrets"]
+    env = environment(services()["api"])
+    for key, value in list(env.items()):
+        if value.startswith(SECRETS_MOUNT):
+            env[key] = str(tmp_path / Path(declared[value.removeprefix(SECRETS_MOUNT)]["file"])
+                           .relative_to("docker"))
+    secrets = {k.removesuffix("_FILE"): Path(env.pop(k)).read_text().strip()
+               for k in ("FEDNANO_SECRET_KEY_FILE", "FEDNANO_BROKER_PASSWORD_FILE")}
+    settings = CloudSettings.model_validate(
+        {k.removeprefix("FEDNANO_").lower(): v for k, v in {**env, **secrets}.items()
+         if k.startswith("FEDNANO_")})
+    network = DeviceNetwork.from_settings(settings)
+    assert network.x509_ready and network.ca_pem == (tmp_path / "certs" / "ca.crt").read_bytes()
+    issued = network.require_x509()[0].device_certificate("orin-7")
+    (tmp_path / "orin-7.crt").write_bytes(issued.certificate_pem)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "certs" / "ca.crt"),
+                             str(tmp_path / "orin-7.crt")], capture_output=True, text=True,
+                            check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def secret_files(tmp_path: Path) -> dict[str, str]:

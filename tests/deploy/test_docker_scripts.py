@@ -169,7 +169,7 @@ def test_init_registers_missing_devices_only(tmp_path: Path,
     init = load_script("cloud_init")
     calls: list[list[str]] = []
 
-    def fake_run(argv: list[str]) -> None:
+    def fake_run(argv: list[str], env: dict[str, str] | None = None) -> None:
         calls.append(argv)
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir(parents=True)
@@ -195,6 +195,19 @@ def test_init_stops_at_a_failing_command() -> None:
     init = load_script("cloud_init")
     with pytest.raises(init.InitError, match="exit code 3"):
         init.run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_simulated_devices_get_the_cloud_broker_and_no_ca_key() -> None:
+    init = load_script("cloud_init")
+    environ = {"PATH": os.environ["PATH"], "FEDNANO_DEVICE_BROKER_URL": "mqtts://h:8883",
+               "FEDNANO_DEVICE_CA_FILE": "/run/secrets/broker_ca_cert",
+               "FEDNANO_DEVICE_CA_KEY_FILE": "/run/secrets/broker_ca_key"}
+    env = init.sim_device_env("mqtt://mosquitto:1883", environ)
+    assert env == {"PATH": os.environ["PATH"], "FEDNANO_DEVICE_BROKER_URL": "mqtt://mosquitto:1883",
+                   "FEDNANO_DEVICE_CA_FILE": "/run/secrets/broker_ca_cert"}
+    check = "import os, sys; sys.exit(0 if os.environ['FEDNANO_DEVICE_BROKER_URL'] == " \
+            "'mqtt://mosquitto:1883' and 'FEDNANO_DEVICE_CA_KEY_FILE' not in os.environ else 5)"
+    init.run([sys.executable, "-c", check], env)  # the command gets exactly that environment
 
 
 # ------------------------------------------------------------------------------ health probes
@@ -264,6 +277,13 @@ def test_gen_secrets_creates_everything_once(tmp_path: Path) -> None:
     assert len(files["secrets/db_password"].read_text().strip()) == 64
     assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
     assert stat.S_IMODE(files["certs/server.key"].stat().st_mode) == 0o600
+    # The api and init containers (uid 10001, not the host's owner) read the CA key: 0644, in
+    # a folder only the owner enters.
+    assert stat.S_IMODE(files["certs/ca.key"].stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "certs").stat().st_mode) == 0o700
+    from cloud.pki import Issuer
+
+    Issuer.load(files["certs/ca.crt"], files["certs/ca.key"])  # a CA the cloud signs with
     verify = subprocess.run(["openssl", "verify", "-CAfile", str(files["certs/ca.crt"]),
                              str(files["certs/server.crt"])], capture_output=True, text=True,
                             check=False)

@@ -1,7 +1,8 @@
 """docker/mosquitto/mosquitto.conf: the limits and listeners the product needs, paths that line up
 with the compose mounts, and — on a real Mosquitto here — that the file runs as written: TLS with
 the certificates of docker/gen-secrets.sh, the registry's dynamic-security file (put in place
-by start.sh), and the compose healthcheck command."""
+by start.sh), the compose healthcheck command, and the certificate listener (8884) that takes an
+X.509 device's identity from a certificate the cloud signs with the stack's CA."""
 
 from __future__ import annotations
 
@@ -14,18 +15,32 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cloud.pki import Issuer
 from cloud.registry import DYNSEC_FILE, dynsec_document, hash_secret
 from fednano.broker import dynsec_plugin
-from shared.mqtt import BrokerAddress, ClientOptions, ConnectError, MqttClient
+from shared import topics
+from shared.mqtt import (
+    BrokerAddress,
+    ClientOptions,
+    ConnectError,
+    MqttClient,
+    PublishError,
+    SubscribeError,
+)
 from tests.deploy.deploy_support import DOCKER_DIR, MOSQUITTO_CONF, mount_source, services
 
 START_SCRIPT = DOCKER_DIR / "mosquitto" / "start.sh"
-PORTS = (1883, 8883, 1880)
+PORTS = (1883, 8883, 8884, 1880)
+TLS_PORTS = (8883, 8884)
+X509_PORT = 8884
+MAX_BYTES = 8 * 2**20
 
 
 def mosquitto_binary() -> str | None:
@@ -85,13 +100,29 @@ def test_limits_from_facts() -> None:
     assert settings["plugin_opt_config_file"] == f"/mosquitto/data/{DYNSEC_FILE}"
 
 
-def test_listeners_authenticate_and_tls_is_on_8883() -> None:
+def test_listeners_authenticate_and_tls_is_on_8883_and_8884() -> None:
     found = listeners()
     assert set(found) == set(PORTS)
     for port in PORTS:  # authentication is global: no listener may loosen it
         assert not {"allow_anonymous", "password_file", "acl_file"} & set(found[port]), port
-    assert {"certfile", "keyfile"} <= set(found[8883]) and "certfile" not in found[1883]
+    for port in TLS_PORTS:
+        assert {"certfile", "keyfile", "cafile"} <= set(found[port]), port
+    assert "certfile" not in found[1883]
     assert found[1880]["bind"] == "127.0.0.1"
+
+
+def test_8884_takes_the_identity_from_a_certificate_of_the_device_ca() -> None:
+    found = listeners()
+    x509, passwords = found[X509_PORT], found[8883]
+    assert x509["require_certificate"] == "true"
+    assert x509["use_identity_as_username"] == "true"
+    assert x509["use_username_as_clientid"] == "true"  # the device id is its client id too
+    assert passwords["require_certificate"] == "false"
+    assert not {"use_identity_as_username", "use_subject_as_username",
+                "use_username_as_clientid"} & set(passwords)
+    # The same server certificate; the CA that signed it is the one devices' certificates need.
+    assert {k: x509[k] for k in ("certfile", "keyfile", "cafile")} == \
+        {k: passwords[k] for k in ("certfile", "keyfile", "cafile")}
 
 
 def test_paths_line_up_with_the_compose_mounts() -> None:
@@ -103,9 +134,11 @@ def test_paths_line_up_with_the_compose_mounts() -> None:
     assert mount_source(broker, "/mosquitto/config/mosquitto.conf") == \
         "./docker/mosquitto/mosquitto.conf"
     start = START_SCRIPT.read_text()
-    for key in ("certfile", "keyfile", "cafile"):
-        name = Path(found[8883][key]).name
-        assert re.search(rf'"\$certs/{re.escape(name)}"', start), f"start.sh does not write {name}"
+    for port in TLS_PORTS:
+        for key in ("certfile", "keyfile", "cafile"):
+            name = Path(found[port][key]).name
+            assert re.search(rf'"\$certs/{re.escape(name)}"', start), \
+                f"start.sh does not write {name} (listener {port})"
     for secret in broker["secrets"]:
         assert f"/run/secrets/{secret}" in start
     assert broker["entrypoint"][-1] == "/fednano/start.sh"
@@ -169,6 +202,33 @@ def connect(url: str, user: str, password: str, ca: Path | None = None,
     return client
 
 
+def connect_x509(url: str, client_id: str, ca: Path, cert: Path | None = None,
+                 key: Path | None = None, timeout: float = 5.0) -> MqttClient:
+    """As a device with a certificate: no username or password (the broker takes both the
+    username and the client id from the certificate's common name)."""
+    address = BrokerAddress(**{**vars(BrokerAddress.parse(url, ca_file=ca)),
+                               "cert_file": cert, "key_file": key})
+    client = MqttClient(address, ClientOptions(client_id=client_id, clean_start=True,
+                                               session_expiry_s=0, reconnect_max_s=1))
+    try:
+        client.connect(timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def write_certificate(issuer: Issuer, device_id: str, folder: Path) -> tuple[Path, Path]:
+    """A device certificate of ``issuer`` for ``device_id``: (certificate, key) files."""
+    issued = issuer.device_certificate(device_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{device_id}.crt", folder / f"{device_id}.key"
+    cert.write_bytes(issued.certificate_pem)
+    key.write_bytes(issued.key_pem)
+    key.chmod(0o600)
+    return cert, key
+
+
 @pytest.fixture
 def broker_dir() -> Iterator[Path]:
     """A folder the broker's own user can reach (pytest's tmp_path is private to root)."""
@@ -177,53 +237,163 @@ def broker_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_the_config_runs_on_a_real_broker_with_tls(tmp_path: Path, broker_dir: Path) -> None:
+@dataclass
+class RunningBroker:
+    """The compose config running here: its ports by container port, the CA file devices
+    verify it with, the folder gen-secrets.sh wrote, the cloud's service password."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    ports: dict[int, int]
+    ca: Path
+    generated: Path
+    service_password: str
+
+    def url(self, port: int) -> str:
+        scheme = "mqtts" if port in TLS_PORTS else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.ports[port]}"
+
+
+@contextmanager
+def running_broker(tmp_path: Path, broker_dir: Path,
+                   devices: Sequence[tuple[str, str | None]]) -> Iterator[RunningBroker]:
+    """docker/mosquitto/mosquitto.conf on a real Mosquitto, with the certificates of
+    docker/gen-secrets.sh and the dynamic-security file of ``devices`` (id, password or None
+    for a certificate) and the cloud's service account, as start.sh puts them in place."""
     binary = mosquitto_binary()
     if binary is None:
         pytest.skip("the mosquitto binary is missing (apt-get install -y mosquitto)")
-    subprocess.run(["bash", str(DOCKER_DIR / "gen-secrets.sh"), str(tmp_path / "gen")],
+    generated = tmp_path / "gen"
+    subprocess.run(["bash", str(DOCKER_DIR / "gen-secrets.sh"), str(generated)],
                    check=True, capture_output=True, timeout=60)
-    service_password = (tmp_path / "gen" / "secrets" / "broker_password").read_text().strip()
+    service_password = (generated / "secrets" / "broker_password").read_text().strip()
     broker = broker_dir
     (broker / "files").mkdir(parents=True)
     (broker / "data").mkdir()
     (broker / "data" / DYNSEC_FILE).write_text(json.dumps(dynsec_document(  # as start.sh puts it
         services=[("fednano-cloud", hash_secret(service_password, iterations=1000))],
-        devices=[("sim-000", hash_secret("device-secret", iterations=1000))])))
-    shutil.copytree(tmp_path / "gen" / "certs", broker / "certs")
+        devices=[(device_id, None if password is None else
+                  hash_secret(password, iterations=1000)) for device_id, password in devices])))
+    certs = broker / "certs"  # start.sh copies only the broker's files, never ca.key
+    certs.mkdir()
+    for name in ("ca.crt", "server.crt", "server.key"):
+        shutil.copy(generated / "certs" / name, certs / name)
     ports = {port: free_port() for port in PORTS}
     (broker / "mosquitto.conf").write_text(conf_for_test(ports, {
-        "/mosquitto/certs/": broker / "certs", "/mosquitto/data/": broker / "data",
+        "/mosquitto/certs/": certs, "/mosquitto/data/": broker / "data",
         "/usr/lib/mosquitto_dynamic_security.so": Path(dynsec_plugin())}))
     hand_over(broker)
     log = tmp_path / "mosquitto.log"
     with log.open("wb") as out:
         process = subprocess.Popen([binary, "-c", str(broker / "mosquitto.conf")], stdout=out,
                                    stderr=subprocess.STDOUT)
-    clients: list[MqttClient] = []
     try:
         wait_listening(process, list(ports.values()), log)
-        ca = broker / "certs" / "ca.crt"
-        clients.append(connect(f"mqtts://127.0.0.1:{ports[8883]}", "fednano-cloud",
-                               service_password, ca))
-        clients.append(connect(f"mqtt://127.0.0.1:{ports[1883]}", "sim-000", "device-secret"))
-        with pytest.raises(ConnectError):
-            clients.append(connect(f"mqtts://127.0.0.1:{ports[8883]}", "sim-000", "wrong", ca))
-        with pytest.raises(ConnectError):  # a self-signed CA is not in the system store
-            clients.append(connect(f"mqtts://127.0.0.1:{ports[8883]}", "sim-000",
-                                   "device-secret", timeout=1.0))
-        probe = [arg if arg != "1880" else str(ports[1880])
-                 for arg in services()["mosquitto"]["healthcheck"]["test"][1:]]
-        result = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)
-        assert result.returncode == 0 and result.stdout.strip().endswith("seconds"), result.stderr
+        yield RunningBroker(process, log, ports, certs / "ca.crt", generated, service_password)
         assert process.poll() is None, log.read_text()
-        assert "running" in log.read_text(), "the log must reach `docker logs` while it runs"
     finally:
-        for client in clients:
-            client.close()
         process.terminate()
         process.wait(10)
     text = log.read_text()
     assert "Error:" not in text and "Warning: Unable" not in text, text
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_config_runs_on_a_real_broker_with_tls(tmp_path: Path, broker_dir: Path) -> None:
+    clients: list[MqttClient] = []
+    with running_broker(tmp_path, broker_dir, [("sim-000", "device-secret")]) as broker:
+        try:
+            ca, ports = broker.ca, broker.ports
+            clients.append(connect(broker.url(8883), "fednano-cloud", broker.service_password,
+                                   ca))
+            clients.append(connect(broker.url(1883), "sim-000", "device-secret"))
+            with pytest.raises(ConnectError):
+                clients.append(connect(broker.url(8883), "sim-000", "wrong", ca))
+            with pytest.raises(ConnectError):  # a self-signed CA is not in the system store
+                clients.append(connect(broker.url(8883), "sim-000", "device-secret",
+                                       timeout=1.0))
+            probe = [arg if arg != "1880" else str(ports[1880])
+                     for arg in services()["mosquitto"]["healthcheck"]["test"][1:]]
+            result = subprocess.run(probe, capture_output=True, text=True, timeout=30,
+                                    check=False)
+            assert result.returncode == 0 and result.stdout.strip().endswith("seconds"), \
+                result.stderr
+            assert broker.process.poll() is None, broker.log.read_text()
+            assert "running" in broker.log.read_text(), \
+                "the log must reach `docker logs` while it runs"
+        finally:
+            for client in clients:
+                client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_certificate_listener_admits_devices_of_the_stack_ca_only(
+        tmp_path: Path, broker_dir: Path) -> None:
+    """8884: a certificate the cloud signs (``cloud.pki.Issuer`` on the CA and key that
+    gen-secrets.sh makes, as the api service loads them) connects, and the dynamic-security
+    client of its common name gives its rights; no certificate, or one of another CA, is
+    refused; a password device gets nothing there."""
+    clients: list[MqttClient] = []
+    devices = [("orin-x", None), ("sim-000", "device-secret")]
+    with running_broker(tmp_path, broker_dir, devices) as broker:
+        try:
+            ca, x509_url = broker.ca, broker.url(X509_PORT)
+            issuer = Issuer.load(broker.generated / "certs" / "ca.crt",
+                                 broker.generated / "certs" / "ca.key")
+            cert, key = write_certificate(issuer, "orin-x", tmp_path / "kit")
+            cloud = connect(broker.url(1883), "fednano-cloud", broker.service_password)
+            clients.append(cloud)
+            updates = cloud.subscribe(topics.ALL_UPDATES)
+
+            device = connect_x509(x509_url, "orin-x", ca, cert, key)
+            clients.append(device)
+            tasks = device.subscribe(topics.tasks("orin-x"))  # its own topics: allowed
+            device.publish(topics.updates("orin-x"), b"update", max_bytes=MAX_BYTES)
+            received = updates.get(timeout=10)
+            assert received is not None and received.topic == topics.updates("orin-x")
+            cloud.publish(topics.tasks("orin-x"), b"task", max_bytes=MAX_BYTES)
+            task = tasks.get(timeout=10)
+            assert task is not None and task.payload == b"task"
+            with pytest.raises(PublishError):  # another device's topics: its role has none
+                device.publish(topics.updates("sim-000"), b"forged", max_bytes=MAX_BYTES)
+            with pytest.raises(SubscribeError):
+                device.subscribe(topics.tasks("sim-000"))
+
+            with pytest.raises(ConnectError):  # no certificate
+                clients.append(connect_x509(x509_url, "orin-x", ca, timeout=2.0))
+            with pytest.raises(ConnectError):  # a password is no way in on this listener
+                clients.append(connect(x509_url, "sim-000", "device-secret", ca, timeout=2.0))
+            stranger = Issuer.create("another CA")
+            foreign, foreign_key = write_certificate(stranger, "orin-x", tmp_path / "foreign")
+            with pytest.raises(ConnectError):  # same common name, another CA
+                clients.append(connect_x509(x509_url, "orin-x", ca, foreign, foreign_key,
+                                            timeout=2.0))
+            assert device.connected, broker.log.read_text()  # none of them took its place
+
+            # A device the broker has no client for (revoked: the cloud deleted its client)
+            # still completes the handshake with its certificate but may do nothing.
+            gone_cert, gone_key = write_certificate(issuer, "orin-gone", tmp_path / "gone")
+            gone = connect_x509(x509_url, "orin-gone", ca, gone_cert, gone_key)
+            clients.append(gone)
+            with pytest.raises(PublishError, match="authorized"):
+                gone.publish(topics.updates("orin-gone"), b"update", max_bytes=MAX_BYTES)
+            with pytest.raises(SubscribeError):
+                gone.subscribe(topics.tasks("orin-gone"))
+
+            # The client id is the certificate's common name, whatever the client sends: a
+            # device cannot take over another device's session by naming its client id.
+            sim = connect(broker.url(1883), "sim-000", "device-secret")
+            clients.append(sim)
+            device.close()
+            renamed = connect_x509(x509_url, "sim-000", ca, cert, key)
+            clients.append(renamed)
+            renamed.publish(topics.status("orin-x"), b"online", max_bytes=MAX_BYTES)
+            time.sleep(0.5)
+            log = broker.log.read_text()
+            assert "Client sim-000 already connected" not in log, log
+            assert re.search(r"New client connected from \S+ as orin-x .*u'orin-x'", log), log
+        finally:
+            for client in clients:
+                client.close()
