@@ -83,6 +83,8 @@ class DeviceCreated(BaseModel):
     credential: Literal["password", "x509"]
     secret: str | None = None
     certificate_pem: str | None = None
+    certificate_sha256: str | None = Field(None, description="the certificate's fingerprint "
+                                                              "(hex), as the audit log has it")
     private_key_pem: str | None = None
     ca_certificate_pem: str | None = None
     device: DevicePublic

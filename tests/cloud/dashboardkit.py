@@ -37,6 +37,7 @@ from cloud.ask import ModelAnswerer
 from cloud.blobs import BlobStore
 from cloud.db import migrate
 from cloud.db.session import make_engine, make_session_factory, session_scope, sqlite_url
+from cloud.pki import Issuer
 from cloud.settings import CloudSettings
 from shared.adapters import AdapterConfig, AdapterState
 from shared.connector import PoolingConnector
@@ -147,9 +148,14 @@ def demo_cloud(home: Path, *, initial: AdapterState | None = None,
     home.mkdir(parents=True, exist_ok=True)
     url = sqlite_url(home / "cloud.db")
     migrate.upgrade(url)
+    Issuer.create("demo device CA").write(home / "device-ca.crt", home / "device-ca.key")
     settings = CloudSettings(home=home, database_url=url, environment="test",
                              secret_key=SecretStr("k" * 40), broker_password=SecretStr("p" * 40),
-                             mqtt_hash_iterations=1000, broker_live_admin=False)
+                             mqtt_hash_iterations=1000, broker_live_admin=False,
+                             device_broker_url="mqtts://mqtt.example:8883",
+                             device_x509_broker_url="mqtts://mqtt.example:8884",
+                             device_ca_file=home / "device-ca.crt",
+                             device_ca_key_file=home / "device-ca.key")
     if initial is not None:  # stored first, so make_cloud keeps it as version 1
         engine = make_engine(url)
         with session_scope(make_session_factory(engine)) as session:

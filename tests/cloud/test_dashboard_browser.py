@@ -22,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.select import Select
 
 from cloud import aggregation, registry
 from cloud.ask import ModelAnswerer
@@ -317,6 +318,36 @@ def test_add_a_device_download_its_config_and_revoke_it(browser: Any, server: Li
         revoke = crud.list_audit_events(session, subject="device:orin-new-05",
                                         action="device.revoke")
         assert revoke[0].details.get("reason") == "lost in transit"
+
+
+def test_add_an_x509_device_and_download_its_key_and_certificate(
+        browser: Any, server: LiveServer, demo: DemoCloud, downloads: Path) -> None:
+    from cryptography import x509
+
+    from cloud.pki import Issuer
+
+    _show(browser, server, "fleet")
+    browser.find_element(By.ID, "new-device-id").send_keys("orin-x509-06")
+    Select(browser.find_element(By.ID, "new-device-credential")).select_by_value("x509")
+    browser.find_element(By.ID, "add-device").click()
+    wait_for(lambda: _rows(browser, 'tr[data-device-id="orin-x509-06"]'), what="the new row")
+    fingerprint = browser.find_element(By.ID, "new-device-certificate").text
+    for button, name in (("download-key", "orin-x509-06.key"),
+                         ("download-certificate", "orin-x509-06.crt"),
+                         ("download-ca", "orin-x509-06-ca.crt")):
+        browser.find_element(By.ID, button).click()
+        wait_for((downloads / name).exists, what=name)
+    certificate = x509.load_pem_x509_certificate((downloads / "orin-x509-06.crt").read_bytes())
+    assert certificate.subject.rfc4514_string() == "CN=orin-x509-06"
+    ca = Issuer.load(demo.settings.device_ca_file, demo.settings.device_ca_key_file)  # type: ignore[arg-type]
+    certificate.verify_directly_issued_by(ca.certificate)
+    assert (downloads / "orin-x509-06-ca.crt").read_bytes() == ca.certificate_pem
+    assert b"PRIVATE KEY" in (downloads / "orin-x509-06.key").read_bytes()
+    with demo.cloud.session() as session:
+        (credential,) = crud.require_device(session, device_id="orin-x509-06").credentials
+        assert credential.certificate_sha256 == fingerprint and credential.secret_hash is None
+    served = yaml.safe_load(_get(server, "/api/v1/devices/orin-x509-06/config", demo.token)[1])
+    assert served["credentials"] == {"certificate_file": "device.crt", "key_file": "device.key"}
 
 
 def test_start_a_round_watch_it_live_and_stop_it(browser: Any, server: LiveServer,

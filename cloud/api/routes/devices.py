@@ -63,6 +63,7 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
     return DeviceCreated(
         device_id=kit.device.id, secret=kit.secret, credential=kit.kind.value,
         certificate_pem=None if issued is None else issued.certificate_pem.decode(),
+        certificate_sha256=None if issued is None else issued.sha256,
         private_key_pem=None if issued is None else issued.key_pem.decode(),
         ca_certificate_pem=None if network.ca_pem is None else network.ca_pem.decode(),
         device=DevicePublic.model_validate(kit.device), config=kit.config)

@@ -4,7 +4,7 @@
 import { api, saveBlob } from '../api.js';
 import { actionButton, badge, card, fill, fmt, h, table, TERMINAL, when } from '../dom.js';
 
-// Suggestions only (firmware_configs/ holds the real list; any valid profile name is accepted).
+// Suggestions (firmware_configs/ holds the real list: the API refuses a profile not in it).
 const PROFILES = ['sim-cpu', 'jetson-orin-nano-8gb', 'jetson-orin-nx-16gb',
   'jetson-agx-orin-64gb', 'jetson-xavier-nx'];
 
@@ -45,10 +45,14 @@ export default {
       id: 'new-device-profile', name: 'profile', required: true, list: 'profiles',
       value: 'sim-cpu', spellcheck: 'false',
     });
+    const credentialInput = h('select', { id: 'new-device-credential', name: 'credential' },
+      h('option', { value: 'password' }, 'password'),
+      h('option', { value: 'x509' }, 'X.509 certificate'));
     const addButton = h('button', { type: 'submit', id: 'add-device' }, 'Add device');
     const form = h('form', { class: 'inline-form', id: 'add-device-form' },
       h('label', {}, 'Device id', idInput),
       h('label', {}, 'Profile', profileInput),
+      h('label', {}, 'Credential', credentialInput),
       h('datalist', { id: 'profiles' }, PROFILES.map((p) => h('option', { value: p }))),
       addButton);
     form.addEventListener('submit', async (event) => {
@@ -56,7 +60,11 @@ export default {
       addButton.disabled = true;
       try {
         const created = await api('/devices', {
-          method: 'POST', body: { id: idInput.value.trim(), profile: profileInput.value.trim() },
+          method: 'POST',
+          body: {
+            id: idInput.value.trim(), profile: profileInput.value.trim(),
+            credential: credentialInput.value,
+          },
         });
         showProvisioned(created);
         idInput.value = '';
@@ -65,31 +73,54 @@ export default {
       } catch (err) { ctx.error(err); } finally { addButton.disabled = false; }
     });
 
+    function fileButton(id, label, text, name) {
+      return h('button', {
+        type: 'button', id,
+        onclick: () => saveBlob(new Blob([text], { type: 'text/plain' }), name),
+      }, label);
+    }
+
     function showProvisioned(created) {
       const id = created.device_id;
+      const x509 = created.credential === 'x509';
       provisioned.hidden = false;
       provisioned.dataset.deviceId = id;
+      const kit = x509
+        ? [fileButton('download-key', 'Download device.key', created.private_key_pem,
+          `${id}.key`),
+        fileButton('download-certificate', 'Download device.crt', created.certificate_pem,
+          `${id}.crt`)]
+        : [fileButton('download-password', 'Download password file', `${created.secret}\n`,
+          `${id}.password`)];
+      if (created.ca_certificate_pem) {
+        kit.push(fileButton('download-ca', 'Download ca.crt', created.ca_certificate_pem,
+          `${id}-ca.crt`));
+      }
       fill(provisioned,
         h('h3', {}, `Device ${id} is registered`),
-        h('p', {}, 'Its MQTT secret is shown this once; the cloud keeps only a hash. ',
-          'Flash the config and the password file onto the device, then rewrite the broker ',
-          'files (', h('code', {}, 'fednano devices broker-files'), ').'),
-        h('div', { class: 'secret' }, h('span', { class: 'muted' }, 'secret'),
-          h('code', { id: 'new-device-secret' }, created.secret)),
+        x509
+          ? h('p', {}, 'Its private key and certificate (signed by the device CA, common name ',
+            h('code', {}, id), ') are shown this once; the cloud keeps only the certificate\'s ',
+            'fingerprint. Put them beside the config on the device as device.key (mode 0600) ',
+            'and device.crt; the broker already accepts it.')
+          : h('p', {}, 'Its MQTT secret is shown this once; the cloud keeps only a hash. ',
+            'Put the config and the password file (mode 0600) on the device; the broker ',
+            'already accepts it.'),
+        x509
+          ? h('div', { class: 'secret' }, h('span', { class: 'muted' }, 'certificate sha256'),
+            h('code', { id: 'new-device-certificate' }, created.certificate_sha256))
+          : h('div', { class: 'secret' }, h('span', { class: 'muted' }, 'secret'),
+            h('code', { id: 'new-device-secret' }, created.secret)),
         h('div', { class: 'buttons' },
           actionButton('Download device.yaml', async () => {
             saveBlob(await api(`/devices/${encodeURIComponent(id)}/config`, { as: 'blob' }),
               `${id}.yaml`);
           }, ctx, { id: 'download-config' }),
-          h('button', {
-            type: 'button', id: 'download-password',
-            onclick: () => saveBlob(new Blob([`${created.secret}\n`], { type: 'text/plain' }),
-              `${id}.password`),
-          }, 'Download password file'),
+          ...kit,
           h('button', {
             type: 'button', class: 'ghost',
             onclick: () => { provisioned.hidden = true; fill(provisioned); },
-          }, 'Done (forget the secret)')));
+          }, x509 ? 'Done (forget the key)' : 'Done (forget the secret)')));
     }
 
     function askRevoke(device) {
@@ -98,7 +129,7 @@ export default {
       revokePanel.hidden = false;
       fill(revokePanel,
         h('p', {}, h('strong', {}, `Revoke ${device.id}?`),
-          ' It keeps its history but can no longer connect once the broker files are rewritten.'),
+          ' It keeps its history; the broker closes its connection and refuses it at once.'),
         h('div', { class: 'inline-form' }, reason,
           actionButton(`Revoke ${device.id}`, async () => {
             await api(`/devices/${encodeURIComponent(device.id)}/revoke`, {
