@@ -224,7 +224,7 @@ def parts(args: argparse.Namespace, global_state: AdapterState,
                   f"{min(t) * 1e3:.1f} |")
 
 
-SERVICE_STRATEGIES = ("fednano", "fisher-norm")
+SERVICE_STRATEGIES = ("fednano", "fisher-raw", "fisher-norm")
 SERVICE_PATHS = ("list", "streaming")
 
 
