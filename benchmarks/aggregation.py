@@ -232,12 +232,12 @@ def make_envelopes(count: int, global_state: AdapterState) -> list[tuple[bytes, 
     """``count`` update envelopes (delta and Fisher in the default schemes) as devices send
     them and the blob store keeps them, with their sample counts."""
     envelopes = []
+    expected = {k: tuple(v.shape) for k, v in global_state.items()}
     for index, (delta_frame, fisher_frame, n) in enumerate(make_frames(count, global_state)):
-        expected = {k: tuple(v.shape) for k, v in global_state.items()}
         delta = codec.decode(delta_frame, expected=expected)
         fisher = codec.decode(fisher_frame, expected=expected)
-        message = UpdateMessage(update_id=f"update-{index:06d}", task_id=f"task-{index:08d}", round_id=1,
-                                global_version=1, base_version="bench", n_samples=n)
+        message = UpdateMessage(update_id=f"update-{index:06d}", task_id=f"task-{index:08d}",
+                                round_id=1, global_version=1, base_version="bench", n_samples=n)
         envelopes.append((protocol.encode_update(message, delta, fisher, UpdateCodec()), n))
     return envelopes
 
