@@ -11,6 +11,7 @@ after reading the blobs). Median of ``--repeats`` runs.
     python benchmarks/aggregation.py --streaming [--counts 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --decode-before REF [--counts 1000] [--repeats 5]
+    python benchmarks/aggregation.py --service [--counts 100 1000] [--repeats 5] [--threads 2]
 
 ``--streaming`` times what a memory-flat aggregation does: decode one update's two frames, fold
 them into the Fisher accumulator, drop them, for every update; the accumulator of
@@ -18,6 +19,15 @@ them into the Fisher accumulator, drop them, for every update; the accumulator o
 kept here as the "before") run interleaved in the same process, and each update's frames
 come from a pool of 100 encoded updates so that the frames' own memory does not grow with the
 count. Peak RSS growth is read from ``/proc/self/status`` (VmHWM, reset before each run).
+
+``--service`` compares the aggregation service's two ways of merging a round, side by side in one
+run: "list" (how ``cloud/aggregation.py`` merged before streaming: decode every update envelope,
+as ``load_update`` does, into a list, then ``Strategy.aggregate``) and "streaming" (what it does
+now: ``Strategy.stream``, each envelope decoded, folded in and dropped). Each (count, path) runs
+in a fresh child process (``--service-run``) so one path's freed memory, kept by the allocator,
+cannot hide the other's growth; envelopes come from a pool of 100 as in ``--streaming``. It
+reports the median time of ``--repeats`` runs and the peak RSS growth (VmHWM over the RSS before
+the run, the largest over the repeats), and checks that both paths give identical states.
 
 ``--decode-before REF`` times the same streaming merge (flat accumulator) with the frame decoder
 of ``shared/codec.py`` as of git ``REF`` ("before") and as it is now ("after"), interleaved in
@@ -27,6 +37,9 @@ one process, and checks that both give identical merged deltas.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,10 +53,10 @@ from typing import Any
 import torch
 
 from cloud.strategies import Strategy, make_strategy
-from shared import codec
+from shared import codec, protocol
 from shared.adapters import AdapterConfig, AdapterState, NanoAdapters
 from shared.merge import FisherAccumulator, _check_states
-from shared.messages import UpdateCodec
+from shared.messages import UpdateCodec, UpdateMessage, unpack
 from shared.update import AdapterUpdate
 
 WIDTH, RANK = 576, 8
@@ -211,6 +224,98 @@ def parts(args: argparse.Namespace, global_state: AdapterState,
                   f"{min(t) * 1e3:.1f} |")
 
 
+SERVICE_STRATEGIES = ("fednano", "fisher-raw", "fisher-norm")
+SERVICE_PATHS = ("list", "streaming")
+
+
+def make_envelopes(count: int, global_state: AdapterState) -> list[tuple[bytes, int]]:
+    """``count`` update envelopes (delta and Fisher in the default schemes) as devices send
+    them and the blob store keeps them, with their sample counts."""
+    envelopes = []
+    expected = {k: tuple(v.shape) for k, v in global_state.items()}
+    for index, (delta_frame, fisher_frame, n) in enumerate(make_frames(count, global_state)):
+        delta = codec.decode(delta_frame, expected=expected)
+        fisher = codec.decode(fisher_frame, expected=expected)
+        message = UpdateMessage(update_id=f"update-{index:06d}", task_id=f"task-{index:08d}",
+                                round_id=1, global_version=1, base_version="bench", n_samples=n)
+        envelopes.append((protocol.encode_update(message, delta, fisher, UpdateCodec()), n))
+    return envelopes
+
+
+def load_envelope(envelope: bytes, n_samples: int, index: int,
+                  expected: dict[str, tuple[int, ...]]) -> AdapterUpdate:
+    """``cloud.aggregation.load_update`` without the blob store: unpack, decode both parts."""
+    message, parts = unpack(envelope, UpdateMessage)
+    delta, fisher = protocol.decode_update(parts, expected=expected)
+    return AdapterUpdate(f"dev-{index}", delta, n_samples, fisher,
+                         metrics=dict(message.metrics))
+
+
+def merge_round(path: str, strategy: Strategy, global_state: AdapterState,
+                envelopes: list[tuple[bytes, int]], count: int,
+                expected: dict[str, tuple[int, ...]]) -> AdapterState:
+    """One round of ``count`` updates (envelopes reused from the pool) merged by ``path``."""
+    picked = [envelopes[i % len(envelopes)] for i in range(count)]
+    if path == "list":
+        updates = [load_envelope(e, n, i, expected) for i, (e, n) in enumerate(picked)]
+        merged = strategy.aggregate(global_state, updates)
+    else:
+        merge = strategy.stream(global_state, [n for _, n in picked])
+        assert merge is not None
+        for i, (envelope, n) in enumerate(picked):
+            merge.add(load_envelope(envelope, n, i, expected))
+        merged = merge.result()
+    assert merged is not None
+    return merged
+
+
+def service_run(args: argparse.Namespace, global_state: AdapterState,
+                expected: dict[str, tuple[int, ...]]) -> None:
+    """Child of ``--service``: one strategy, path and count; prints one JSON line."""
+    name, path, count = args.service_run
+    strategy = make_strategy(name)
+    envelopes = make_envelopes(POOL, global_state)
+    merge_round(path, strategy, global_state, envelopes, 2, expected)  # warm caches up
+    times, growth, merged = [], 0, {}
+    for _ in range(args.repeats):
+        before = _reset_peak_rss()
+        started = time.perf_counter()
+        merged = merge_round(path, strategy, global_state, envelopes, int(count), expected)
+        times.append(time.perf_counter() - started)
+        growth = max(growth, _rss_kib("VmHWM") - before)
+    digest = hashlib.sha256(b"".join(merged[k].numpy().tobytes() for k in sorted(merged)))
+    print(json.dumps({"seconds": statistics.median(times), "min": min(times),
+                      "growth_kib": growth, "sha256": digest.hexdigest()}))
+
+
+def service(args: argparse.Namespace, global_state: AdapterState) -> None:
+    """The list and the streaming aggregation of each count, each in a child process."""
+    envelope, _ = make_envelopes(1, global_state)[0]
+    update_kib = sum(v.numel() * 4 * 2 for v in global_state.values()) / 1024
+    print(f"envelope {len(envelope):,} B per update; decoded Δθ + Fisher {update_kib:.0f} KiB "
+          f"(float32); load average {os.getloadavg()[0]:.1f}\n")
+    print("| updates | strategy | path | decode + merge, median (ms) | min (ms) "
+          "| peak RSS growth (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for count in args.counts:
+        for name in SERVICE_STRATEGIES:
+            digests = set()
+            for path in SERVICE_PATHS:
+                command = [sys.executable, __file__, "--service-run", name, path, str(count),
+                           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                out = subprocess.run(command, check=True, text=True, capture_output=True,
+                                     env={**os.environ, "PYTHONPATH": str(Path(__file__)
+                                                                          .resolve().parents[1])})
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                digests.add(result["sha256"])
+                print(f"| {count:,} | {name} | {path} | {result['seconds'] * 1e3:.1f} | "
+                      f"{result['min'] * 1e3:.1f} | {result['growth_kib'] / 1024:.1f} |",
+                      flush=True)
+            assert len(digests) == 1, f"{name}, {count} updates: the paths' states differ"
+    print(f"\nidentical merged states (SHA-256 of the tensors) for every count; load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+
 def codec_at(ref: str) -> types.ModuleType:
     """``shared/codec.py`` as of git ``ref``, imported as module ``codec_at_ref``."""
     source = subprocess.run(["git", "show", f"{ref}:shared/codec.py"], check=True, text=True,
@@ -260,6 +365,10 @@ def main() -> None:
                         help="decode alone and the fold alone (before/after), interleaved")
     parser.add_argument("--decode-before", metavar="REF",
                         help="streaming merge with shared/codec.py of git REF vs today's")
+    parser.add_argument("--service", action="store_true",
+                        help="the service's list and streaming aggregation, time and memory")
+    parser.add_argument("--service-run", nargs=3, metavar=("STRATEGY", "PATH", "COUNT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,8 +376,14 @@ def main() -> None:
     global_state = NanoAdapters(WIDTH, AdapterConfig(rank=RANK, alpha=16)).adapter_state_dict()
     expected = {k: tuple(v.shape) for k, v in global_state.items()}
     params = sum(v.numel() for v in global_state.values())
+    if args.service_run:
+        service_run(args, global_state, expected)
+        return
     print(f"adapter: rank {RANK}, width {WIDTH}, {params:,} parameters; torch threads "
           f"{torch.get_num_threads()}; median of {args.repeats}\n")
+    if args.service:
+        service(args, global_state)
+        return
     if args.decode_before:
         decoders(args, global_state, expected)
         return

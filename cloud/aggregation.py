@@ -1,10 +1,12 @@
 """The aggregation service: a round's accepted updates -> the next global adapter version.
 
-Loads the round's accepted updates from their blobs, runs the round's strategy (``fednano``,
-FedAvg unless told otherwise), stores the merged adapter as a new version (a ``shared.codec`` fp32
-frame, content-addressed by SHA-256) with its lineage (each update's weight ``λ_k = n_k / N``),
-evaluates it on a held-out set through a pluggable ``Evaluator`` and records the round's metrics.
-Functions take the caller's session and flush; the caller commits.
+Streams the round's accepted updates from their blobs through the round's strategy
+(``fednano``, FedAvg unless told otherwise): each is read, decoded, folded into the strategy's
+running sums and dropped, so memory is flat in the number of updates. Stores the merged adapter
+as a new version (a ``shared.codec`` fp32 frame, content-addressed by SHA-256) with its lineage
+(each update's weight ``λ_k = n_k / N``), evaluates it on a held-out set through a pluggable
+``Evaluator`` and records the round's metrics. Functions take the caller's session and flush;
+the caller commits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cloud.rounds import RoundConfig
 from cloud.strategies import Strategy
 from shared import codec, protocol
 from shared.adapters import AdapterState
-from shared.merge import clip_to_median_norm, sample_weights
+from shared.merge import clip_delta, l2_norm, median_norm_bound, sample_weights
 from shared.messages import UpdateMessage, unpack
 from shared.update import AdapterUpdate
 
@@ -80,14 +82,38 @@ def ensure_initial_version(session: Session, blobs: BlobStore,
 def load_update(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterUpdate:
     """Decode a stored (already validated) update envelope into an ``AdapterUpdate``, with
     the decoder the validation gate used on it (``shared.protocol.decode_update``)."""
-    if row.blob_sha256 is None:
-        raise AggregationError(f"update {row.update_id!r} has no stored blob")
-    message, parts = unpack(blobs.get(row.blob_sha256), UpdateMessage, max_bytes=MAX_BLOB_BYTES)
-    expected = {key: tuple(value.shape) for key, value in global_state.items()}
-    delta, fisher = protocol.decode_update(parts, expected=expected, max_bytes=MAX_BLOB_BYTES)
+    message, parts = _unpack_update(blobs, row)
+    delta, fisher = protocol.decode_update(parts, expected=_shapes(global_state),
+                                           max_bytes=MAX_BLOB_BYTES)
     return AdapterUpdate(client_id=row.device_id, delta=delta, n_samples=row.n_samples,
                          fisher=fisher, base_version=message.global_version,
                          metrics=dict(message.metrics))
+
+
+def load_delta(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterState:
+    """Only the Δθ of a stored update, decoded as ``load_update`` decodes it; its Fisher frame
+    is not decoded (a pass that only needs each delta's norm reads this)."""
+    _, parts = _unpack_update(blobs, row)
+    parts.pop(protocol.FISHER_PART, None)
+    delta, _ = protocol.decode_update(parts, expected=_shapes(global_state),
+                                      max_bytes=MAX_BLOB_BYTES)
+    return delta
+
+
+def has_fisher(blobs: BlobStore, row: Update) -> bool:
+    """Whether a stored update carries a Fisher, from its envelope alone (nothing decoded)."""
+    _, parts = _unpack_update(blobs, row)
+    return protocol.FISHER_PART in parts
+
+
+def _unpack_update(blobs: BlobStore, row: Update) -> tuple[UpdateMessage, dict[str, bytes]]:
+    if row.blob_sha256 is None:
+        raise AggregationError(f"update {row.update_id!r} has no stored blob")
+    return unpack(blobs.get(row.blob_sha256), UpdateMessage, max_bytes=MAX_BLOB_BYTES)
+
+
+def _shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 # ------------------------------------------------------------------------------ the service
@@ -105,6 +131,8 @@ class Aggregator:
         """Merge ``round_``'s accepted updates, and buffered ones carried over from earlier
         rounds (``_carried_over``), into a new version with lineage (λ_k = n_k/N).
 
+        The updates are streamed (``_merge``): which ones enter and with how many samples is
+        settled from their rows first, so every λ is known before the first delta is decoded.
         ``AggregationError`` if there is no base version, no accepted update, or the strategy
         refuses them.
         """
@@ -115,22 +143,17 @@ class Aggregator:
         global_state = load_state(self.blobs, round_.base_version)
         config = RoundConfig.of(round_)
         strategy = config.make_strategy()
-        updates = [load_update(self.blobs, r, global_state) for r in rows]
-        carried = self._carried_over(session, round_, config, strategy, global_state)
-        rows += [row for row, _ in carried]
-        updates += [update for _, update in carried]
-        if config.clip_to_median_norm is not None:
-            clipped = clip_to_median_norm([u.delta for u in updates], config.clip_to_median_norm)
-            updates = [dataclasses.replace(u, delta=d) for u, d in zip(updates, clipped,
-                                                                        strict=True)]
+        carried = self._carried_over(session, round_, config, strategy)
+        merged_rows = [(row, row.n_samples) for row in rows] + carried
         previous = self._previous_step(session, round_, global_state, strategy)
-        merged = self._merge(round_, strategy, global_state, updates, previous)
+        merged = self._merge(round_, strategy, global_state, merged_rows, previous,
+                             clip=config.clip_to_median_norm)
         blob = store_state(self.blobs, merged)
-        weights = sample_weights([u.n_samples for u in updates])
+        weights = sample_weights([n for _, n in merged_rows])
         version = crud.create_adapter_version(
             session, blob_sha256=blob.sha256, blob_size=blob.size, blob_path=str(blob.path),
             parent_id=round_.base_version_id, round_id=round_.id, strategy=round_.strategy,
-            lineage={r.id: w for r, w in zip(rows, weights, strict=True)})
+            lineage={r.id: w for (r, _), w in zip(merged_rows, weights, strict=True)})
         crud.record_metric(session, name="updates_carried_over", round_id=round_.id,
                            version_id=version.id, value=len(carried))
         crud.record_metric(session, name="aggregation_seconds", round_id=round_.id,
@@ -138,22 +161,20 @@ class Aggregator:
         return version
 
     def _carried_over(self, session: Session, round_: Round, config: RoundConfig,
-                      strategy: Strategy, global_state: AdapterState,
-                      ) -> list[tuple[Update, AdapterUpdate]]:
+                      strategy: Strategy) -> list[tuple[Update, int]]:
         """Buffered updates (late, valid, not merged yet) at most ``max_staleness`` versions
-        older than this round's base, each counted as n·stale_weight^s samples, s = how many
-        versions it is behind. Without a Fisher they sit out a strategy that needs one."""
+        older than this round's base, each with the n·stale_weight^s samples it counts as, s =
+        how many versions it is behind. Without a Fisher they sit out a strategy that needs
+        one (read from the envelope: nothing is decoded here)."""
         base_id = round_.base_version_id
         assert base_id is not None
         carried = []
         for row in crud.unmerged_buffered_updates(
                 session, min_base_version=base_id - config.max_staleness):
-            update = load_update(self.blobs, row, global_state)
-            if strategy.requires_fisher and update.fisher is None:
+            if strategy.requires_fisher and not has_fisher(self.blobs, row):
                 continue
             staleness = max(0, base_id - row.base_version)
-            n_samples = max(1, round(row.n_samples * config.stale_weight ** staleness))
-            carried.append((row, dataclasses.replace(update, n_samples=n_samples)))
+            carried.append((row, max(1, round(row.n_samples * config.stale_weight ** staleness))))
         return carried
 
     def _previous_step(self, session: Session, round_: Round, global_state: AdapterState,
@@ -170,24 +191,55 @@ class Aggregator:
         return {key: global_state[key] - before[key] for key in global_state}
 
     def _merge(self, round_: Round, strategy: Strategy, global_state: AdapterState,
-               updates: Sequence[AdapterUpdate],
-               previous: AdapterState | None = None) -> AdapterState:
-        if not updates:
+               rows: Sequence[tuple[Update, int]], previous: AdapterState | None = None,
+               clip: float | None = None) -> AdapterState:
+        """Stream ``rows`` (each with the sample count it counts as) through the strategy: read,
+        decode, fold in, drop, one update at a time (``Strategy.stream``).
+
+        With ``clip`` (``clip_to_median_norm``) the bound needs every delta's norm before the
+        first is folded in, so a first pass decodes each delta (not its Fisher) for its norm
+        alone and the second clips each delta as it folds it in: two decodes of each delta,
+        memory still flat. Errors decoding a blob propagate as they are; what the strategy
+        refuses is an ``AggregationError``.
+        """
+        if not rows:
             raise AggregationError(f"round {round_.id} has no accepted updates")
+        norms: list[float] = []
+        bound = None
+        if clip is not None:
+            norms = [l2_norm(load_delta(self.blobs, row, global_state)) for row, _ in rows]
+            bound = median_norm_bound(norms, clip)
         try:
-            merged = strategy.aggregate(global_state, updates, previous)
+            merge = strategy.stream(global_state, [n for _, n in rows], previous)
         except ValueError as err:
-            raise AggregationError(f"strategy {strategy.name} refused the updates: {err}") from err
-        if merged is None:
+            raise _refused(strategy, err) from err
+        if merge is None:
             raise AggregationError(f"strategy {strategy.name} needs at least "
-                                   f"{strategy.min_updates} updates, got {len(updates)}")
-        return merged
+                                   f"{strategy.min_updates} updates, got {len(rows)}")
+        for index, (row, n_samples) in enumerate(rows):
+            update = dataclasses.replace(load_update(self.blobs, row, global_state),
+                                         n_samples=n_samples)
+            if bound is not None:
+                update.delta = clip_delta(update.delta, norms[index], bound)
+            try:
+                merge.add(update)
+            except ValueError as err:
+                raise _refused(strategy, err) from err
+            del update  # dropped before the next one is decoded
+        try:
+            return merge.result()
+        except ValueError as err:
+            raise _refused(strategy, err) from err
 
     def evaluate(self, version: AdapterVersion) -> Evaluation | None:
         """The held-out evaluation of a stored version (None without an evaluator)."""
         if self.evaluator is None:
             return None
         return self.evaluator(load_state(self.blobs, version))
+
+
+def _refused(strategy: Strategy, err: ValueError) -> AggregationError:
+    return AggregationError(f"strategy {strategy.name} refused the updates: {err}")
 
 
 def record_round_metrics(session: Session, round_: Round, version: AdapterVersion | None,

@@ -47,11 +47,43 @@ def weighted_average(deltas: Sequence[AdapterState], weights: Sequence[float]) -
 
     Keys, shapes and dtypes follow ``deltas[0]``; every delta must match it and be finite.
     """
-    lam = _normalized_weights(weights, len(deltas))
+    lam = normalized_weights(weights, len(deltas))
     _check_states(deltas, deltas[0], "delta")
     return {
         key: _combine(lam, [d[key] for d in deltas]).to(ref.dtype) for key, ref in deltas[0].items()
     }
+
+
+class DeltaAccumulator:
+    """Streaming ``weighted_average``: ``add`` one client's delta at a time, memory flat in the
+    client count.
+
+    Keeps ``Σ λ Δ`` in one flat float64 buffer (``total`` holds per-key views of it); each
+    element is summed as ``total + λ·Δ`` in client order, the operations of
+    ``weighted_average``, so the same weights (``normalized_weights``) give the same bits.
+    Weights are used as given: normalise them first for a mean.
+    """
+
+    def __init__(self, reference: AdapterState) -> None:
+        self.reference = reference
+        self._layout = _FlatLayout(reference)
+        self._total = self._layout.zeros()  # Σ λ Δ, (P,)
+        self.total = self._layout.views(self._total)
+        self.count = 0
+
+    def add(self, delta: AdapterState, weight: float, name: str = "client") -> None:
+        """Fold one client's delta in with weight λ (finite, >= 0)."""
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name}: weight must be finite and >= 0, got {weight!r}")
+        d = self._layout.flatten(delta, f"{name} delta")  # (P,) float64
+        self._total += weight * d  # not add_(alpha=): that may fuse into one rounding
+        self.count += 1
+
+    def merged_delta(self) -> AdapterState:
+        """``Σ λ Δ`` in the reference's dtypes."""
+        if self.count == 0:
+            raise ValueError("need at least one client update")
+        return {key: self.total[key].to(ref.dtype) for key, ref in self.reference.items()}
 
 
 def fisher_weighted_merge(
@@ -77,7 +109,7 @@ def fisher_weighted_merge(
     """
     if len(fishers) != len(deltas):
         raise ValueError(f"got {len(deltas)} deltas but {len(fishers)} fishers")
-    lam = _normalized_weights(weights, len(deltas))
+    lam = normalized_weights(weights, len(deltas))
     _check_states([global_state], global_state, "global state")
     merger = FisherAccumulator(global_state, normalize=normalize, floor=floor)
     for index, (delta, fisher) in enumerate(zip(deltas, fishers, strict=True)):
@@ -259,17 +291,29 @@ def clip_to_median_norm(deltas: Sequence[AdapterState], factor: float) -> list[A
     A robust pre-merge step against a poisoned update: fewer than half of the devices cannot
     move the median norm, so none of them weighs more than ``factor`` honest medians.
     """
+    norms = [l2_norm(delta) for delta in deltas]
+    bound = median_norm_bound(norms, factor)
+    return [clip_delta(delta, norm, bound) for delta, norm in zip(deltas, norms, strict=True)]
+
+
+def median_norm_bound(norms: Sequence[float], factor: float) -> float:
+    """``factor`` times the median of ``norms``: the bound of ``clip_to_median_norm``. Apart
+    so that a merge that streams its updates can take the norms in a first pass and clip each
+    delta (``clip_delta``) as it folds it in, with the same bits."""
     if factor <= 0:
         raise ValueError(f"factor must be positive, got {factor!r}")
-    if len(deltas) == 0:
+    if len(norms) == 0:
         raise ValueError("need at least one delta")
-    norms = [_l2(delta) for delta in deltas]
-    bound = factor * float(torch.tensor(norms, dtype=torch.float64).median())
-    return [delta if norm <= bound else {k: v * (bound / norm) for k, v in delta.items()}
-            for delta, norm in zip(deltas, norms, strict=True)]
+    return factor * float(torch.tensor(norms, dtype=torch.float64).median())
 
 
-def _l2(state: AdapterState) -> float:
+def clip_delta(delta: AdapterState, norm: float, bound: float) -> AdapterState:
+    """``delta`` (whose ``l2_norm`` is ``norm``) scaled down to ``bound``; itself if within."""
+    return delta if norm <= bound else {k: v * (bound / norm) for k, v in delta.items()}
+
+
+def l2_norm(state: AdapterState) -> float:
+    """The L2 norm of a state over all its keys."""
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
 
 
@@ -313,7 +357,9 @@ def _fisher_scale(fisher: AdapterState, normalize: str) -> float:
     return max((float(v.max()) for v in fisher.values() if v.numel()), default=0.0)
 
 
-def _normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:
+def normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:
+    """``weights / Σ weights`` as float64, checked (``count`` of them, finite, >= 0, not all
+    0): the λ ``weighted_average`` and ``fisher_weighted_merge`` use."""
     if count == 0:
         raise ValueError("need at least one client update, got an empty list")
     if len(weights) != count:

@@ -14,6 +14,13 @@ Two options apply to every strategy:
   previous global version's own step (θ_{t-1} − θ_{t-2}): heavy-ball momentum whose whole state
   is the last two versions, which the cloud already stores. ``server_lr=1, server_momentum=0``
   is plain aggregation.
+
+A round's updates can also be merged **streaming** (``Strategy.stream``): the aggregation service
+folds each update in as it decodes it and drops it, so its memory is flat in the number of
+updates. Every λ_k = n_k / N is known before the first update is read (the sample counts come
+with the update rows), and each strategy folds updates with the operations of its list merge
+(``merge_delta``), so both give the same bits. A strategy that needs every update at once (a
+median) keeps them in its ``DeltaMerge`` (``KeptUpdates``) and merges them at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     requires_fisher: ClassVar[bool] = False
+    memory_flat: ClassVar[bool] = False  # True where delta_merge folds into running sums
 
     def __init__(self, *, min_updates: int = 1, ffa: bool = False, server_lr: float = 1.0,
                  server_momentum: float = 0.0) -> None:
@@ -107,9 +115,98 @@ class Strategy(ABC):
                     updates: Sequence[AdapterUpdate]) -> AdapterState:
         """The merged step Δ of a non-empty list of updates (already checked by ``aggregate``)."""
 
+    def stream(
+        self, global_state: AdapterState, n_samples: Sequence[int],
+        previous_step: AdapterState | None = None,
+    ) -> RoundMerge | None:
+        """``aggregate`` one update at a time: ``add`` each of the updates whose sample counts
+        are ``n_samples`` (in that order), then ``result``; ``None`` when there are fewer than
+        ``min_updates``. Same result as ``aggregate`` on the list (the same bits), in memory
+        flat in the number of updates where ``memory_flat``."""
+        if len(n_samples) == 0 or len(n_samples) < self.min_updates:
+            return None
+        return RoundMerge(self, global_state, n_samples, previous_step)
+
+    def delta_merge(self, global_state: AdapterState, n_samples: Sequence[int]) -> DeltaMerge:
+        """The streaming form of ``merge_delta`` for updates with these sample counts.
+
+        This default keeps every update and calls ``merge_delta`` at the end: right for any
+        strategy, flat in memory for none. Strategies whose merge is a sum over updates
+        override it.
+        """
+        return KeptUpdates(self, global_state)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+class DeltaMerge(ABC):
+    """A strategy's merged step Δ in the making: updates are folded in one at a time."""
+
+    @abstractmethod
+    def add(self, update: AdapterUpdate) -> None:
+        """Fold in the next update (in the order of the sample counts the merge was made for)."""
+
+    @abstractmethod
+    def merged_delta(self) -> AdapterState:
+        """Δ of every update added."""
+
+
+class KeptUpdates(DeltaMerge):
+    """Keeps the updates and merges them at the end: for a strategy that needs them all at
+    once (a coordinate-wise median cannot be taken from running sums)."""
+
+    def __init__(self, strategy: Strategy, global_state: AdapterState) -> None:
+        self.strategy = strategy
+        self.global_state = global_state
+        self.updates: list[AdapterUpdate] = []
+
+    def add(self, update: AdapterUpdate) -> None:
+        self.updates.append(update)
+
+    def merged_delta(self) -> AdapterState:
+        return self.strategy.merge_delta(self.global_state, self.updates)
+
+
+class RoundMerge:
+    """``Strategy.aggregate`` one update at a time (``Strategy.stream`` makes it): the checks
+    ``aggregate`` makes on the list are made on each update as it comes, and the server step
+    is applied in ``result``."""
+
+    def __init__(self, strategy: Strategy, global_state: AdapterState,
+                 n_samples: Sequence[int], previous_step: AdapterState | None) -> None:
+        self.strategy = strategy
+        self.global_state = global_state
+        self.n_samples = list(n_samples)
+        self.previous_step = previous_step
+        self.deltas = strategy.delta_merge(global_state, self.n_samples)
+        self.count = 0
+
+    def add(self, update: AdapterUpdate) -> None:
+        """Fold in the next update; ``ValueError`` (naming the client) if it does not fit: more
+        updates than announced, another sample count, no Fisher where one is needed, or what
+        the strategy's own merge refuses (keys, shapes, non-finite values)."""
+        if self.count >= len(self.n_samples):
+            raise ValueError(f"update {update.client_id!r} is one more than the "
+                             f"{len(self.n_samples)} announced")
+        expected = self.n_samples[self.count]
+        if update.n_samples != expected:
+            raise ValueError(f"update {update.client_id!r} has {update.n_samples} samples, "
+                             f"announced {expected}")
+        if self.strategy.requires_fisher:
+            _require_fisher(self.strategy.name, [update])
+        self.deltas.add(update)
+        self.count += 1
+
+    def result(self) -> AdapterState:
+        """The new global state, once every announced update was added."""
+        if self.count != len(self.n_samples):
+            raise ValueError(f"got {self.count} updates, announced {len(self.n_samples)}")
+        merged = self.deltas.merged_delta()
+        step = server_step(merged, self.previous_step, lr=self.strategy.server_lr,
+                           momentum=self.strategy.server_momentum)
+        return apply_delta(self.global_state, step)
 
 
 def _require_fisher(name: str, updates: Sequence[AdapterUpdate]) -> None:

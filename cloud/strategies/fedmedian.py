@@ -16,6 +16,8 @@ class FedMedian(Strategy):
 
     Tolerates fewer than half of the updates being arbitrary finite garbage, at the cost of
     statistical efficiency on honest, non-IID clients; use ``min_updates`` >= 3 for it to matter.
+    Not ``memory_flat``: an exact median needs every update's value of a coordinate at once (no
+    running sum gives it), so a streamed round keeps its updates until the end.
     """
 
     name: ClassVar[str] = "fedmedian"

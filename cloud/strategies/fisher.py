@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from cloud.strategies.base import Strategy, non_negative
+from cloud.strategies.base import DeltaMerge, Strategy, non_negative
 from shared.adapters import AdapterState
 from shared.merge import NORMALIZATIONS, FisherAccumulator, sample_weights
 from shared.update import AdapterUpdate
@@ -27,6 +27,7 @@ class FisherMerge(Strategy):
     """
 
     requires_fisher: ClassVar[bool] = True
+    memory_flat: ClassVar[bool] = True
     default_normalize: ClassVar[str | None] = None
     default_floor: ClassVar[float] = 0.0
     default_fallback: ClassVar[float] = 0.0
@@ -56,4 +57,27 @@ class FisherMerge(Strategy):
             assert update.fisher is not None  # aggregate checked requires_fisher
             merger.add(update.delta, update.fisher, weight, name=f"client {update.client_id!r}")
         return merger.merged_delta(eps=self.eps, fallback=self.fallback)
+
+    def delta_merge(self, global_state: AdapterState, n_samples: Sequence[int]) -> DeltaMerge:
+        return _FisherSums(self, global_state, n_samples)
+
+
+class _FisherSums(DeltaMerge):
+    """``merge_delta``'s loop one update at a time: the accumulator keeps ``Σ λ F̃ Δ``, ``Σ λ F̃``
+    and ``Σ λ Δ``; each device's normalisation and floor come from its own Fisher."""
+
+    def __init__(self, strategy: FisherMerge, global_state: AdapterState,
+                 n_samples: Sequence[int]) -> None:
+        self.strategy = strategy
+        self.weights = sample_weights(n_samples)
+        self.merger = FisherAccumulator(global_state, normalize=strategy.normalize,
+                                        floor=strategy.floor)
+
+    def add(self, update: AdapterUpdate) -> None:
+        assert update.fisher is not None  # RoundMerge checked requires_fisher
+        self.merger.add(update.delta, update.fisher, self.weights[self.merger.count],
+                        name=f"client {update.client_id!r}")
+
+    def merged_delta(self) -> AdapterState:
+        return self.merger.merged_delta(eps=self.strategy.eps, fallback=self.strategy.fallback)
 

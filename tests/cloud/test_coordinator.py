@@ -3,6 +3,8 @@ an injected clock, exactly-once ingestion, resume after a restart, the schedule,
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from cloud.db import crud
 from cloud.db.crud import InvalidTransitionError
 from cloud.db.models import ParticipationStatus, RoundState, UpdateStatus
 from cloud.rounds import NotEnoughDevicesError, RoundConfig, Schedule, save_defaults, save_schedule
-from shared import topics
+from shared import protocol, topics
 from shared.adapters import AdapterState
+from shared.merge import clip_to_median_norm
 from tests.cloud.roundkit import (
     Cloud,
     FakeClock,
@@ -441,3 +444,59 @@ def test_clip_to_median_norm_bounds_a_poisoned_delta(cloud: Cloud) -> None:
     assert _round(cloud, round_id)[0].state is RoundState.CLOSED
     for step in _last_step(cloud).values():
         torch.testing.assert_close(step, torch.full_like(step, 0.4 / 3))
+
+
+@pytest.mark.parametrize("strategy", ["fisher-norm", "fedavg", "fedmedian"])
+def test_aggregation_streams_one_decoded_update_at_a_time(
+        cloud: Cloud, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    # Every decoded delta is watched through a weak reference: when an update is decoded, none
+    # decoded before it is still alive (the round's list is gone), except for the median, which
+    # keeps them. The version is the list merge's, bit for bit.
+    watched: list[weakref.ref[torch.Tensor]] = []
+    most_alive = 0
+    load_update = aggregation.load_update
+
+    def watching(*args: object) -> object:
+        nonlocal most_alive
+        most_alive = max(most_alive, sum(ref() is not None for ref in watched))
+        update = load_update(*args)  # type: ignore[arg-type]
+        watched.extend(weakref.ref(value) for value in update.delta.values())
+        return update
+
+    monkeypatch.setattr(aggregation, "load_update", watching)
+    devices = [f"dev-{i}" for i in range(5)]
+    add_devices(cloud, *devices)
+    config = RoundConfig(strategy=strategy, clip_to_median_norm=2.0, deadline_s=60,
+                         min_participants=5, max_delta_norm=None)
+    round_id = cloud.coordinator.open_round(config)
+    cloud.coordinator.tick()
+    gen = torch.Generator().manual_seed(0)
+    for index, device_id in enumerate(devices):
+        task, parts = cloud.publisher.tasks(device_id)[-1]
+        global_ = protocol.decode_global(parts)
+        scale = 10.0 if index == 3 else 0.01  # one delta far beyond twice the median norm
+        delta = {k: scale * torch.randn(v.shape, generator=gen) for k, v in global_.items()}
+        fisher = {k: torch.rand(v.shape, generator=gen) for k, v in global_.items()}
+        payload = device_update(task, parts, device_id, n_samples=10 + 7 * index, delta=delta,
+                                fisher=fisher)
+        assert cloud.coordinator.handle_update(device_id, payload).outcome == "accepted"
+    cloud.coordinator.tick()
+    assert _round(cloud, round_id)[0].state is RoundState.CLOSED
+    assert len(watched) == 5 * len(global_)
+    # The median keeps the four before the last (the clipped one as a scaled copy).
+    assert most_alive == (3 * len(global_) if strategy == "fedmedian" else 0)
+
+    with cloud.session() as session:
+        round_ = crud.require_round(session, round_id=round_id)
+        assert round_.base_version is not None
+        base = aggregation.load_state(cloud.blobs, round_.base_version)
+        rows = crud.list_updates(session, round_id=round_id, status=UpdateStatus.ACCEPTED)
+        listed = [load_update(cloud.blobs, row, base) for row in rows]
+        version = crud.latest_adapter_version(session)
+        assert version is not None and version.round_id == round_id
+        merged = aggregation.load_state(cloud.blobs, version)
+    clipped = clip_to_median_norm([u.delta for u in listed], 2.0)
+    listed = [dataclasses.replace(u, delta=d) for u, d in zip(listed, clipped, strict=True)]
+    expected = config.make_strategy().aggregate(base, listed)
+    assert expected is not None
+    assert all(torch.equal(merged[key], expected[key]) for key in base)

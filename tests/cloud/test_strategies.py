@@ -15,7 +15,7 @@ from cloud.strategies import (
     FisherRaw,
     make_strategy,
 )
-from cloud.strategies.base import Strategy
+from cloud.strategies.base import KeptUpdates, Strategy
 from shared.update import AdapterUpdate
 
 
@@ -206,3 +206,88 @@ def test_a_round_asks_devices_for_a_fisher_only_when_its_merge_uses_one() -> Non
     assert short.task_hparams().fisher_samples == 0 and short.make_strategy().name == "fednano"
     assert long.task_hparams().fisher_samples == 32 and long.make_strategy().name == "fisher-norm"
     assert RoundConfig().task_hparams().fisher_samples == 0  # the default asks for no Fisher
+
+
+def _random_round(count: int, seed: int = 0) -> tuple[dict[str, torch.Tensor],
+                                                      list[AdapterUpdate],
+                                                      dict[str, torch.Tensor]]:
+    """A global state of several keys, ``count`` updates with Fishers as decoded (float32 of
+    bf16 values) and random sample counts, and a previous step."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"a": (8, 5), "b": (5, 8), "c": (3,)}
+    glob = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    batch = [AdapterUpdate(f"dev-{i}", {k: 0.01 * torch.randn(s, generator=gen)
+                                        for k, s in shapes.items()},
+                           n_samples=int(torch.randint(1, 500, (1,), generator=gen)),
+                           fisher={k: (torch.rand(s, generator=gen) ** 4).bfloat16().float()
+                                   for k, s in shapes.items()})
+             for i in range(count)]
+    previous = {k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+    return glob, batch, previous
+
+
+STREAMED = [
+    ("fednano", {}), ("fednano", {"fisher_from_steps": 1}), ("fedavg", {}),
+    ("fedprox", {"mu": 0.1}), ("fedmedian", {}), ("fisher-raw", {}),
+    ("fisher-raw", {"normalize": "max", "eps": 1e-4}), ("fisher-norm", {}),
+    ("fisher-norm", {"normalize": "mean", "floor": 0.3, "fallback": 0.1}), ("fisher-global", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), STREAMED)
+@pytest.mark.parametrize("server", [{}, {"server_lr": 1.5, "server_momentum": 0.5}])
+@pytest.mark.parametrize("count", [1, 2, 17])
+def test_streaming_gives_the_bits_of_the_list_merge(name: str, kwargs: dict, server: dict,
+                                                    count: int) -> None:
+    strategy = make_strategy(name, **kwargs, **server).for_round(1)
+    glob, batch, previous = _random_round(count, seed=count)
+    step = previous if server else None
+    expected = strategy.aggregate(glob, batch, step)
+    merge = strategy.stream(glob, [u.n_samples for u in batch], step)
+    assert expected is not None and merge is not None
+    for update in batch:
+        merge.add(update)
+    got = merge.result()
+    assert all(torch.equal(got[key], expected[key]) for key in glob)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_but_the_median_streams_in_flat_memory(name: str) -> None:
+    strategy = make_strategy(name)
+    assert strategy.memory_flat is (name != "fedmedian")
+    kept = isinstance(strategy.delta_merge(GLOBAL, [1, 3]), KeptUpdates)
+    assert kept is not strategy.memory_flat
+    assert make_strategy(name).stream(GLOBAL, []) is None
+    assert make_strategy(name, min_updates=3).stream(GLOBAL, [1, 3]) is None
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_streaming_refuses_what_the_list_merge_refuses_and_what_was_not_announced(
+        name: str) -> None:
+    def streamed(*batch: AdapterUpdate, announced: list[int] | None = None) -> None:
+        merge = make_strategy(name).stream(GLOBAL, announced or [u.n_samples for u in batch])
+        assert merge is not None
+        for update in batch:
+            merge.add(update)
+        merge.result()
+
+    good = updates()
+    bad = AdapterUpdate("c", {"w": torch.zeros(4)}, n_samples=1, fisher={"w": torch.ones(4)})
+    with pytest.raises(ValueError, match="shape"):
+        streamed(*good, bad)
+    with pytest.raises(ValueError, match=r"'b' has 3 samples, announced 2"):
+        streamed(*good, announced=[1, 2])
+    with pytest.raises(ValueError, match=r"'b' is one more than the 1 announced"):
+        streamed(*good, announced=[1])
+    with pytest.raises(ValueError, match="got 2 updates, announced 3"):
+        streamed(*good, announced=[1, 3, 5])
+
+
+@pytest.mark.parametrize("cls", [FisherRaw, FisherNorm, FisherGlobal])
+def test_a_streamed_fisher_merge_needs_a_fisher_from_everyone(cls: type) -> None:
+    batch = updates()
+    batch[1].fisher = None
+    merge = cls().stream(GLOBAL, [1, 3])
+    merge.add(batch[0])
+    with pytest.raises(ValueError, match=r"needs a Fisher.*\['b'\]"):
+        merge.add(batch[1])

@@ -9,11 +9,16 @@ from hypothesis import strategies as st
 
 from shared.adapters import ADAPTER_KEYS
 from shared.merge import (
+    DeltaAccumulator,
     FisherAccumulator,
     apply_delta,
+    clip_delta,
     clip_to_median_norm,
     coordinate_median,
     fisher_weighted_merge,
+    l2_norm,
+    median_norm_bound,
+    normalized_weights,
     sample_weights,
     server_step,
     weighted_average,
@@ -327,3 +332,36 @@ def test_server_step_is_heavy_ball_momentum_in_steps() -> None:
         server_step(step, previous, momentum=1.0)
     with pytest.raises(ValueError, match="lr"):
         server_step(step, previous, lr=0.0)
+
+
+def test_delta_accumulator_gives_the_bits_of_weighted_average() -> None:
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"a": (8, 5), "b": (5, 8), "c": (3,)}
+    ref = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    deltas = [{k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+              for _ in range(11)]
+    weights = sample_weights([int(n) for n in torch.randint(1, 500, (11,), generator=gen)])
+    total = DeltaAccumulator(ref)
+    for delta, weight in zip(deltas, normalized_weights(weights, 11).tolist(), strict=True):
+        total.add(delta, weight)
+    expected = weighted_average(deltas, weights)
+    got = total.merged_delta()
+    assert all(torch.equal(got[k], expected[k]) for k in ref)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        total.add({**deltas[0], "c": torch.tensor([0.0, float("nan"), 0.0])}, 0.5)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        total.add(deltas[0], -1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        DeltaAccumulator(ref).merged_delta()
+
+
+def test_clipping_one_delta_at_a_time_is_clip_to_median_norm() -> None:
+    deltas = [vec(3.0, 4.0), vec(6.0, 8.0), vec(600.0, 800.0)]
+    norms = [l2_norm(d) for d in deltas]
+    assert norms == [5.0, 10.0, 1000.0]
+    bound = median_norm_bound(norms, 2.0)
+    assert bound == 20.0
+    for one, listed, norm in zip(deltas, clip_to_median_norm(deltas, 2.0), norms, strict=True):
+        assert torch.equal(clip_delta(one, norm, bound)["w"], listed["w"])
+    with pytest.raises(ValueError, match="factor must be positive"):
+        median_norm_bound(norms, 0.0)
