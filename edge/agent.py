@@ -63,6 +63,7 @@ from shared.messages import (
     unpack,
 )
 from shared.mqtt import (
+    NOT_AUTHORIZED,
     AckTimeout,
     ClientOptions,
     ConnectError,
@@ -77,7 +78,6 @@ from shared.mqtt import (
 from shared.training import resolve_training
 
 log = logging.getLogger(__name__)
-NOT_AUTHORIZED = 0x87  # MQTT v5 reason code "Not authorized"
 
 # The agent's connection and its stop flag (set at shutdown) -> the LLM.
 BackendFactory = Callable[[MqttClient, threading.Event], LLMBackend]

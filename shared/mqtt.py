@@ -71,6 +71,13 @@ class ConnectRefused(ConnectError):
         return self.reason_code in self.PERMANENT_CODES
 
 
+NOT_AUTHORIZED = 0x87  # MQTT v5 reason code "Not authorized"
+# TLS alerts by which a broker refuses the client's certificate: a retry presents the same one.
+CERTIFICATE_ALERTS = ("unknown ca", "bad certificate", "certificate required",
+                      "certificate expired", "certificate revoked", "unsupported certificate",
+                      "certificate unknown", "access denied")
+
+
 class NotConnectedError(MqttError, ConnectionError):
     """An operation that needs a live connection was attempted without one."""
 
@@ -359,6 +366,7 @@ class MqttClient:
         self._connack = threading.Event()
         self._connected = threading.Event()
         self._refusal: ReasonCode | None = None
+        self._tls_alert: str | None = None  # the last TLS alert paho's thread met
         self._connecting = False  # a connect() call is waiting for the CONNACK
         self._connection = 0  # counts successful connects: Received.connection
         self._install_callbacks()
@@ -379,6 +387,7 @@ class MqttClient:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_log = self._on_log
 
     # paho's network thread: record, enqueue, nothing else ---------------------------------------
 
@@ -397,6 +406,13 @@ class MqttClient:
             self._connected.set()
             self._resubscribe(client)  # harmless when the session kept them; needed when not
         self._connack.set()
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, text: str) -> None:
+        # With TLS 1.3 the broker judges the client's certificate after the handshake looks
+        # done to the client: its refusal arrives as an alert on the first read, which paho's
+        # thread only logs. Keep it, so connect() can say why no CONNACK came.
+        if level == mqtt.MQTT_LOG_ERR and "alert" in text:
+            self._tls_alert = text
 
     def _resubscribe(self, client: mqtt.Client) -> None:
         with self._lock:
@@ -460,11 +476,20 @@ class MqttClient:
         except (OSError, ValueError) as err:  # refused, unreachable, no such host, TLS
             raise ConnectError(f"cannot connect to the broker at {self.address.url}: "
                                f"{_reason(err)}") from err
+        self._tls_alert = None
         self._paho.loop_start()
         if not self._connack.wait(timeout):
             self._stop_loop()
+            alert = self._tls_alert
+            if alert is not None and any(word in alert for word in CERTIFICATE_ALERTS):
+                raise ConnectRefused(
+                    f"broker {self.address.url} refused client {opts.client_id!r} in the TLS "
+                    f"handshake: {alert.split('] ')[-1].split(' (_ssl')[0]} (check the "
+                    "certificate and key the client presents, and the CA that signed them)",
+                    NOT_AUTHORIZED)
             raise ConnectError(f"no CONNACK from {self.address.url} within {timeout:g} s "
-                               f"(client {opts.client_id!r}): is the broker running?")
+                               f"(client {opts.client_id!r}): is the broker running?"
+                               + (f" (last TLS error: {alert})" if alert else ""))
         if self._refusal is not None:
             reason, self._refusal = self._refusal, None
             self._stop_loop()

@@ -7,6 +7,7 @@ uploads its update. Revoking the X.509 device at the running broker stops it for
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import stat
 import threading
@@ -177,3 +178,30 @@ def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused
             agent.stop()
             thread.join(30)
         cloud.close()
+
+
+def test_a_certificate_the_broker_does_not_trust_is_refused_at_once_and_for_good(
+        session: Session, network_and_broker: tuple[DeviceNetwork, Mosquitto],
+        tmp_path: Path) -> None:
+    """TLS 1.3 lets the client finish its handshake before the broker judges its certificate:
+    the broker's alert, not a silent "no CONNACK", is what the device reports."""
+    network, broker = network_and_broker
+    _kits(session, network, tmp_path)
+    registry.write_broker_files(session, directory=broker.folder, services=[SERVICE],
+                                iterations=1000)
+    broker.start()
+    stranger = Issuer.create("another CA").device_certificate("dev-x")
+    (tmp_path / "stranger.crt").write_bytes(stranger.certificate_pem)
+    (tmp_path / "stranger.key").write_bytes(stranger.key_pem)
+    x509 = BrokerAddress.parse(broker.x509_url, ca_file=tmp_path / "dev-x" / "ca.crt")
+    for cert, key, alert in ((tmp_path / "stranger.crt", tmp_path / "stranger.key", "unknown ca"),
+                             (None, None, "certificate required")):
+        client = MqttClient(dataclasses.replace(x509, cert_file=cert, key_file=key),
+                            ClientOptions(client_id="dev-x", reconnect_min_s=1,
+                                          reconnect_max_s=1))
+        try:
+            with pytest.raises(ConnectRefused, match=f"in the TLS handshake: .*{alert}") as err:
+                client.connect(10)
+            assert err.value.permanent
+        finally:
+            client.close()
