@@ -243,9 +243,12 @@ def make_envelopes(count: int, global_state: AdapterState) -> list[tuple[bytes, 
 
 
 def load_envelope(envelope: bytes, n_samples: int, index: int,
-                  expected: dict[str, tuple[int, ...]]) -> AdapterUpdate:
-    """``cloud.aggregation.load_update`` without the blob store: unpack, decode both parts."""
+                  expected: dict[str, tuple[int, ...]], fisher: bool = True) -> AdapterUpdate:
+    """``cloud.aggregation.load_update`` without the blob store: unpack, decode both parts
+    (the delta alone without ``fisher``, as the service does for a strategy that reads none)."""
     message, parts = unpack(envelope, UpdateMessage)
+    if not fisher:
+        parts.pop(protocol.FISHER_PART, None)
     delta, fisher = protocol.decode_update(parts, expected=expected)
     return AdapterUpdate(f"dev-{index}", delta, n_samples, fisher,
                          metrics=dict(message.metrics))
@@ -263,7 +266,7 @@ def merge_round(path: str, strategy: Strategy, global_state: AdapterState,
         merge = strategy.stream(global_state, [n for _, n in picked])
         assert merge is not None
         for i, (envelope, n) in enumerate(picked):
-            merge.add(load_envelope(envelope, n, i, expected))
+            merge.add(load_envelope(envelope, n, i, expected, strategy.requires_fisher))
         merged = merge.result()
     assert merged is not None
     return merged

@@ -79,10 +79,15 @@ def ensure_initial_version(session: Session, blobs: BlobStore,
     return version
 
 
-def load_update(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterUpdate:
+def load_update(blobs: BlobStore, row: Update, global_state: AdapterState, *,
+                with_fisher: bool = True) -> AdapterUpdate:
     """Decode a stored (already validated) update envelope into an ``AdapterUpdate``, with
-    the decoder the validation gate used on it (``shared.protocol.decode_update``)."""
+    the decoder the validation gate used on it (``shared.protocol.decode_update``). With
+    ``with_fisher`` False its Fisher frame is left undecoded (``fisher`` None): a strategy that does
+    not read it does not pay for it (half the decoding of an update that carries one)."""
     message, parts = _unpack_update(blobs, row)
+    if not with_fisher:
+        parts.pop(protocol.FISHER_PART, None)
     delta, fisher = protocol.decode_update(parts, expected=_shapes(global_state),
                                            max_bytes=MAX_BLOB_BYTES)
     return AdapterUpdate(client_id=row.device_id, delta=delta, n_samples=row.n_samples,
@@ -217,8 +222,10 @@ class Aggregator:
             raise AggregationError(f"strategy {strategy.name} needs at least "
                                    f"{strategy.min_updates} updates, got {len(rows)}")
         for index, (row, n_samples) in enumerate(rows):
-            update = dataclasses.replace(load_update(self.blobs, row, global_state),
-                                         n_samples=n_samples)
+            update = dataclasses.replace(
+                load_update(self.blobs, row, global_state,
+                            with_fisher=strategy.requires_fisher),
+                n_samples=n_samples)
             if bound is not None:
                 update.delta = clip_delta(update.delta, norms[index], bound)
             try:

@@ -453,14 +453,16 @@ def test_aggregation_streams_one_decoded_update_at_a_time(
     # decoded before it is still alive (the round's list is gone), except for the median, which
     # keeps them. The version is the list merge's, bit for bit.
     watched: list[weakref.ref[torch.Tensor]] = []
+    fishers: list[bool] = []  # whether each decoded update came with its Fisher decoded
     most_alive = 0
     load_update = aggregation.load_update
 
-    def watching(*args: object) -> object:
+    def watching(*args: object, **kwargs: object) -> object:
         nonlocal most_alive
         most_alive = max(most_alive, sum(ref() is not None for ref in watched))
-        update = load_update(*args)  # type: ignore[arg-type]
+        update = load_update(*args, **kwargs)  # type: ignore[arg-type]
         watched.extend(weakref.ref(value) for value in update.delta.values())
+        fishers.append(update.fisher is not None)
         return update
 
     monkeypatch.setattr(aggregation, "load_update", watching)
@@ -485,6 +487,8 @@ def test_aggregation_streams_one_decoded_update_at_a_time(
     assert len(watched) == 5 * len(global_)
     # The median keeps the four before the last (the clipped one as a scaled copy).
     assert most_alive == (3 * len(global_) if strategy == "fedmedian" else 0)
+    # A Fisher every update carries is decoded only for the strategy that reads it.
+    assert fishers == [strategy == "fisher-norm"] * 5
 
     with cloud.session() as session:
         round_ = crud.require_round(session, round_id=round_id)
