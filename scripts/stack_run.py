@@ -197,6 +197,26 @@ def build(run: Run) -> None:
 def fresh_project(run: Run) -> None:
     sh(["bash", "docker/gen-secrets.sh"])
     run.compose("down", "-v", "--remove-orphans", check=False, capture=True)
+    check_ports_free(run)
+
+
+def check_ports_free(run: Run) -> None:
+    """The host ports the stack publishes, free before ``up -d`` (which otherwise fails late,
+    after init, with "address already in use"); the option that moves each one."""
+    import socket
+
+    taken = []
+    for option, port in (("--api-port", run.args.api_port),
+                         ("--prometheus-port", run.args.prometheus_port),
+                         ("--mqtts-port", run.args.mqtts_port),
+                         ("--mqtts-x509-port", run.args.mqtts_x509_port)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as err:
+                taken.append(f"{port} ({option}: {err.strerror})")
+    if taken:
+        raise CheckFailed("host ports taken, choose others: " + ", ".join(taken))
 
 
 def seed_base(run: Run) -> None:
