@@ -7,6 +7,7 @@ Prometheus scrapes the services on the ports they serve, and the scripts parse.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,15 @@ def test_stack_run_publishes_both_tls_listeners_and_kits_name_them() -> None:
         cloud = environment(stack[name])
         assert cloud["FEDNANO_DEVICE_X509_BROKER_URL"] == "mqtts://127.0.0.1:28884"
         assert cloud["FEDNANO_DEVICE_BROKER_URL"] == "mqtts://127.0.0.1:18883"
+
+
+def test_stack_run_refuses_taken_host_ports_before_starting() -> None:
+    stack_run = stack_run_module()
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = stack_run.Run(stack_run.parse_args(["--mqtts-x509-port", str(port)]),
+                            ["docker-compose"])
+        with pytest.raises(stack_run.CheckFailed, match=f"{port} \\(--mqtts-x509-port"):
+            stack_run.check_ports_free(run)
