@@ -587,14 +587,18 @@ def check_x509(run: Run) -> None:
             outputs.append(line)
             if not ok:
                 raise CheckFailed(f"X.509 probe ({mode}): {line}")
+            if mode == "nocert":  # the client sees only a closed connection; the broker says why
+                said = broker_log_line(run, "certificate")
+                run.say(f"  broker: {said}")
+                outputs.append(f"broker: {said}")
         http_json(f"{run.api}/api/v1/devices/{device}/revoke", token=run.token, method="POST",
                   body={"reason": "stack-run"})
         revoked_at = time.monotonic()
         # The API deletes the device's client at the running broker (dynamic security);
         # a few tries in case that lands a moment after the API's answer.
-        for _attempt in range(5):
+        for attempt in range(1, 6):
             ok, line = x509_probe(run, "revoked", url, device, kit)
-            run.say(f"  x509 revoked: {line}")
+            run.say(f"  x509 revoked (try {attempt}): {line}")
             if ok:
                 break
             time.sleep(3)
@@ -602,8 +606,18 @@ def check_x509(run: Run) -> None:
         if not ok:
             raise CheckFailed(f"X.509 probe after revocation: {line}")
     run.facts.append(f"broker certificate listener 8884 (host port {run.args.mqtts_x509_port}"
-                     f"), revoked through the API, refused {time.monotonic() - revoked_at:.0f} s "
-                     f"later: " + "; ".join(outputs))
+                     f"): " + "; ".join(outputs) + f"; after the revocation through the API: "
+                     f"refused at try {attempt}, {time.monotonic() - revoked_at:.0f} s after "
+                     "the API's answer")
+
+
+def broker_log_line(run: Run, word: str) -> str:
+    """The broker's latest log line with ``word`` in it (best effort, for the summary)."""
+    done = run.compose("logs", "--no-color", "--tail", "40", "mosquitto", capture=True,
+                       check=False)
+    lines = [line.split("|", 1)[-1].strip() for line in done.stdout.splitlines()
+             if word.lower() in line.lower()]
+    return lines[-1] if lines else f"(no line with {word!r} in its last 40 log lines)"
 
 
 def llm_batch_seconds(run: Run) -> str:
