@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The docker-compose stack run for real: build every image, start the stack, run rounds through
 # the REST API, docker kill an LLM worker and the coordinator mid-round, check that the round
-# completes and that nothing acknowledged was lost (SQL), that Prometheus scraped every service
-# and that the broker's TLS listener takes a device's credentials; then tear it all down.
+# completes and that nothing acknowledged was lost (SQL), that Prometheus scraped every service,
+# that the broker's TLS listener takes a device's credentials, and that an X.509 device added
+# through the API gets in on the certificate listener and is refused once revoked; then tear it
+# all down.
 #
 #   scripts/stack-run.sh --offline                 # images without a registry (as run here)
 #   scripts/stack-run.sh --offline --seed-base ~/.cache/fednano   # skip the base build in init

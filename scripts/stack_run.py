@@ -20,11 +20,18 @@ Steps, each timed:
    aggregation and LLM batch metrics non-zero, through its HTTP API;
 8. the broker's TLS listener with a device's own credentials (accepted) and a wrong password
    (refused), from inside the network;
-9. ``down -v`` (unless ``--keep``).
+9. an X.509 device through the API (``POST /api/v1/devices``, ``"credential": "x509"``), then
+   from the host on the published certificate listener (8884) with the key and certificate of
+   the answer: its status topic published (QoS 1, accepted), a connection without a
+   certificate refused; the device revoked through the API, then the same publish refused
+   ("not authorized", reason code 135);
+10. ``down -v`` (unless ``--keep``).
 
 Exit 0 when every check passed. Python standard library only; talks to Docker through the
 ``docker`` and compose command lines. The API and Prometheus are reached on the host's loopback
-through their published ports.
+through their published ports. The X.509 probe is the one part that runs the project's own MQTT
+client (``shared.mqtt``, paho): in a child process of ``--probe-python`` (default: the
+repository's ``.venv``, else this interpreter) with the repository on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ class Run:
                 "FEDNANO_API_PORT": str(self.args.api_port),
                 "FEDNANO_PROMETHEUS_PORT": str(self.args.prometheus_port),
                 "FEDNANO_MQTTS_PORT": str(self.args.mqtts_port),
+                "FEDNANO_MQTTS_X509_PORT": str(self.args.mqtts_x509_port),
+                # The broker's name in the kits the API makes (FEDNANO_DEVICE_*BROKER_URL): the
+                # host's loopback, where the ports above are published and which the broker's
+                # certificate names (gen-secrets.sh), so the X.509 probe uses the kit as it is.
+                "FEDNANO_BROKER_PUBLIC_HOST": self.args.broker_public_host,
                 "FEDNANO_LOG_FORMAT": "json", "FEDNANO_TAG": self.args.tag,
                 "FEDNANO_BUNDLE_MIN_COSINE": self.args.bundle_min_cosine or "",
                 "FEDNANO_EVAL_QUESTIONS": str(self.args.eval_questions),
@@ -185,6 +197,26 @@ def build(run: Run) -> None:
 def fresh_project(run: Run) -> None:
     sh(["bash", "docker/gen-secrets.sh"])
     run.compose("down", "-v", "--remove-orphans", check=False, capture=True)
+    check_ports_free(run)
+
+
+def check_ports_free(run: Run) -> None:
+    """The host ports the stack publishes, free before ``up -d`` (which otherwise fails late,
+    after init, with "address already in use"); the option that moves each one."""
+    import socket
+
+    taken = []
+    for option, port in (("--api-port", run.args.api_port),
+                         ("--prometheus-port", run.args.prometheus_port),
+                         ("--mqtts-port", run.args.mqtts_port),
+                         ("--mqtts-x509-port", run.args.mqtts_x509_port)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as err:
+                taken.append(f"{port} ({option}: {err.strerror})")
+    if taken:
+        raise CheckFailed("host ports taken, choose others: " + ", ".join(taken))
 
 
 def seed_base(run: Run) -> None:
@@ -458,6 +490,136 @@ def check_tls(run: Run) -> None:
     run.facts.append("broker TLS listener 8883, the stack's CA: " + "; ".join(outputs))
 
 
+X509_PROBE = """
+import sys
+from pathlib import Path
+from shared import topics
+from shared.messages import Presence, to_json
+from shared.mqtt import (BrokerAddress, ClientOptions, ConnectError, ConnectRefused,
+                         MqttClient, PublishError)
+mode, url, device, kit = sys.argv[1:5]
+kit = Path(kit)
+parsed = BrokerAddress.parse(url, ca_file=kit / "ca.crt")
+with_cert = mode != "nocert"
+address = BrokerAddress(parsed.host, parsed.port, parsed.tls, parsed.ca_file,
+                        kit / "device.crt" if with_cert else None,
+                        kit / "device.key" if with_cert else None)
+client = MqttClient(address, ClientOptions(client_id=device, clean_start=True,
+                                           session_expiry_s=0, reconnect_max_s=1))
+topic = topics.status(device)
+what = f"{device} on {address.url} " + ("with its certificate" if with_cert
+                                         else "without a certificate")
+try:
+    try:
+        client.connect(10.0)
+    except ConnectRefused as err:
+        print(f"{what}: CONNECT refused, reason code {err.reason_code}: {err}")
+        sys.exit(1)
+    except ConnectError as err:
+        print(f"{what}: connection refused: {err}")
+        sys.exit(0 if mode == "nocert" else 1)
+    if mode == "nocert":
+        print(f"{what}: CONNACK success, but the listener must require a certificate")
+        sys.exit(1)
+    payload = to_json(Presence(device_id=device, state="offline", profile="sim-cpu"))
+    try:
+        client.publish(topic, payload, max_bytes=8 * 2**20, qos=1, timeout=15.0)
+    except PublishError as err:
+        print(f"{what}: CONNACK success; publish {topic} QoS 1: refused, reason code "
+              f"{err.reason_code} ({err})")
+        sys.exit(0 if mode == "revoked" and err.reason_code == 135 else 1)
+    print(f"{what}: CONNACK success; publish {topic} QoS 1: PUBACK success (0)")
+    sys.exit(0 if mode == "accept" else 1)
+finally:
+    client.close()
+"""
+
+
+def probe_python(run: Run) -> str:
+    if run.args.probe_python:
+        return str(run.args.probe_python)
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def x509_probe(run: Run, mode: str, url: str, device: str, kit: Path) -> tuple[bool, str]:
+    """One connection from the host as the X.509 device (``X509_PROBE``): whether it went as
+    ``mode`` expects (accept, revoked, nocert), and the line it printed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    done = sh([probe_python(run), "-c", X509_PROBE, mode, url, device, str(kit)], env=env,
+              capture=True, check=False, timeout=120)
+    line = (done.stdout.strip().splitlines() or [done.stderr.strip()[-1500:]])[-1]
+    return done.returncode == 0, line
+
+
+def check_x509(run: Run) -> None:
+    """An X.509 device added through the API, its kit used from the host on the published
+    certificate listener: publish accepted; no certificate refused; revoked through the API,
+    then the same publish refused "not authorized" (135)."""
+    import tempfile
+
+    device = f"x509-stackrun-{int(time.time())}"
+    created = http_json(f"{run.api}/api/v1/devices", token=run.token, method="POST",
+                        body={"id": device, "profile": "sim-cpu", "credential": "x509"})
+    missing = [k for k in ("certificate_pem", "private_key_pem", "ca_certificate_pem", "config")
+               if not created.get(k)]
+    if created.get("credential") != "x509" or missing:
+        raise CheckFailed(f"POST /api/v1/devices (x509): credential "
+                          f"{created.get('credential')!r}, missing {missing}")
+    url = created["config"]["broker"]["url"]
+    expected = f"mqtts://{run.args.broker_public_host}:{run.args.mqtts_x509_port}"
+    if url != expected:
+        raise CheckFailed(f"the X.509 kit names the broker {url!r}, not the published "
+                          f"certificate listener {expected!r}")
+    run.facts.append(f"X.509 device {device} added through the API (201): certificate, key, "
+                     f"CA and config (broker {url})")
+    outputs = []
+    with tempfile.TemporaryDirectory(prefix="stack-run-x509-") as folder:
+        kit = Path(folder)
+        for name, key in (("device.crt", "certificate_pem"), ("device.key", "private_key_pem"),
+                          ("ca.crt", "ca_certificate_pem")):
+            (kit / name).write_text(created[key])
+            (kit / name).chmod(0o600)
+        for mode in ("accept", "nocert"):
+            ok, line = x509_probe(run, mode, url, device, kit)
+            run.say(f"  x509 {mode}: {line}")
+            outputs.append(line)
+            if not ok:
+                raise CheckFailed(f"X.509 probe ({mode}): {line}")
+            if mode == "nocert":  # the client sees only a closed connection; the broker says why
+                said = broker_log_line(run, "certificate")
+                run.say(f"  broker: {said}")
+                outputs.append(f"broker: {said}")
+        http_json(f"{run.api}/api/v1/devices/{device}/revoke", token=run.token, method="POST",
+                  body={"reason": "stack-run"})
+        revoked_at = time.monotonic()
+        # The API deletes the device's client at the running broker (dynamic security);
+        # a few tries in case that lands a moment after the API's answer.
+        for attempt in range(1, 6):
+            ok, line = x509_probe(run, "revoked", url, device, kit)
+            run.say(f"  x509 revoked (try {attempt}): {line}")
+            if ok:
+                break
+            time.sleep(3)
+        outputs.append(line)
+        if not ok:
+            raise CheckFailed(f"X.509 probe after revocation: {line}")
+    run.facts.append(f"broker certificate listener 8884 (host port {run.args.mqtts_x509_port}"
+                     f"): " + "; ".join(outputs) + f"; after the revocation through the API: "
+                     f"refused at try {attempt}, {time.monotonic() - revoked_at:.0f} s after "
+                     "the API's answer")
+
+
+def broker_log_line(run: Run, word: str) -> str:
+    """The broker's latest log line with ``word`` in it (best effort, for the summary)."""
+    done = run.compose("logs", "--no-color", "--tail", "40", "mosquitto", capture=True,
+                       check=False)
+    lines = [line.split("|", 1)[-1].strip() for line in done.stdout.splitlines()
+             if word.lower() in line.lower()]
+    return lines[-1] if lines else f"(no line with {word!r} in its last 40 log lines)"
+
+
 def llm_batch_seconds(run: Run) -> str:
     """Mean seconds of a batched LLM call per worker, from Prometheus (sum / count)."""
     query = ("sum by (instance) (fednano_llm_batch_seconds_sum) / "
@@ -522,6 +684,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--api-port", type=int, default=18000)
     parser.add_argument("--prometheus-port", type=int, default=19090)
     parser.add_argument("--mqtts-port", type=int, default=18883)
+    parser.add_argument("--mqtts-x509-port", type=int, default=18884,
+                        help="host port of the broker's certificate listener 8884 (18884)")
+    parser.add_argument("--broker-public-host", default="127.0.0.1",
+                        help="the broker's name in the kits the API makes; the X.509 probe "
+                             "connects to it from this host (127.0.0.1: in the broker's "
+                             "certificate)")
+    parser.add_argument("--probe-python", metavar="PYTHON",
+                        help="the interpreter of the X.509 probe: it imports the project's "
+                             "shared.mqtt (paho) (default: .venv/bin/python, else this one)")
     args = parser.parse_args(argv)
     if args.devices < 1 or args.workers < 2 or args.rounds < 0:
         parser.error("need --devices >= 1 and --workers >= 2 (one is killed)")
@@ -595,6 +766,8 @@ def checks(run: Run) -> bool:
             check_prometheus(run)
         with run.step("broker TLS and per-device credentials"):
             check_tls(run)
+        with run.step("X.509 device: certificate listener, revocation"):
+            check_x509(run)
         ok = True
     except (CheckFailed, subprocess.TimeoutExpired, urllib.error.URLError, KeyError) as err:
         run.say(f"FAILED: {err}")

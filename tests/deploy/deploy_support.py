@@ -101,6 +101,16 @@ def load_script(name: str) -> ModuleType:
 # ------------------------------------------------------------------------------ Dockerfiles
 
 
+def stack_run_module() -> ModuleType:
+    """scripts/stack_run.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("stack_run", ROOT / "scripts" / "stack_run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
     instructions: list[tuple[str, str]] = []

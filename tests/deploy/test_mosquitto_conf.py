@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,13 @@ from shared.mqtt import (
     PublishError,
     SubscribeError,
 )
-from tests.deploy.deploy_support import DOCKER_DIR, MOSQUITTO_CONF, mount_source, services
+from tests.deploy.deploy_support import (
+    DOCKER_DIR,
+    MOSQUITTO_CONF,
+    mount_source,
+    services,
+    stack_run_module,
+)
 
 START_SCRIPT = DOCKER_DIR / "mosquitto" / "start.sh"
 PORTS = (1883, 8883, 8884, 1880)
@@ -397,3 +404,35 @@ def test_the_certificate_listener_admits_devices_of_the_stack_ca_only(
         finally:
             for client in clients:
                 client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_stack_runs_x509_probe_on_a_real_broker(tmp_path: Path, broker_dir: Path) -> None:
+    """scripts/stack_run.py's X.509 probe, as the stack run uses it from the host, on this
+    config: a device's certificate publishes its status (accepted), no certificate is refused,
+    and a device the broker has no client for (revoked) is refused "not authorized" (135); a
+    probe that sees the opposite of what it expects fails."""
+    stack_run = stack_run_module()
+    run = stack_run.Run(stack_run.parse_args(["--probe-python", sys.executable]),
+                        ["docker-compose"])
+    with running_broker(tmp_path, broker_dir, [("orin-x", None)]) as broker:
+        issuer = Issuer.load(broker.generated / "certs" / "ca.crt",
+                             broker.generated / "certs" / "ca.key")
+        url = broker.url(X509_PORT)
+        for device in ("orin-x", "orin-gone"):
+            cert, key = write_certificate(issuer, device, tmp_path / device)
+            cert.rename(tmp_path / device / "device.crt")
+            key.rename(tmp_path / device / "device.key")
+            shutil.copy(broker.ca, tmp_path / device / "ca.crt")
+        ok, line = stack_run.x509_probe(run, "accept", url, "orin-x", tmp_path / "orin-x")
+        assert ok and "PUBACK success" in line, line
+        ok, line = stack_run.x509_probe(run, "nocert", url, "orin-x", tmp_path / "orin-x")
+        assert ok and "without a certificate: connection refused" in line, line
+        ok, line = stack_run.x509_probe(run, "revoked", url, "orin-gone",
+                                        tmp_path / "orin-gone")
+        assert ok and "reason code 135" in line, line
+        ok, line = stack_run.x509_probe(run, "revoked", url, "orin-x", tmp_path / "orin-x")
+        assert not ok and "PUBACK success" in line, line
+        ok, line = stack_run.x509_probe(run, "accept", url, "orin-gone", tmp_path / "orin-gone")
+        assert not ok and "reason code 135" in line, line

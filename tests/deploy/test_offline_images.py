@@ -6,17 +6,23 @@ Prometheus scrapes the services on the ports they serve, and the scripts parse.
 
 from __future__ import annotations
 
-import importlib.util
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
-from tests.deploy.deploy_support import COMPOSE_FILE, DOCKER_DIR, ROOT, environment, services
+from tests.deploy.deploy_support import (
+    COMPOSE_FILE,
+    DOCKER_DIR,
+    ROOT,
+    environment,
+    services,
+    stack_run_module,
+)
 
 OFFLINE = DOCKER_DIR / "offline"
 OVERRIDE = ROOT / "docker-compose.offline.yml"
@@ -117,18 +123,9 @@ def test_the_wheelhouse_folder_is_kept_but_its_wheels_are_not() -> None:
     assert Path(ROOT / ".dockerignore").read_text().count("docker/wheelhouse") == 0
 
 
-def _stack_run_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stack_run", ROOT / "scripts" / "stack_run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stack_run"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stack_run_gives_docker_cpu_weight_for_the_run_and_restores_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stack_run = _stack_run_module()
+    stack_run = stack_run_module()
     shares = tmp_path / "cpu.shares"
     shares.write_text("1024\n")
     monkeypatch.setattr(stack_run, "DOCKER_CPU_SHARES", shares)
@@ -140,3 +137,30 @@ def test_stack_run_gives_docker_cpu_weight_for_the_run_and_restores_it(
     monkeypatch.setattr(stack_run, "DOCKER_CPU_SHARES", tmp_path / "absent" / "cpu.shares")
     with pytest.raises(stack_run.CheckFailed, match="cgroup v1"), stack_run.docker_cpu_shares(run):
         pass
+
+
+def test_stack_run_publishes_both_tls_listeners_and_kits_name_them() -> None:
+    """The run remaps 8883 and 8884 to host ports of its own, and the kits the API makes
+    name the broker where the host reaches it (the X.509 probe connects with the kit's URL)."""
+    stack_run = stack_run_module()
+    run = stack_run.Run(stack_run.parse_args(["--mqtts-x509-port", "28884"]), ["docker-compose"])
+    env = run.env()
+    assert env["FEDNANO_MQTTS_PORT"] == "18883" and env["FEDNANO_MQTTS_X509_PORT"] == "28884"
+    stack = services(env)
+    assert {"18883:8883", "28884:8884"} <= set(stack["mosquitto"]["ports"])
+    for name in ("api", "init"):
+        cloud = environment(stack[name])
+        assert cloud["FEDNANO_DEVICE_X509_BROKER_URL"] == "mqtts://127.0.0.1:28884"
+        assert cloud["FEDNANO_DEVICE_BROKER_URL"] == "mqtts://127.0.0.1:18883"
+
+
+def test_stack_run_refuses_taken_host_ports_before_starting() -> None:
+    stack_run = stack_run_module()
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = stack_run.Run(stack_run.parse_args(["--mqtts-x509-port", str(port)]),
+                            ["docker-compose"])
+        with pytest.raises(stack_run.CheckFailed, match=f"{port} \\(--mqtts-x509-port"):
+            stack_run.check_ports_free(run)
