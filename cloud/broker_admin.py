@@ -4,8 +4,9 @@ broker reload.
 
 ``BrokerAdmin`` sends a batch of commands to ``$CONTROL/dynamic-security/v1`` and waits for the
 plugin's answers (matched by correlation data) on ``.../v1/response``. Deleting a device's
-client disconnects its live connection at once and refuses its next CONNECT; the plugin saves
-its file after every change, so a restarted broker keeps the change.
+client disconnects its live connection at once and refuses its next CONNECT (an X.509
+device, whose certificate the broker still accepts, is refused every publish and subscribe
+instead); the plugin saves its file after every change, so a restarted broker keeps it.
 
 ``sync_registry`` brings a running broker in line with the database after a time the two could
 not talk (the broker was down during a revocation): every device client the database does not
@@ -118,16 +119,18 @@ class BrokerAdmin:
                     answers[tag] = answer
         return answers
 
-    def add_device(self, device_id: str, secret: str | None) -> None:
+    def add_device(self, device_id: str, secret: str | None, *,
+                   ignore: Sequence[str] = ()) -> None:
         """Create the device's role and client (bound to its client id) with ``secret``; with
-        None, a client no password logs in to: an X.509 device, whose certificate names it."""
+        None, a client no password logs in to: an X.509 device, whose certificate names it.
+        ``ignore`` as for ``run``."""
         role = registry.device_role(device_id)
         client = {"command": "createClient", "username": device_id, "clientid": device_id,
                   "roles": [{"rolename": role["rolename"]}]}
         if secret is not None:
             client["password"] = secret
         self.run([{"command": "createRole", "rolename": role["rolename"],
-                   "acls": role["acls"]}, client])
+                   "acls": role["acls"]}, client], ignore=ignore)
 
     def remove_device(self, device_id: str) -> None:
         """Delete the device's client (its live connection is closed at once) and role;
@@ -155,8 +158,11 @@ def sync_registry(admin: BrokerAdmin, session: Session, *,
     """Delete every device client the database does not hold as active; recreate the active
     X.509 devices the broker lacks (their client has no password); report the active password
     devices the broker lacks."""
-    hashes = dict(crud.active_device_hashes(session))
+    # The broker first, then the database: a revocation deletes the broker's client after
+    # committing, so a device this pass sees active was still active when the broker was
+    # listed, and restoring it cannot undo a revocation that raced the sync.
     at_broker = set(admin.client_names()) - {*service_usernames, registry.HEALTH_USERNAME}
+    hashes = dict(crud.active_device_hashes(session))
     removed = sorted(at_broker - hashes.keys())
     for device_id in removed:
         admin.remove_device(device_id)
@@ -164,7 +170,7 @@ def sync_registry(admin: BrokerAdmin, session: Session, *,
     absent = sorted(hashes.keys() - at_broker)
     restored = [device_id for device_id in absent if hashes[device_id] is None]
     for device_id in restored:
-        admin.add_device(device_id, None)
+        admin.add_device(device_id, None, ignore=("already exists",))  # its role may remain
         log.warning("broker: recreated X.509 device %s, which it had lost", device_id)
     missing = [device_id for device_id in absent if hashes[device_id] is not None]
     if missing:

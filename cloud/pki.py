@@ -29,6 +29,7 @@ from shared.identity import validate_device_id
 
 DEVICE_CERT_DAYS = 825      # what browsers accept for a leaf; a device is re-provisioned after
 CA_CERT_DAYS = 3650
+MIN_CA_DAYS_LEFT = 30       # a CA closer to its end signs certificates that die with it
 MAX_PEM_BYTES = 64 * 1024
 
 
@@ -106,6 +107,9 @@ class Issuer:
         if constraints is None or not constraints.value.ca:
             raise PkiError(f"{certificate_file} is not a CA certificate (no basicConstraints "
                            "CA:TRUE)")
+        if certificate.not_valid_after_utc <= _now() + dt.timedelta(days=MIN_CA_DAYS_LEFT):
+            raise PkiError(f"{certificate_file} expires {certificate.not_valid_after_utc:%Y-%m-%d}"
+                           f": device certificates would outlive it (make a new CA)")
         return cls(certificate, key)
 
     def write(self, certificate_file: Path, key_file: Path) -> None:

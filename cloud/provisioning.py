@@ -18,6 +18,9 @@ folder, keys and passwords mode 0600, ready to copy onto the device::
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +176,41 @@ class DeviceKit:
             atomic_write(directory / name, content, prefix=f".{name}.", mode=mode)
             written.append(directory / name)
         return written
+
+    def stage(self, directory: Path) -> StagedKit:
+        """Write the kit into a new folder beside ``directory``, to be moved into it once the
+        device's registration is committed (``StagedKit.place``), or discarded if it is not:
+        no key is left on disk for a device that was never registered."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            names = [path.name for path in self.write(staging)]
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return StagedKit(staging, directory, names)
+
+
+@dataclass(frozen=True)
+class StagedKit:
+    """A kit written beside its folder (``DeviceKit.stage``)."""
+
+    staging: Path
+    directory: Path
+    names: list[str]
+
+    def place(self) -> list[Path]:
+        """Move the files into the folder (each one a rename); returns their paths."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        placed = []
+        for name in self.names:
+            os.replace(self.staging / name, self.directory / name)
+            placed.append(self.directory / name)
+        self.staging.rmdir()
+        return placed
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def provision(session: Session, network: DeviceNetwork, *, device_id: str, profile: str,

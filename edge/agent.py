@@ -249,11 +249,17 @@ class EdgeAgent:
         try:
             self._publish_presence()
         except PublishError as err:
-            if err.reason_code != NOT_AUTHORIZED:
-                raise
-            raise ConnectRefused(f"broker {self.client.address.url} accepted the connection but "
-                                 f"refuses this device's messages ({err}): the device is not "
-                                 "(or no longer) authorized", NOT_AUTHORIZED) from err
+            raise self._refused(err) from err
+
+    def _refused(self, err: PublishError) -> Exception:
+        """What a refused publish of the device's own message means: "not authorized" on its
+        own topics is the broker no longer accepting the device (revoked) -- ``ConnectRefused``,
+        which stops the agent (exit 4) instead of retrying for ever; anything else as it is."""
+        if err.reason_code != NOT_AUTHORIZED:
+            return err
+        return ConnectRefused(f"broker {self.client.address.url} accepted the connection but "
+                              f"refuses this device's messages ({err}): the device is not (or "
+                              "no longer) authorized", NOT_AUTHORIZED)
 
     def _go_offline(self) -> None:
         if self.client.connected:
@@ -279,7 +285,7 @@ class EdgeAgent:
             connected = self.client.connected
             if connected and not was_connected:
                 log.info("%s: reconnected; announcing presence again", self.device_id)
-                self._publish_presence()
+                self._announce()  # a revocation closes the link: this is where it shows
             was_connected = connected
 
     def _route(self, received: Received) -> None:
@@ -469,6 +475,8 @@ class EdgeAgent:
                 self._drop_pending(pending, err)
                 return
             except PublishError as err:
+                if err.reason_code == NOT_AUTHORIZED:  # revoked: the update stays on disk
+                    raise self._refused(err) from err
                 log.error("%s: update %s refused by the broker: %s; retrying in %.0f s",
                           self.device_id, pending.update_id, err, delay)
                 self._stopping.wait(delay)
@@ -492,7 +500,7 @@ class EdgeAgent:
         while not self._stopping.is_set():
             reason = self.client.wait_ack(mid, self.settings.poll_s)
             if reason is not None and reason.is_failure:
-                raise PublishError(f"broker refused the update: {reason}")
+                raise PublishError(f"broker refused the update: {reason}", reason.value)
             if reason is not None:
                 return True
         return False

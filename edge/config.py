@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,6 +191,12 @@ class Credentials(StrictModel):
                 raise SecretError(where, f"{str(path)!r} is not a PEM {marker[:-5].decode()}")
             if where.endswith("key_file") and mode & stat.S_IROTH:
                 raise SecretError(where, f"{str(path)!r} is readable by every user: chmod 600 it")
+        try:  # what TLS will do with them: a key that is not the certificate's fails here
+            ssl.create_default_context().load_cert_chain(str(self.certificate_file),
+                                                         str(self.key_file))
+        except (ssl.SSLError, OSError) as err:
+            raise SecretError("credentials.key_file", f"not the key of "
+                              f"{str(self.certificate_file)!r} ({err.args[-1]})") from err
 
     def read_password(self, environ: Mapping[str, str] | None = None) -> str:
         """The password, read now; ``SecretError`` naming the field if missing or unsafe."""

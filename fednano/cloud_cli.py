@@ -177,17 +177,28 @@ def devices_add(
         raise typer.BadParameter("an X.509 device's private key is written to its kit: give "
                                  "--out DIR", param_hint="--x509")
     settings = load_settings()
+    staged = None
     try:
         network = DeviceNetwork.from_settings(settings)
         with session_scope(sessions(settings)) as session:
             kit = provision(session, network, device_id=device_id, profile=profile, x509=x509,
                             actor="cli", reserved_ids={settings.broker_username},
                             iterations=settings.mqtt_hash_iterations)
-            paths = kit.write(out) if out is not None else []
-    except (ValueError, DuplicateRecordError) as err:
-        raise typer.BadParameter(str(err)) from err
-    except OSError as err:  # the device is not added: the transaction is rolled back
-        raise typer.BadParameter(f"cannot write the kit: {err}", param_hint="--out") from err
+            staged = kit.stage(out) if out is not None else None
+    except BaseException as err:
+        if staged is not None:  # the registration was not committed: its kit goes too
+            staged.discard()
+        if isinstance(err, ValueError | DuplicateRecordError):  # nothing added, nothing kept
+            raise typer.BadParameter(str(err)) from err
+        if isinstance(err, OSError):
+            raise typer.BadParameter(f"cannot write the kit: {err}", param_hint="--out") from err
+        raise
+    try:
+        paths = staged.place() if staged is not None else []
+    except OSError as err:
+        raise typer.BadParameter(
+            f"{device_id} is registered but its kit could not be moved into place ({err}); "
+            f"it is in {staged.staging if staged else '?'}", param_hint="--out") from err
     _broker_change(settings, lambda admin: admin.add_device(device_id, kit.broker_secret))
     if out is not None:
         console.print(f"added {device_id} ({kit.kind.value}): wrote "
@@ -216,7 +227,8 @@ def devices_revoke(device_id: str,
                    reason: Annotated[str | None, typer.Option(help="Kept in the audit log.")]
                    = None) -> None:
     """Revoke a device and its credentials, at the gate and at the running broker (its live
-    connection is closed, its next CONNECT refused)."""
+    connection is closed; its next CONNECT is refused, or for an X.509 device everything it
+    publishes or subscribes)."""
     from cloud import registry
     from cloud.db.crud import ConflictError, RecordNotFoundError
     from cloud.db.session import session_scope

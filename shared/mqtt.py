@@ -387,7 +387,6 @@ class MqttClient:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.on_log = self._on_log
 
     # paho's network thread: record, enqueue, nothing else ---------------------------------------
 
@@ -477,8 +476,12 @@ class MqttClient:
             raise ConnectError(f"cannot connect to the broker at {self.address.url}: "
                                f"{_reason(err)}") from err
         self._tls_alert = None
+        # paho formats a line for every packet while a log callback is set: only during connect
+        self._paho.on_log = self._on_log
         self._paho.loop_start()
-        if not self._connack.wait(timeout):
+        answered = self._connack.wait(timeout)
+        self._paho.on_log = None
+        if not answered:
             self._stop_loop()
             alert = self._tls_alert
             if alert is not None and any(word in alert for word in CERTIFICATE_ALERTS):

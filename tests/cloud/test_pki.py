@@ -59,6 +59,8 @@ def test_unusable_ca_files_are_refused_saying_why(tmp_path: Path) -> None:
         ("ca.crt", "other.key"): "is not the key of",
         ("leaf.crt", "leaf.key"): "is not a CA certificate",
     }
+    Issuer.create(days=10).write(tmp_path / "old.crt", tmp_path / "old.key")
+    cases[("old.crt", "old.key")] = "expires .*: device certificates would outlive it"
     for (cert, key), message in cases.items():
         with pytest.raises(PkiError, match=message) as refused:
             Issuer.load(tmp_path / cert, tmp_path / key)

@@ -94,6 +94,21 @@ def _model(tiny_llm, word_tokenizer) -> DeviceModel:  # type: ignore[no-untyped-
     return make_model(edge, word_tokenizer)
 
 
+def _start(agent: EdgeAgent, ended: dict[str, BaseException | None]) -> threading.Thread:
+    """``agent.run()`` in a thread; what ended it (None: a clean stop) goes in ``ended``."""
+
+    def run() -> None:
+        try:
+            agent.run()
+            ended[agent.device_id] = None
+        except BaseException as err:  # noqa: BLE001 - the test looks at it
+            ended[agent.device_id] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def _agent(config_path: Path, model, backend) -> EdgeAgent:  # type: ignore[no-untyped-def]
     config = load_device_config(config_path)  # what the device does at boot
     return EdgeAgent(config, model, make_samples(), lambda client, stop: backend,
@@ -140,11 +155,12 @@ def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused
     cloud.connect(10)
     updates = cloud.subscribe(topics.ALL_UPDATES)
     agents: dict[str, tuple[EdgeAgent, threading.Thread]] = {}
+    ended: dict[str, BaseException | None] = {}
     try:
         for device_id, path in paths.items():
             model = _model(tiny_llm, word_tokenizer)
             agent = _agent(path, model, tiny_llm[1])
-            agents[device_id] = (agent, agent.start())
+            agents[device_id] = (agent, _start(agent, ended))
             wait_until(lambda a=agent: a.client.connected)  # type: ignore[misc]
             _, payload = make_task(model, task_id=f"task-{device_id}")
             cloud.publish(topics.tasks(device_id), payload, max_bytes=8 * 2**20)
@@ -166,9 +182,14 @@ def test_both_devices_join_a_round_over_tls_and_a_revoked_certificate_is_refused
                                                 service_usernames=[SERVICE.username])
             assert "dev-y" in admin.client_names() and "dev-x" not in admin.client_names()
         assert (report.removed, report.missing, report.restored) == ((), (), ("dev-y",))
-        agent, thread = agents.pop("dev-x")
-        agent.stop()
+        # Revoked while running: the broker closes its link; the agent reconnects (the
+        # certificate is still valid), its presence is refused "not authorized", and it stops.
+        _, thread = agents.pop("dev-x")
         thread.join(30)
+        assert not thread.is_alive(), "the revoked device kept running"
+        assert isinstance(ended["dev-x"], ConnectRefused) and ended["dev-x"].permanent
+        assert agents["dev-pw"][1].is_alive()
+        # And at its next start it is refused at once.
         again = _agent(paths["dev-x"], _model(tiny_llm, word_tokenizer), tiny_llm[1])
         with pytest.raises(ConnectRefused, match=r"not .*authorized") as refused:
             again.run()  # its certificate still verifies; it names no device any more

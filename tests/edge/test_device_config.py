@@ -260,6 +260,11 @@ def test_x509_file_problems(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"credentials\.key_file: .* readable by every user"):
         load_device_config(path)
     (tmp_path / "device.key").chmod(0o600)
+    (tmp_path / "device.crt").rename(tmp_path / "mine.crt")
+    _x509_files(tmp_path)  # another key
+    (tmp_path / "mine.crt").rename(tmp_path / "device.crt")
+    with pytest.raises(ConfigError, match=r"credentials\.key_file: not the key of .*device\.crt"):
+        load_device_config(path)
     (tmp_path / "device.crt").write_text("junk")
     with pytest.raises(ConfigError, match=r"credentials\.certificate_file: .* not a PEM"):
         load_device_config(path)

@@ -92,6 +92,15 @@ def test_an_unreadable_ca_key_stops_x509_devices_only(env: dict[str, str],
     assert "the device CA cannot sign: cannot read the CA key" in " ".join(result.output.split())
 
 
+def test_a_refused_device_leaves_no_kit_behind(env: dict[str, str], tmp_path: Path) -> None:
+    _run(env, "devices", "add", "orin-7", "--profile", "sim-cpu")
+    kits = tmp_path / "kits"
+    result = CliRunner().invoke(app, ["devices", "add", "orin-7", "--profile", "sim-cpu",
+                                      "--out", str(kits / "orin-7")], env=env)
+    assert result.exit_code == 2 and "exists already" in " ".join(result.output.split())
+    assert not kits.exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["orin-7", "--profile", "orin-nano"], "unknown profile 'orin-nano'"),
     (["orin-7", "--profile", "sim-cpu", "--x509"], "give --out DIR"),

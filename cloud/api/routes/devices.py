@@ -57,6 +57,7 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
         raise HTTPException(422,
                             [{"loc": ["body", field], "msg": str(err), "type": "value_error"}],
                             ) from err
+    session.commit()  # registered for good before the broker or the caller hears of it
     _broker_change(session, settings, operator.actor, kit.device.id,
                    lambda admin: admin.add_device(kit.device.id, kit.broker_secret))
     issued = kit.certificate
@@ -65,7 +66,9 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
         certificate_pem=None if issued is None else issued.certificate_pem.decode(),
         certificate_sha256=None if issued is None else issued.sha256,
         private_key_pem=None if issued is None else issued.key_pem.decode(),
-        ca_certificate_pem=None if network.ca_pem is None else network.ca_pem.decode(),
+        ca_certificate_pem=(network.ca_pem.decode()
+                            if network.ca_pem is not None and "ca_file" in kit.config["broker"]
+                            else None),
         device=DevicePublic.model_validate(kit.device), config=kit.config)
 
 
@@ -97,6 +100,7 @@ def revoke_device(device_id: str, session: SessionDep, operator: OperatorDep,
     refused from now on, and the running broker closes its connection and refuses the next."""
     device = registry.revoke_device(session, device_id=device_id, actor=operator.actor,
                                     reason=None if body is None else body.reason)
+    session.commit()  # revoked for good before the broker deletes it (see sync_registry)
     _broker_change(session, settings, operator.actor, device_id,
                    lambda admin: admin.remove_device(device_id))
     return device
@@ -109,6 +113,7 @@ def rotate_secret(device_id: str, session: SessionDep, operator: OperatorDep,
     live connection is closed)."""
     secret = registry.rotate_secret(session, device_id=device_id, actor=operator.actor,
                                     iterations=settings.mqtt_hash_iterations)
+    session.commit()  # the new secret is stored before the broker or the caller has it
     _broker_change(session, settings, operator.actor, device_id,
                    lambda admin: admin.set_secret(device_id, secret))
     return DeviceSecret(device_id=device_id, secret=secret)
