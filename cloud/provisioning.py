@@ -150,6 +150,11 @@ class DeviceKit:
         return self.network.config(self.device, self.kind)
 
     @property
+    def ca_pem(self) -> bytes | None:
+        """The CA certificate, when the config names it (a TLS broker): the kit's ``ca.crt``."""
+        return self.network.ca_pem if "ca_file" in self.config["broker"] else None
+
+    @property
     def broker_secret(self) -> str | None:
         """What the running broker's client for this device gets: its password, or None for
         an X.509 device (no password logs it in)."""
@@ -164,8 +169,8 @@ class DeviceKit:
         if self.certificate is not None:
             files[CERTIFICATE_FILE] = (self.certificate.certificate_pem, 0o644)
             files[KEY_FILE] = (self.certificate.key_pem, 0o600)
-        if self.network.ca_pem is not None and "ca_file" in self.config["broker"]:
-            files[CA_FILE] = (self.network.ca_pem, 0o644)
+        if self.ca_pem is not None:
+            files[CA_FILE] = (self.ca_pem, 0o644)
         return files
 
     def write(self, directory: Path) -> list[Path]:

@@ -104,3 +104,17 @@ def client(settings, token: str):  # type: ignore[no-untyped-def]
         test_client.headers["Authorization"] = f"Bearer {token}"
         yield test_client
     app.state.fednano.engine.dispose()
+
+
+@pytest.fixture
+def registry_session(tmp_path):  # type: ignore[no-untyped-def]
+    """A session on a fresh, migrated SQLite database under ``tmp_path`` (the registry's)."""
+    from cloud.db import migrate
+    from cloud.db.session import make_engine, make_session_factory, sqlite_url
+
+    url = sqlite_url(tmp_path / "cloud.db")
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with make_session_factory(engine)() as db:
+        yield db
+    engine.dispose()

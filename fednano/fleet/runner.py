@@ -218,6 +218,7 @@ class FleetRunner:
         self._sessions: sessionmaker[Session] | None = None
         self._engine: Engine | None = None
         self._broker: Mosquitto | None = None
+        self._ca_files: tuple[Path, Path] | None = None  # the run's device CA (--network tls)
         self._cloud: ManagedProcess | None = None
         self._fault_clients: list[Rogue | Duplicate] = []
         self._last_line = ""
@@ -342,9 +343,10 @@ class FleetRunner:
         except BrokerUnavailable as err:
             raise FleetError(f"{err}: run with --network loopback") from err
         issuer = Issuer.create("FedNano fleet CA")
-        self._ca_files = (self.paths.out / "ca" / "ca.crt", self.paths.out / "ca" / "ca.key")
-        self._ca_files[0].parent.mkdir(parents=True, exist_ok=True)
-        issuer.write(*self._ca_files)
+        ca_files = (self.paths.out / "ca" / "ca.crt", self.paths.out / "ca" / "ca.key")
+        ca_files[0].parent.mkdir(parents=True, exist_ok=True)
+        issuer.write(*ca_files)
+        self._ca_files = ca_files
         server = issuer.server_certificate([host, "127.0.0.1"])
         self._broker = Mosquitto(install=True, tls=BrokerTls(
             host, issuer.certificate_pem, server.certificate_pem, server.key_pem))
@@ -380,7 +382,7 @@ class FleetRunner:
 
     def _device_network_env(self) -> dict[str, str]:
         """What the cloud tells devices it provisions itself (``POST /devices``)."""
-        if self.broker.tls is None:
+        if self.broker.tls is None or self._ca_files is None:
             return {}
         return {"FEDNANO_DEVICE_BROKER_URL": self.broker.tls_url,
                 "FEDNANO_DEVICE_X509_BROKER_URL": self.broker.x509_url,

@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 
 from cloud import registry
 from cloud.broker_admin import BrokerAdmin, SyncReport, sync_registry
-from cloud.db import crud, migrate
+from cloud.db import crud
 from cloud.db.models import DeviceStatus
-from cloud.db.session import make_engine, make_session_factory, sqlite_url
 from fednano.broker import Mosquitto
 
 FAST = 1_000  # hash iterations for tests that do not talk to a broker
@@ -32,13 +31,8 @@ SERVICE = registry.ServiceAccount("fednano-cloud", "service-secret")
 
 
 @pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    url = sqlite_url(tmp_path / "cloud.db")
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with make_session_factory(engine)() as db:
-        yield db
-    engine.dispose()
+def session(registry_session: Session) -> Session:
+    return registry_session
 
 
 def _add(session: Session, device_id: str, *, actor: str = "system",

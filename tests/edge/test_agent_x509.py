@@ -21,9 +21,7 @@ from sqlalchemy.orm import Session
 
 from cloud import broker_admin, registry
 from cloud.broker_admin import BrokerAdmin
-from cloud.db import migrate
 from cloud.db.models import CredentialKind
-from cloud.db.session import make_engine, make_session_factory, sqlite_url
 from cloud.pki import Issuer
 from cloud.provisioning import DeviceKit, DeviceNetwork, provision
 from edge.agent import EdgeAgent
@@ -51,13 +49,8 @@ def host() -> str:
 
 
 @pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    url = sqlite_url(tmp_path / "cloud.db")
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with make_session_factory(engine)() as db:
-        yield db
-    engine.dispose()
+def session(registry_session: Session) -> Session:
+    return registry_session
 
 
 @pytest.fixture

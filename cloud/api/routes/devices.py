@@ -66,9 +66,7 @@ def add_device(body: DeviceCreate, session: SessionDep, operator: OperatorDep,
         certificate_pem=None if issued is None else issued.certificate_pem.decode(),
         certificate_sha256=None if issued is None else issued.sha256,
         private_key_pem=None if issued is None else issued.key_pem.decode(),
-        ca_certificate_pem=(network.ca_pem.decode()
-                            if network.ca_pem is not None and "ca_file" in kit.config["broker"]
-                            else None),
+        ca_certificate_pem=None if kit.ca_pem is None else kit.ca_pem.decode(),
         device=DevicePublic.model_validate(kit.device), config=kit.config)
 
 
