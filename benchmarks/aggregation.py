@@ -43,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -319,6 +320,55 @@ def service(args: argparse.Namespace, global_state: AdapterState) -> None:
           f"{os.getloadavg()[0]:.1f}")
 
 
+def processes(args: argparse.Namespace, global_state: AdapterState) -> None:
+    """The aggregation service's merge (``Aggregator._merge``: blobs read from a real blob
+    store, decoded, folded) by one process and by ``--processes`` processes (the service and its
+    merge workers), alternated in this process with the workers kept warm between runs."""
+    from cloud.aggregation import Aggregator
+    from cloud.blobs import BlobStore
+    from cloud.db.models import Update
+    from cloud.merge_pool import StoredUpdate
+
+    counts = sorted(set(args.processes))
+    with tempfile.TemporaryDirectory() as root:
+        blobs = BlobStore(Path(root))
+        pool = [(blobs.put(envelope).sha256, n)
+                for envelope, n in make_envelopes(POOL, global_state)]
+        aggregators = {p: Aggregator(blobs, merge_processes=p) for p in counts}
+        round_: Any = types.SimpleNamespace(id=1)  # _merge reads its id alone
+        print(f"load average {os.getloadavg()[0]:.1f}\n")
+        print("| updates | strategy | processes | shards | merge, median (ms) | min (ms) "
+              "| max abs diff vs 1 process |")
+        print("|---|---|---|---|---|---|---|")
+        try:
+            for count in args.counts:
+                rows: list[tuple[Update | StoredUpdate, int]] = [
+                    (StoredUpdate(f"u{i}", f"dev-{i}", *pool[i % POOL]), pool[i % POOL][1])
+                    for i in range(count)]
+                for name in SERVICE_STRATEGIES:
+                    strategy = make_strategy(name)
+                    times: dict[int, list[float]] = {p: [] for p in counts}
+                    results: dict[int, AdapterState] = {}
+                    for p in counts:  # warm-up: starts the workers
+                        results[p] = aggregators[p]._merge(round_, strategy, global_state, rows)
+                    for _ in range(args.repeats):
+                        for p in counts:
+                            started = time.perf_counter()
+                            aggregators[p]._merge(round_, strategy, global_state, rows)
+                            times[p].append(time.perf_counter() - started)
+                    for p in counts:
+                        diff = max(float((results[p][k] - results[counts[0]][k]).abs().max())
+                                   for k in global_state)
+                        shards = len(aggregators[p].pool.split(count))
+                        print(f"| {count:,} | {name} | {p} | {shards} | "
+                              f"{statistics.median(times[p]) * 1e3:.1f} | "
+                              f"{min(times[p]) * 1e3:.1f} | {diff:.1e} |", flush=True)
+        finally:
+            for aggregator in aggregators.values():
+                aggregator.close()
+    print(f"\nload average {os.getloadavg()[0]:.1f}")
+
+
 def codec_at(ref: str) -> types.ModuleType:
     """``shared/codec.py`` as of git ``ref``, imported as module ``codec_at_ref``."""
     source = subprocess.run(["git", "show", f"{ref}:shared/codec.py"], check=True, text=True,
@@ -370,6 +420,8 @@ def main() -> None:
                         help="streaming merge with shared/codec.py of git REF vs today's")
     parser.add_argument("--service", action="store_true",
                         help="the service's list and streaming aggregation, time and memory")
+    parser.add_argument("--processes", type=int, nargs="+", metavar="N",
+                        help="the service's merge by 1 and N processes, alternated")
     parser.add_argument("--service-run", nargs=3, metavar=("STRATEGY", "PATH", "COUNT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,6 +438,9 @@ def main() -> None:
           f"{torch.get_num_threads()}; median of {args.repeats}\n")
     if args.service:
         service(args, global_state)
+        return
+    if args.processes:
+        processes(args, global_state)
         return
     if args.decode_before:
         decoders(args, global_state, expected)

@@ -12,9 +12,11 @@ the caller commits.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -23,13 +25,17 @@ from cloud import metrics
 from cloud.blobs import Blob, BlobStore
 from cloud.db import crud
 from cloud.db.models import AdapterVersion, Round, Update, UpdateStatus
+from cloud.merge_pool import MergePool, ShardJob, StoredUpdate, state_arrays
 from cloud.rounds import RoundConfig
 from cloud.strategies import Strategy
+from cloud.strategies.base import RoundMerge
 from shared import codec, protocol
 from shared.adapters import AdapterState
 from shared.merge import clip_delta, l2_norm, median_norm_bound, sample_weights
 from shared.messages import UpdateMessage, unpack
 from shared.update import AdapterUpdate
+
+log = logging.getLogger(__name__)
 
 VERSION_SCHEME = codec.Scheme(kind="fp32")
 MAX_BLOB_BYTES = 64 * 2**20
@@ -79,7 +85,7 @@ def ensure_initial_version(session: Session, blobs: BlobStore,
     return version
 
 
-def load_update(blobs: BlobStore, row: Update, global_state: AdapterState, *,
+def load_update(blobs: BlobStore, row: Update | StoredUpdate, global_state: AdapterState, *,
                 with_fisher: bool = True) -> AdapterUpdate:
     """Decode a stored (already validated) update envelope into an ``AdapterUpdate``, with
     the decoder the validation gate used on it (``shared.protocol.decode_update``). With
@@ -95,7 +101,8 @@ def load_update(blobs: BlobStore, row: Update, global_state: AdapterState, *,
                          metrics=dict(message.metrics))
 
 
-def load_delta(blobs: BlobStore, row: Update, global_state: AdapterState) -> AdapterState:
+def load_delta(blobs: BlobStore, row: Update | StoredUpdate,
+               global_state: AdapterState) -> AdapterState:
     """Only the Δθ of a stored update, decoded as ``load_update`` decodes it; its Fisher frame
     is not decoded (a pass that only needs each delta's norm reads this)."""
     _, parts = _unpack_update(blobs, row)
@@ -111,7 +118,8 @@ def has_fisher(blobs: BlobStore, row: Update) -> bool:
     return protocol.FISHER_PART in parts
 
 
-def _unpack_update(blobs: BlobStore, row: Update) -> tuple[UpdateMessage, dict[str, bytes]]:
+def _unpack_update(blobs: BlobStore,
+                   row: Update | StoredUpdate) -> tuple[UpdateMessage, dict[str, bytes]]:
     if row.blob_sha256 is None:
         raise AggregationError(f"update {row.update_id!r} has no stored blob")
     return unpack(blobs.get(row.blob_sha256), UpdateMessage, max_bytes=MAX_BLOB_BYTES)
@@ -127,9 +135,15 @@ def _shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:
 class Aggregator:
     """Merges a round's accepted updates, stores the version, evaluates it, records metrics."""
 
-    def __init__(self, blobs: BlobStore, *, evaluator: Evaluator | None = None) -> None:
+    def __init__(self, blobs: BlobStore, *, evaluator: Evaluator | None = None,
+                 merge_processes: int = 1) -> None:
         self.blobs = blobs
         self.evaluator = evaluator
+        self.pool = MergePool(merge_processes)
+
+    def close(self) -> None:
+        """Stop the merge workers, if any were started."""
+        self.pool.close()
 
     @metrics.AGGREGATION_SECONDS.time()
     def aggregate(self, session: Session, round_: Round) -> AdapterVersion:
@@ -196,7 +210,8 @@ class Aggregator:
         return {key: global_state[key] - before[key] for key in global_state}
 
     def _merge(self, round_: Round, strategy: Strategy, global_state: AdapterState,
-               rows: Sequence[tuple[Update, int]], previous: AdapterState | None = None,
+               rows: Sequence[tuple[Update | StoredUpdate, int]],
+               previous: AdapterState | None = None,
                clip: float | None = None) -> AdapterState:
         """Stream ``rows`` (each with the sample count it counts as) through the strategy: read,
         decode, fold in, drop, one update at a time (``Strategy.stream``).
@@ -221,7 +236,44 @@ class Aggregator:
         if merge is None:
             raise AggregationError(f"strategy {strategy.name} needs at least "
                                    f"{strategy.min_updates} updates, got {len(rows)}")
-        for index, (row, n_samples) in enumerate(rows):
+        shards = self.pool.split(len(rows)) if merge.shardable else [range(len(rows))]
+        futures = self.pool.submit([
+            ShardJob(blob_root=str(self.blobs.root), strategy=strategy.name,
+                     config=strategy.config(), global_state=state_arrays(global_state),
+                     n_samples=merge.n_samples, start=shard.start,
+                     rows=[_stored(rows[i][0]) for i in shard],
+                     with_fisher=strategy.requires_fisher,
+                     norms=[norms[i] for i in shard] if bound is not None else None,
+                     bound=bound)
+            for shard in shards[1:]])
+        try:
+            self._fold(merge, strategy, global_state, rows, shards[0], norms, bound)
+            for shard, future in zip(shards[1:], futures, strict=True):  # in shard order
+                try:
+                    result = future.result()
+                except BrokenProcessPool:  # a worker died (killed, out of memory): no sums
+                    log.warning("a merge worker died; folding updates %d-%d here",
+                                shard.start, shard.stop - 1)
+                    self.pool.close(wait=False)  # the next large round starts a new one
+                    self._fold(merge, strategy, global_state, rows, shard, norms, bound)
+                    continue
+                if "refused" in result:
+                    raise _refused(strategy, ValueError(str(result["refused"])))
+                merge.join(result["shard"])  # type: ignore[arg-type]
+        finally:
+            for future in futures:
+                future.cancel()
+        try:
+            return merge.result()
+        except ValueError as err:
+            raise _refused(strategy, err) from err
+
+    def _fold(self, merge: RoundMerge, strategy: Strategy, global_state: AdapterState,
+              rows: Sequence[tuple[Update | StoredUpdate, int]], shard: range,
+              norms: Sequence[float], bound: float | None) -> None:
+        """Fold the updates of ``shard`` in this process, one at a time."""
+        for index in shard:
+            row, n_samples = rows[index]
             update = dataclasses.replace(
                 load_update(self.blobs, row, global_state,
                             with_fisher=strategy.requires_fisher),
@@ -233,16 +285,19 @@ class Aggregator:
             except ValueError as err:
                 raise _refused(strategy, err) from err
             del update  # dropped before the next one is decoded
-        try:
-            return merge.result()
-        except ValueError as err:
-            raise _refused(strategy, err) from err
 
     def evaluate(self, version: AdapterVersion) -> Evaluation | None:
         """The held-out evaluation of a stored version (None without an evaluator)."""
         if self.evaluator is None:
             return None
         return self.evaluator(load_state(self.blobs, version))
+
+
+def _stored(row: Update | StoredUpdate) -> StoredUpdate:
+    if isinstance(row, StoredUpdate):
+        return row
+    return StoredUpdate(update_id=row.update_id, device_id=row.device_id,
+                        blob_sha256=row.blob_sha256, n_samples=row.n_samples)
 
 
 def _refused(strategy: Strategy, err: ValueError) -> AggregationError:

@@ -96,7 +96,8 @@ def coordinator_service(settings: CloudSettings, base: LoadedBase | None,
     client.connect()
     version, initial = _first_version(settings, base)
     coordinator = Coordinator(sessions(settings), blobs=blobs, publisher=MqttPublisher(client),
-                              aggregator=Aggregator(blobs, evaluator=evaluator),
+                              aggregator=Aggregator(blobs, evaluator=evaluator,
+                                                    merge_processes=settings.merge_processes),
                               base_version=version)
     coordinator.ensure_initial_version(initial)
     _sync_broker(settings)

@@ -8,6 +8,7 @@ refuse to load while any secret still has it (a warning otherwise).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,12 @@ from shared.mqtt import BrokerAddress
 DEFAULT_SECRET = "changethis"
 DATABASE_FILE = "cloud.db"
 _SECRET_FIELDS = ("secret_key", "broker_password")
+
+
+def default_merge_processes() -> int:
+    """The CPUs this process may run on, at most 4 (a merge's decoding splits across them)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
 
 
 class SettingsWarning(UserWarning):
@@ -92,6 +99,12 @@ class CloudSettings(BaseSettings):
         description="most updates the coordinator stores in one transaction (one commit, then "
                     "their acknowledgements); also how many unacknowledged messages the broker "
                     "sends it at once")
+    merge_processes: int = Field(
+        default_factory=lambda: default_merge_processes(), ge=1, le=64,
+        description="processes that fold a large round's updates at once (the coordinator and "
+                    "merge_processes - 1 workers; 1: the coordinator alone); a round is split "
+                    "only when each gets at least 128 updates. Default: the usable CPUs, at "
+                    "most 4")
     ingest_wait_ms: float = Field(
         0.0, ge=0, le=1000,
         description="how long a batch of updates may wait after its first message for more "

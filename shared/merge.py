@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from shared.adapters import AdapterState
@@ -78,6 +79,20 @@ class DeltaAccumulator:
         d = self._layout.flatten(delta, f"{name} delta")  # (P,) float64
         self._total += weight * d  # not add_(alpha=): that may fuse into one rounding
         self.count += 1
+
+    def sums(self) -> dict[str, object]:
+        """The running sum and count as plain values (numpy, int), to send to another process
+        that ``absorb``s them."""
+        return {"total": self._total.numpy().copy(), "count": self.count}
+
+    def absorb(self, sums: dict[str, object]) -> None:
+        """Add another accumulator's ``sums`` (same reference) to this one's: a shard of the
+        clients folded elsewhere. Shards absorbed in a fixed order give the same bits every
+        time; the order of additions differs from one sequential fold, so the result may
+        differ from it in the last bits of the float64 sums."""
+        total, count = _flat_sum(sums, "total", self._layout.numel), _count(sums)
+        self._total += total
+        self.count += count
 
     def merged_delta(self) -> AdapterState:
         """``Σ λ Δ`` in the reference's dtypes."""
@@ -171,6 +186,28 @@ class FisherAccumulator:
             fisher = fisher.clamp(min=self.floor * _mean_over_keys(self._layout.views(fisher)))
         return fisher
 
+    def sums(self) -> dict[str, object]:
+        """The running sums, total weight and count as plain values (numpy, float, int), to
+        send to another process that ``absorb``s them."""
+        return {"num": self._num.numpy().copy(), "mass": self._mass.numpy().copy(),
+                "plain": self._plain.numpy().copy(), "total_weight": self.total_weight,
+                "count": self.count}
+
+    def absorb(self, sums: dict[str, object]) -> None:
+        """Add another accumulator's ``sums`` (same reference and options) to this one's: a
+        shard of the clients folded elsewhere (see ``DeltaAccumulator.absorb``)."""
+        numel = self._layout.numel
+        num, mass = _flat_sum(sums, "num", numel), _flat_sum(sums, "mass", numel)
+        plain, count = _flat_sum(sums, "plain", numel), _count(sums)
+        weight = sums.get("total_weight")
+        if isinstance(weight, bool) or not isinstance(weight, float) or not math.isfinite(weight):
+            raise ValueError(f"a shard's total_weight must be a finite float, got {weight!r}")
+        self._num += num  # everything checked first: a bad shard changes nothing
+        self._mass += mass
+        self._plain += plain
+        self.total_weight += weight
+        self.count += count
+
     def merged_delta(self, eps: float = 1e-8, fallback: float = 0.0) -> AdapterState:
         """The merged step ``Σ λ F̃ Δ / (Σ λ F̃ + ε)`` (FedAvg where the mass is below
         ``fallback`` times its mean), in the reference's dtypes."""
@@ -240,6 +277,22 @@ class _FlatLayout:
                     and tuple(value.shape) == shape):
                 return False
         return True
+
+
+def _flat_sum(sums: dict[str, object], key: str, numel: int) -> torch.Tensor:
+    """One running sum of a shard's ``sums`` as a (numel,) float64 tensor, checked."""
+    value = sums.get(key)
+    if not (isinstance(value, np.ndarray) and value.dtype == np.float64
+            and value.shape == (numel,)):
+        raise ValueError(f"a shard's {key!r} must be a float64 array of {numel} values")
+    return torch.from_numpy(value)
+
+
+def _count(sums: dict[str, object]) -> int:
+    count = sums.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"a shard's count must be an integer >= 0, got {count!r}")
+    return count
 
 
 def _all_finite(flat: torch.Tensor) -> bool:

@@ -142,15 +142,32 @@ class Strategy(ABC):
 
 
 class DeltaMerge(ABC):
-    """A strategy's merged step Δ in the making: updates are folded in one at a time."""
+    """A strategy's merged step Δ in the making: updates are folded in one at a time.
+
+    A merge whose state is a sum over updates can also be **sharded**: several merges made for
+    the same sample counts each fold a contiguous run of the updates (in other processes), and
+    one of them ``join``s the others' ``sums`` in shard order. ``shardable`` says whether it
+    can; one that keeps its updates (a median) cannot.
+    """
+
+    shardable: ClassVar[bool] = False
 
     @abstractmethod
-    def add(self, update: AdapterUpdate) -> None:
-        """Fold in the next update (in the order of the sample counts the merge was made for)."""
+    def add(self, update: AdapterUpdate, index: int) -> None:
+        """Fold in update number ``index`` (in the order of the sample counts the merge was
+        made for: its weight is the ``index``-th)."""
 
     @abstractmethod
     def merged_delta(self) -> AdapterState:
         """Δ of every update added."""
+
+    def sums(self) -> dict[str, object]:
+        """The running sums, as plain values another process can send (``shardable`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded")
+
+    def join(self, sums: dict[str, object]) -> None:
+        """Add the ``sums`` of a shard folded elsewhere (``shardable`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded")
 
 
 class KeptUpdates(DeltaMerge):
@@ -162,7 +179,7 @@ class KeptUpdates(DeltaMerge):
         self.global_state = global_state
         self.updates: list[AdapterUpdate] = []
 
-    def add(self, update: AdapterUpdate) -> None:
+    def add(self, update: AdapterUpdate, index: int) -> None:
         self.updates.append(update)
 
     def merged_delta(self) -> AdapterState:
@@ -175,13 +192,33 @@ class RoundMerge:
     is applied in ``result``."""
 
     def __init__(self, strategy: Strategy, global_state: AdapterState,
-                 n_samples: Sequence[int], previous_step: AdapterState | None) -> None:
+                 n_samples: Sequence[int], previous_step: AdapterState | None,
+                 start: int = 0) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) \
+                or not 0 <= start <= len(n_samples):
+            raise ValueError(f"start must be an update index in [0, {len(n_samples)}], "
+                             f"got {start!r}")
         self.strategy = strategy
         self.global_state = global_state
         self.n_samples = list(n_samples)
         self.previous_step = previous_step
         self.deltas = strategy.delta_merge(global_state, self.n_samples)
-        self.count = 0
+        self.start = start
+        self.count = start  # the index of the next update to add
+
+    @property
+    def shardable(self) -> bool:
+        """Whether runs of the updates can be folded elsewhere and ``join``ed."""
+        return self.deltas.shardable
+
+    def shard(self, start: int) -> RoundMerge:
+        """An empty merge for the same round that folds the updates from ``start`` on: fold a
+        run of them into it (in another process), send its ``sums``, ``join`` them here."""
+        if not self.shardable:
+            raise ValueError(f"strategy {self.strategy.name!r} keeps its updates: "
+                             "its merge cannot be sharded")
+        return RoundMerge(self.strategy, self.global_state, self.n_samples, self.previous_step,
+                          start=start)
 
     def add(self, update: AdapterUpdate) -> None:
         """Fold in the next update; ``ValueError`` (naming the client) if it does not fit: more
@@ -196,13 +233,34 @@ class RoundMerge:
                              f"announced {expected}")
         if self.strategy.requires_fisher:
             _require_fisher(self.strategy.name, [update])
-        self.deltas.add(update)
+        self.deltas.add(update, self.count)
         self.count += 1
+
+    def sums(self) -> dict[str, object]:
+        """What this shard folded (its running sums and how many updates), for ``join``."""
+        return {"start": self.start, "added": self.count - self.start,
+                "sums": self.deltas.sums()}
+
+    def join(self, shard: dict[str, object]) -> None:
+        """Add a shard's ``sums``: shards are joined in update order, each starting where the
+        updates added or joined so far end."""
+        start, added, sums = shard.get("start"), shard.get("added"), shard.get("sums")
+        if start != self.count:
+            raise ValueError(f"a shard starting at update {start!r} cannot follow "
+                             f"{self.count} updates")
+        if isinstance(added, bool) or not isinstance(added, int) \
+                or not 0 <= added <= len(self.n_samples) - self.count \
+                or not isinstance(sums, dict):
+            raise ValueError(f"a shard of {added!r} updates does not fit the "
+                             f"{len(self.n_samples) - self.count} left")
+        self.deltas.join(sums)
+        self.count += added
 
     def result(self) -> AdapterState:
         """The new global state, once every announced update was added."""
-        if self.count != len(self.n_samples):
-            raise ValueError(f"got {self.count} updates, announced {len(self.n_samples)}")
+        if self.count != len(self.n_samples) or self.start != 0:
+            raise ValueError(f"got {self.count - self.start} updates, announced "
+                             f"{len(self.n_samples)}")
         merged = self.deltas.merged_delta()
         step = server_step(merged, self.previous_step, lr=self.strategy.server_lr,
                            momentum=self.strategy.server_momentum)

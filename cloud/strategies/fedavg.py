@@ -28,15 +28,22 @@ class FedAvg(Strategy):
 
 class _WeightedSum(DeltaMerge):
     """``Σ λ_k Δ_k`` folded one update at a time, with the λ ``weighted_average`` computes
-    from the same sample counts (so the same bits)."""
+    from the same sample counts (so the same bits, unsharded)."""
+
+    shardable: ClassVar[bool] = True
 
     def __init__(self, global_state: AdapterState, n_samples: Sequence[int]) -> None:
         self.weights = normalized_weights(sample_weights(n_samples), len(n_samples)).tolist()
         self.sum = DeltaAccumulator(global_state)
 
-    def add(self, update: AdapterUpdate) -> None:
-        self.sum.add(update.delta, self.weights[self.sum.count],
-                     name=f"client {update.client_id!r}")
+    def add(self, update: AdapterUpdate, index: int) -> None:
+        self.sum.add(update.delta, self.weights[index], name=f"client {update.client_id!r}")
+
+    def sums(self) -> dict[str, object]:
+        return self.sum.sums()
+
+    def join(self, sums: dict[str, object]) -> None:
+        self.sum.absorb(sums)
 
     def merged_delta(self) -> AdapterState:
         return self.sum.merged_delta()

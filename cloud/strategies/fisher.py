@@ -66,6 +66,8 @@ class _FisherSums(DeltaMerge):
     """``merge_delta``'s loop one update at a time: the accumulator keeps ``Σ λ F̃ Δ``, ``Σ λ F̃``
     and ``Σ λ Δ``; each device's normalisation and floor come from its own Fisher."""
 
+    shardable: ClassVar[bool] = True
+
     def __init__(self, strategy: FisherMerge, global_state: AdapterState,
                  n_samples: Sequence[int]) -> None:
         self.strategy = strategy
@@ -73,10 +75,16 @@ class _FisherSums(DeltaMerge):
         self.merger = FisherAccumulator(global_state, normalize=strategy.normalize,
                                         floor=strategy.floor)
 
-    def add(self, update: AdapterUpdate) -> None:
+    def add(self, update: AdapterUpdate, index: int) -> None:
         assert update.fisher is not None  # RoundMerge checked requires_fisher
-        self.merger.add(update.delta, update.fisher, self.weights[self.merger.count],
+        self.merger.add(update.delta, update.fisher, self.weights[index],
                         name=f"client {update.client_id!r}")
+
+    def sums(self) -> dict[str, object]:
+        return self.merger.sums()
+
+    def join(self, sums: dict[str, object]) -> None:
+        self.merger.absorb(sums)
 
     def merged_delta(self) -> AdapterState:
         return self.merger.merged_delta(eps=self.strategy.eps, fallback=self.strategy.fallback)

@@ -1,0 +1,144 @@
+"""Sharded aggregation: a large round's updates folded by several processes at once.
+
+Decoding dominates a merge (reading each envelope, checking its checksum, decompressing and
+dequantizing its frames), and it is the same work for every update, so it splits cleanly: the
+round's updates are cut into contiguous runs ("shards"), the aggregation service folds the first
+itself while worker processes fold the others (each reads its updates from the blob store,
+decodes and folds them one at a time into running sums, memory flat), and the service joins the
+workers' sums in shard order (``RoundMerge.join``). Only blob digests go to a worker and only
+running sums (three float64 vectors of the adapter's size at most) come back.
+
+The result is deterministic for a given number of shards; it can differ from a one-process fold
+in the last bits of its float64 sums (the additions are grouped per shard), which the float32
+state rounds away almost everywhere. A strategy that keeps its updates (``fedmedian``) and a
+round under ``min_per_process`` updates a process are folded by the service alone: below that,
+starting the work costs more than it saves (``benchmarks/aggregation.py --service --processes``).
+
+Workers are started once, on the first round large enough to use them (each imports torch,
+a few seconds), and stay until ``close``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.adapters import AdapterState
+
+MIN_PER_PROCESS = 128  # updates a process folds at least before a round is sharded
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """What decoding a stored update needs from its row, as plain values a worker can get."""
+
+    update_id: str
+    device_id: str
+    blob_sha256: str | None
+    n_samples: int  # as recorded; the merge may count it with fewer (a stale buffered update)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One worker's part of a round: fold ``rows`` (updates ``start``, ``start + 1``, ...)."""
+
+    blob_root: str
+    strategy: str
+    config: dict[str, object]
+    global_state: dict[str, np.ndarray]
+    n_samples: list[int]  # every update's count in the merge, the whole round
+    start: int
+    rows: list[StoredUpdate]
+    with_fisher: bool
+    norms: list[float] | None  # each row's delta norm, when the round clips
+    bound: float | None
+
+
+def split(count: int, processes: int, min_per_process: int = MIN_PER_PROCESS) -> list[range]:
+    """Contiguous runs of ``range(count)``, as even as they can be: one per process, but no
+    more runs than leave each at least ``min_per_process`` updates (one run below that)."""
+    shards = max(1, min(processes, count // max(1, min_per_process)))
+    bounds = [round(i * count / shards) for i in range(shards + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(shards)]
+
+
+class MergePool:
+    """``processes − 1`` worker processes that fold shards of a round (started when first
+    needed); ``processes`` = 1 never starts one."""
+
+    def __init__(self, processes: int, *, min_per_process: int = MIN_PER_PROCESS) -> None:
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+        self.processes = processes
+        self.min_per_process = min_per_process
+        self._executor: ProcessPoolExecutor | None = None
+
+    def split(self, count: int) -> list[range]:
+        return split(count, self.processes, self.min_per_process)
+
+    def submit(self, jobs: Sequence[ShardJob]) -> list[Future[dict[str, object]]]:
+        """Start folding ``jobs`` in the workers; their results come in ``fold_shard``'s form.
+        A pool whose worker died since its last round is replaced first."""
+        if not jobs:
+            return []
+        try:
+            return [self._workers().submit(fold_shard, job) for job in jobs]
+        except BrokenProcessPool:
+            self.close(wait=False)
+            return [self._workers().submit(fold_shard, job) for job in jobs]
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.processes - 1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker)
+        return self._executor
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers (if any were started); a later ``submit`` starts new ones."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            self._executor = None
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one core per process: the processes are the parallelism
+
+
+def fold_shard(job: ShardJob) -> dict[str, object]:
+    """A worker's fold of one shard: ``{"shard": RoundMerge.sums()}``, or ``{"refused":
+    message}`` when the strategy refuses an update (what the service reports as the strategy
+    refusing the round). Errors decoding a blob propagate as they are."""
+    from cloud.aggregation import load_update
+    from cloud.blobs import BlobStore
+    from cloud.strategies import make_strategy
+    from cloud.strategies.base import RoundMerge
+    from shared.merge import clip_delta
+
+    blobs = BlobStore(Path(job.blob_root))
+    strategy = make_strategy(job.strategy, **job.config)
+    global_state: AdapterState = {k: torch.from_numpy(v) for k, v in job.global_state.items()}
+    merge = RoundMerge(strategy, global_state, job.n_samples, None, start=job.start)
+    for offset, row in enumerate(job.rows):
+        update = load_update(blobs, row, global_state, with_fisher=job.with_fisher)
+        update.n_samples = job.n_samples[job.start + offset]
+        if job.bound is not None and job.norms is not None:
+            update.delta = clip_delta(update.delta, job.norms[offset], job.bound)
+        try:
+            merge.add(update)
+        except ValueError as err:
+            return {"refused": str(err)}
+        del update
+    return {"shard": merge.sums()}
+
+
+def state_arrays(state: AdapterState) -> dict[str, np.ndarray]:
+    """A state as numpy arrays (copies), to send to a worker."""
+    return {key: value.detach().cpu().numpy().copy() for key, value in state.items()}
