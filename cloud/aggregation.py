@@ -2,7 +2,8 @@
 
 Streams the round's accepted updates from their blobs through the round's strategy
 (``fednano``, FedAvg unless told otherwise): each is read, decoded, folded into the strategy's
-running sums and dropped, so memory is flat in the number of updates. Stores the merged adapter
+running sums and dropped, so memory is flat in the number of updates; a large round is split
+across processes (``cloud.merge_pool``), whose running sums are joined. Stores the merged adapter
 as a new version (a ``shared.codec`` fp32 frame, content-addressed by SHA-256) with its lineage
 (each update's weight ``λ_k = n_k / N``), evaluates it on a held-out set through a pluggable
 ``Evaluator`` and records the round's metrics. Functions take the caller's session and flush;
