@@ -17,6 +17,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -39,6 +41,7 @@ from shared.update import AdapterUpdate
 log = logging.getLogger(__name__)
 
 VERSION_SCHEME = codec.Scheme(kind="fp32")
+WORKER_GRACE_S = 60.0  # least time a merge worker gets after the coordinator's own run
 MAX_BLOB_BYTES = 64 * 2**20
 
 
@@ -238,9 +241,10 @@ class Aggregator:
             raise AggregationError(f"strategy {strategy.name} needs at least "
                                    f"{strategy.min_updates} updates, got {len(rows)}")
         shards = self.pool.split(len(rows)) if merge.shardable else [range(len(rows))]
+        sent_state = state_arrays(global_state) if len(shards) > 1 else {}
         futures = self.pool.submit([
             ShardJob(blob_root=str(self.blobs.root), strategy=strategy.name,
-                     config=strategy.config(), global_state=state_arrays(global_state),
+                     config=strategy.config(), global_state=sent_state,
                      n_samples=merge.n_samples, start=shard.start,
                      rows=[_stored(rows[i][0]) for i in shard],
                      with_fisher=strategy.requires_fisher,
@@ -248,26 +252,39 @@ class Aggregator:
                      bound=bound)
             for shard in shards[1:]])
         try:
+            started = time.monotonic()
             self._fold(merge, strategy, global_state, rows, shards[0], norms, bound)
+            # a worker's run is as long as this one: one far slower is hung (a stuck read)
+            deadline = time.monotonic() + max(WORKER_GRACE_S, 4 * (time.monotonic() - started))
             for shard, future in zip(shards[1:], futures, strict=True):  # in shard order
                 try:
-                    result = future.result()
-                except BrokenProcessPool:  # a worker died (killed, out of memory): no sums
-                    log.warning("a merge worker died; folding updates %d-%d here",
+                    result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except (BrokenProcessPool, CancelledError, FutureTimeout) as err:  # no sums
+                    log.warning("a merge worker %s; folding updates %d-%d here",
+                                "is hung" if isinstance(err, FutureTimeout) else "died",
                                 shard.start, shard.stop - 1)
-                    self.pool.close(wait=False)  # the next large round starts a new one
-                    self._fold(merge, strategy, global_state, rows, shard, norms, bound)
-                    continue
+                    self.pool.kill()  # the next large round starts new workers
+                    result = {"shard": self._fold_run(merge, strategy, global_state, rows,
+                                                      shard, norms, bound)}
                 if "refused" in result:
                     raise _refused(strategy, ValueError(str(result["refused"])))
                 merge.join(result["shard"])  # type: ignore[arg-type]
         finally:
-            for future in futures:
-                future.cancel()
+            if any(not future.done() for future in futures):
+                self.pool.kill()  # a run nobody will join must not delay the next round
         try:
             return merge.result()
         except ValueError as err:
             raise _refused(strategy, err) from err
+
+    def _fold_run(self, merge: RoundMerge, strategy: Strategy, global_state: AdapterState,
+                  rows: Sequence[tuple[Update | StoredUpdate, int]], shard: range,
+                  norms: Sequence[float], bound: float | None) -> dict[str, object]:
+        """A worker's run folded here instead, into sums of its own (as the worker would have:
+        the same bits)."""
+        run = merge.shard(shard.start)
+        self._fold(run, strategy, global_state, rows, shard, norms, bound)
+        return run.sums()
 
     def _fold(self, merge: RoundMerge, strategy: Strategy, global_state: AdapterState,
               rows: Sequence[tuple[Update | StoredUpdate, int]], shard: range,

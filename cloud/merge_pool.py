@@ -21,6 +21,7 @@ a few seconds), and stay until ``close``.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -101,6 +102,15 @@ class MergePool:
                 initializer=_init_worker)
         return self._executor
 
+    def kill(self) -> None:
+        """Stop the workers now, whatever they are doing (a run nobody will join, a hung one);
+        a later ``submit`` starts new ones."""
+        if self._executor is None:
+            return
+        for process in list(getattr(self._executor, "_processes", {}).values()):
+            process.kill()
+        self.close(wait=False)
+
     def close(self, wait: bool = True) -> None:
         """Stop the workers (if any were started); a later ``submit`` starts new ones."""
         if self._executor is not None:
@@ -109,6 +119,7 @@ class MergePool:
 
 
 def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which stops these
     torch.set_num_threads(1)  # one core per process: the processes are the parallelism
 
 

@@ -203,6 +203,7 @@ def run_coordinator(settings: CloudSettings, *, rounds: int | None,
         service.run()
     finally:
         client.close()
+        service.coordinator.aggregator.close()  # its merge workers, if any were started
 
 
 def run_llm_worker(settings: CloudSettings, *, worker_id: str, device: str) -> None:
@@ -247,6 +248,7 @@ def run_all_in_one(settings: CloudSettings, *, host: str, port: int, eval_questi
         worker.stop()
         client.close()
         worker_client.close()
+        service.coordinator.aggregator.close()  # its merge workers, if any were started
     return not died.is_set()
 
 

@@ -27,9 +27,21 @@ _SECRET_FIELDS = ("secret_key", "broker_password")
 
 
 def default_merge_processes() -> int:
-    """The CPUs this process may run on, at most 4 (a merge's decoding splits across them)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+    """The CPUs this process may use, at most 4 (a merge's decoding splits across them)."""
+    return max(1, min(4, usable_cpus()))
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on, lowered to its cgroup's CPU quota (a container's
+    ``--cpus``) where one is set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus or 1, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity stands
+    return cpus or 1
 
 
 class SettingsWarning(UserWarning):

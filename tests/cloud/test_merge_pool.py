@@ -85,6 +85,46 @@ def test_sharded_merge_is_the_one_process_merge_and_deterministic(
         assert not torch.equal(first[key], GLOBAL[key])
 
 
+def test_workers_merge_with_the_rounds_options_and_carried_over_counts(
+        blobs: BlobStore, sharded: Aggregator) -> None:
+    rows = [(row, n if i % 7 else max(1, n // 3)) for i, (row, n) in enumerate(_rows(blobs))]
+    strategy = make_strategy("fisher-norm", floor=0.3, normalize="mean", fallback=0.05)
+    previous = {k: 0.01 * torch.ones(v.shape) for k, v in GLOBAL.items()}
+    momentum = make_strategy("fedavg", server_momentum=0.5, server_lr=1.5)
+    for chosen, prev in ((strategy, None), (momentum, previous)):
+        alone = Aggregator(blobs)._merge(ROUND, chosen, GLOBAL, rows,  # type: ignore[arg-type]
+                                         prev)
+        split_ = sharded._merge(ROUND, chosen, GLOBAL, rows, prev)  # type: ignore[arg-type]
+        for key in GLOBAL:
+            torch.testing.assert_close(split_[key], alone[key], rtol=1e-6, atol=1e-9)
+    default = sharded._merge(ROUND, make_strategy("fisher-norm"), GLOBAL,  # type: ignore[arg-type]
+                             rows)
+    assert any(not torch.allclose(default[k], split_[k]) for k in GLOBAL), "options ignored"
+
+
+def test_a_refusal_in_the_first_run_wins_and_stops_the_workers_runs(
+        blobs: BlobStore, sharded: Aggregator) -> None:
+    envelope = bytearray(_envelope(998))
+    envelope[-3] ^= 0xFF
+    rows = _rows(blobs, replace={3: _envelope(3, with_fisher=False)})
+    rows[50] = (StoredUpdate("u50", "dev-50", blobs.put(bytes(envelope)).sha256, 66), 66)
+    with pytest.raises(AggregationError, match=r"dev-03"):  # update 3 before update 50
+        sharded._merge(ROUND, make_strategy("fisher-norm"), GLOBAL, rows)  # type: ignore[arg-type]
+    merged = sharded._merge(ROUND, make_strategy("fedavg"), GLOBAL,  # type: ignore[arg-type]
+                            _rows(blobs))
+    assert set(merged) == set(GLOBAL)  # the next round is merged, by new workers if need be
+
+
+def test_the_default_process_count_follows_the_cpu_quota(tmp_path: Path) -> None:
+    from cloud.settings import usable_cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == usable_cpus(tmp_path / "absent") >= 1
+
+
 def test_clipped_round_is_sharded_with_each_shards_norms(blobs: BlobStore,
                                                          sharded: Aggregator) -> None:
     rows = _rows(blobs)
@@ -167,8 +207,7 @@ def test_a_worker_dying_mid_round_costs_its_shard_a_fold_here_not_the_round(
         before = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
         monkeypatch.setattr(aggregator, "_fold", kill_then_fold)
         after = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
-        for key in GLOBAL:
-            torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-9)
+        assert all(torch.equal(after[k], before[k]) for k in GLOBAL), "folded as a run: same bits"
         assert aggregator.pool._executor is None  # the broken pool was dropped
         monkeypatch.setattr(aggregator, "_fold", fold)
         again = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
