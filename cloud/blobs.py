@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from pathlib import Path
 
 # Threads that fsync one batch's files at once (the GIL is released during fsync).
 SYNC_THREADS = 16
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
 class BlobIntegrityError(RuntimeError):
@@ -44,7 +46,7 @@ class BlobStore:
 
     def path_of(self, sha256: str) -> Path:
         """Where the blob with this digest lives (whether or not it exists)."""
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not (isinstance(sha256, str) and _SHA256_HEX.fullmatch(sha256)):
             raise ValueError(f"expected a lowercase hex sha256, got {sha256!r}")
         return self.root / sha256[:2] / sha256[2:]
 

@@ -34,6 +34,7 @@ import hashlib
 import io
 import math
 import struct
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Literal
 
@@ -521,9 +522,7 @@ def _decompress(payload: bytes, header: FrameHeader, max_bytes: int) -> bytes:
         )
     if not header.scheme.zstd:
         return payload
-    reader = zstandard.ZstdDecompressor().stream_reader(
-        io.BytesIO(payload), read_across_frames=True
-    )
+    reader = _zstd_decompressor().stream_reader(io.BytesIO(payload), read_across_frames=True)
     try:
         with reader:
             raw = reader.read(header.raw_bytes + 1)
@@ -534,6 +533,17 @@ def _decompress(payload: bytes, header: FrameHeader, max_bytes: int) -> bytes:
             f"zstd payload decompresses to {len(raw)}+ bytes, header declares {header.raw_bytes}"
         )
     return raw
+
+
+_zstd = threading.local()
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one may serve many frames in turn, not two threads)."""
+    decompressor = getattr(_zstd, "decompressor", None)
+    if decompressor is None:
+        decompressor = _zstd.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
 
 
 def _part(raw: bytes, entry: TensorEntry, part: str, dtype: str) -> np.ndarray:

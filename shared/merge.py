@@ -180,10 +180,10 @@ class FisherAccumulator:
         """``_floored(_normalize_fisher(...))`` on the flat buffer: the scales come from the
         same per-key reductions, the elementwise maths is the same."""
         if self.normalize is not None:
-            scale = _fisher_scale(self._layout.views(fisher), self.normalize)
+            scale = _fisher_scale(self._layout.slices(fisher), self.normalize)
             fisher = fisher if scale == 0.0 else fisher / scale
         if self.floor != 0.0:
-            fisher = fisher.clamp(min=self.floor * _mean_over_keys(self._layout.views(fisher)))
+            fisher = fisher.clamp(min=self.floor * _mean_over_keys(self._layout.slices(fisher)))
         return fisher
 
     def sums(self) -> dict[str, object]:
@@ -239,6 +239,19 @@ class _FlatLayout:
         self.shapes = {key: tuple(value.shape) for key, value in reference.items()}
         self.numel = sum(value.numel() for value in reference.values())
         self.device = next(iter(reference.values())).device if reference else None
+        self.offsets: dict[str, int] = {}  # where each key starts in the flat vector
+        start = 0
+        for key, shape in self.shapes.items():
+            self.offsets[key] = start
+            start += math.prod(shape)
+        self.bounds = [(offset, offset + math.prod(self.shapes[key]))
+                       for key, offset in self.offsets.items()]
+
+    def slices(self, flat: torch.Tensor) -> AdapterState:
+        """Per-key 1-D slices of a flat (P,) vector (for reductions: a contiguous tensor
+        reduces to the same bits whatever its shape)."""
+        return {key: flat[start:stop] for key, (start, stop) in zip(self.shapes, self.bounds,
+                                                                    strict=True)}
 
     def zeros(self) -> torch.Tensor:  # (P,)
         return torch.zeros(self.numel, dtype=torch.float64, device=self.device)
@@ -260,13 +273,31 @@ class _FlatLayout:
         negative); anything odd goes through ``_check_states`` for the precise error.
         """
         if self._fits(state):
-            flat = torch.cat([state[key].reshape(-1) for key in self.shapes]).double()
+            base = self._laid_out(state)  # the decoder's own flat vector, when it is one
+            flat = (base if base is not None else
+                    torch.cat([state[key].reshape(-1) for key in self.shapes])).double()
             if _all_finite(flat) and (not nonnegative or bool(flat.min() >= 0)):
                 return flat
         _check_states([state], self.reference, what, nonnegative=nonnegative)
         if not self.shapes:
             return self.zeros()
         return torch.cat([state[key].reshape(-1).double() for key in self.shapes])
+
+    def _laid_out(self, state: AdapterState) -> torch.Tensor | None:
+        """The one flat vector every value of ``state`` is a view of, laid out as this layout
+        lays its keys out (what ``shared.codec.decode`` returns: views of one decoded array,
+        in the header's order), or None. Its ``double()`` is the ``cat``'s, without the copy."""
+        first = state[next(iter(self.shapes))]
+        base = first._base
+        if base is None or base.dim() != 1 or base.numel() != self.numel \
+                or base.dtype != first.dtype or base.storage_offset() != 0:
+            return None
+        for key, offset in self.offsets.items():
+            value = state[key]
+            if value._base is not base or value.storage_offset() != offset \
+                    or not value.is_contiguous():
+                return None
+        return base
 
     def _fits(self, state: AdapterState) -> bool:
         if len(state) != len(self.shapes) or not self.shapes:

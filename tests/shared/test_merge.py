@@ -365,3 +365,38 @@ def test_clipping_one_delta_at_a_time_is_clip_to_median_norm() -> None:
         assert torch.equal(clip_delta(one, norm, bound)["w"], listed["w"])
     with pytest.raises(ValueError, match="factor must be positive"):
         median_norm_bound(norms, 0.0)
+
+
+def test_a_decoded_state_is_folded_from_its_own_flat_vector_with_the_same_bits() -> None:
+    from shared import codec
+    from shared.merge import FisherAccumulator, _FlatLayout
+
+    reference = {"a": torch.zeros(8, 24), "b": torch.zeros(24, 8), "c": torch.zeros(5)}
+    shapes = {k: tuple(v.shape) for k, v in reference.items()}
+    gen = torch.Generator().manual_seed(3)
+    states = []
+    for _ in range(4):
+        delta = {k: torch.randn(v.shape, generator=gen) for k, v in reference.items()}
+        fisher = {k: torch.rand(v.shape, generator=gen) ** 3 for k, v in reference.items()}
+        states.append((codec.decode(codec.encode(delta, codec.Scheme(kind="int8", zstd=True)),
+                                     expected=shapes),
+                       codec.decode(codec.encode(fisher, codec.Scheme(kind="bf16")),
+                                    expected=shapes)))
+    layout = _FlatLayout(reference)
+    assert layout._laid_out(states[0][0]) is not None  # the decoder's views of one vector
+    copied = {k: v.clone() for k, v in states[0][0].items()}
+    assert layout._laid_out(copied) is None  # separate tensors: concatenated instead
+    reordered = dict(reversed(list(states[0][0].items())))
+    assert _FlatLayout(reordered)._laid_out(reordered) is None  # another key order
+    fast, slow = (FisherAccumulator(reference, normalize="l2", floor=0.1) for _ in range(2))
+    for index, (delta, fisher) in enumerate(states):
+        fast.add(delta, fisher, 0.1 + index)
+        slow.add({k: v.clone() for k, v in delta.items()},
+                 {k: v.clone() for k, v in fisher.items()}, 0.1 + index)
+    for key in reference:
+        assert torch.equal(fast.merged_delta()[key], slow.merged_delta()[key])
+    bad = dict(states[0][0])
+    bad["a"] = bad["a"].clone()
+    bad["a"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fast.add(bad, states[0][1], 1.0)
