@@ -388,11 +388,12 @@ def test_device_urls_name_the_published_tls_listeners(env: dict[str, str]) -> No
             assert f"listener {container_port}\n" in conf
 
 
-def test_only_the_provisioning_services_hold_the_ca_key() -> None:
+def test_only_the_api_holds_the_ca_key() -> None:
+    """The API signs X.509 devices' certificates; init adds password devices only."""
     s = services()
     holders = {name for name, service in s.items() if "broker_ca_key" in
                service.get("secrets", [])}
-    assert holders == {"api", "init"}
+    assert holders == {"api"}
     for name in holders:
         assert environment(s[name])["FEDNANO_DEVICE_CA_KEY_FILE"] == \
             SECRETS_MOUNT + "broker_ca_key"
