@@ -12,6 +12,8 @@ after reading the blobs). Median of ``--repeats`` runs.
     python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --decode-before REF [--counts 1000] [--repeats 5]
     python benchmarks/aggregation.py --service [--counts 100 1000] [--repeats 5] [--threads 2]
+    python benchmarks/aggregation.py --processes 1 2 [--counts 100 300 1000] [--repeats 7]
+    python benchmarks/aggregation.py --first-rounds [--counts 1000] [--repeats 2]
 
 ``--streaming`` times what a memory-flat aggregation does: decode one update's two frames, fold
 them into the Fisher accumulator, drop them, for every update; the accumulator of
@@ -335,6 +337,8 @@ def processes(args: argparse.Namespace, global_state: AdapterState) -> None:
         pool = [(blobs.put(envelope).sha256, n)
                 for envelope, n in make_envelopes(POOL, global_state)]
         aggregators = {p: Aggregator(blobs, merge_processes=p) for p in counts}
+        for aggregator in aggregators.values():
+            aggregator.pool.start(wait=True)  # workers up before the first timed round
         round_: Any = types.SimpleNamespace(id=1)  # _merge reads its id alone
         print(f"load average {os.getloadavg()[0]:.1f}\n")
         print("| updates | strategy | processes | shards | merge, median (ms) | min (ms) "
@@ -367,6 +371,42 @@ def processes(args: argparse.Namespace, global_state: AdapterState) -> None:
             for aggregator in aggregators.values():
                 aggregator.close()
     print(f"\nload average {os.getloadavg()[0]:.1f}")
+
+
+def first_rounds(args: argparse.Namespace, global_state: AdapterState) -> None:
+    """A fresh service's first rounds of ``--counts`` updates (``fednano``) with 1 and with 2
+    processes: its first large round (folded alone while the workers start in the
+    background), the round right after, and a round once the workers are up."""
+    from cloud.aggregation import Aggregator
+    from cloud.blobs import BlobStore
+    from cloud.db.models import Update
+    from cloud.merge_pool import StoredUpdate
+
+    with tempfile.TemporaryDirectory() as root:
+        blobs = BlobStore(Path(root))
+        pool = [(blobs.put(envelope).sha256, n)
+                for envelope, n in make_envelopes(POOL, global_state)]
+        round_: Any = types.SimpleNamespace(id=1)
+        strategy = make_strategy("fednano")
+        print("| updates | processes | first round (s) | next round (s) | workers up (s) |")
+        print("|---|---|---|---|---|")
+        for count in args.counts:
+            rows: list[tuple[Update | StoredUpdate, int]] = [
+                (StoredUpdate(f"u{i}", f"dev-{i}", *pool[i % POOL]), pool[i % POOL][1])
+                for i in range(count)]
+            for _ in range(args.repeats):
+                for processes in (1, 2):
+                    aggregator = Aggregator(blobs, merge_processes=processes)
+                    times = []
+                    for wait in (False, False, True):
+                        if wait:
+                            aggregator.pool.start(wait=True)
+                        started = time.perf_counter()
+                        aggregator._merge(round_, strategy, global_state, rows)
+                        times.append(time.perf_counter() - started)
+                    aggregator.close()
+                    print(f"| {count:,} | {processes} | " + " | ".join(f"{t:.2f}" for t in times)
+                          + " |", flush=True)
 
 
 def codec_at(ref: str) -> types.ModuleType:
@@ -422,6 +462,8 @@ def main() -> None:
                         help="the service's list and streaming aggregation, time and memory")
     parser.add_argument("--processes", type=int, nargs="+", metavar="N",
                         help="the service's merge by 1 and N processes, alternated")
+    parser.add_argument("--first-rounds", action="store_true",
+                        help="a fresh service's first rounds with 1 and 2 processes")
     parser.add_argument("--service-run", nargs=3, metavar=("STRATEGY", "PATH", "COUNT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -441,6 +483,9 @@ def main() -> None:
         return
     if args.processes:
         processes(args, global_state)
+        return
+    if args.first_rounds:
+        first_rounds(args, global_state)
         return
     if args.decode_before:
         decoders(args, global_state, expected)

@@ -241,6 +241,9 @@ class Aggregator:
             raise AggregationError(f"strategy {strategy.name} needs at least "
                                    f"{strategy.min_updates} updates, got {len(rows)}")
         shards = self.pool.split(len(rows)) if merge.shardable else [range(len(rows))]
+        if len(shards) > 1:
+            log.info("round %s: merging %d updates in %d runs, %d in merge workers",
+                     round_.id, len(rows), len(shards), len(shards) - 1)
         sent_state = state_arrays(global_state) if len(shards) > 1 else {}
         futures = self.pool.submit([
             ShardJob(blob_root=str(self.blobs.root), strategy=strategy.name,

@@ -12,14 +12,16 @@ The result is deterministic for a given number of shards; it can differ from a o
 in the last bits of its float64 sums (the additions are grouped per shard), which the float32
 state rounds away almost everywhere. A strategy that keeps its updates (``fedmedian``) and a
 round under ``min_per_process`` updates a process are folded by the service alone: below that,
-starting the work costs more than it saves (``benchmarks/aggregation.py --service --processes``).
+splitting costs more than it saves (``benchmarks/aggregation.py --processes``).
 
-Workers are started once, on the first round large enough to use them (each imports torch,
-a few seconds), and stay until ``close``.
+Workers are started once, in the background, when the first round large enough to use them
+comes (each imports torch, a few seconds: that round is folded by the service alone), and stay
+until ``close``.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import signal
 from collections.abc import Sequence
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 
 from shared.adapters import AdapterState
+
+log = logging.getLogger(__name__)
 
 MIN_PER_PROCESS = 128  # updates a process folds at least before a round is sharded
 
@@ -71,8 +75,14 @@ def split(count: int, processes: int, min_per_process: int = MIN_PER_PROCESS) ->
 
 
 class MergePool:
-    """``processes − 1`` worker processes that fold shards of a round (started when first
-    needed); ``processes`` = 1 never starts one."""
+    """``processes − 1`` worker processes that fold shards of a round; ``processes`` = 1 never
+    starts one.
+
+    Workers start in the background when the first round large enough to use them comes
+    (``split`` starts them): starting one takes seconds (it imports torch), longer than folding
+    a thousand updates, so that round is folded by the service alone, and the rounds after it
+    are split once the workers are up. ``start(wait=True)`` starts them at once.
+    """
 
     def __init__(self, processes: int, *, min_per_process: int = MIN_PER_PROCESS) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
@@ -80,9 +90,29 @@ class MergePool:
         self.processes = processes
         self.min_per_process = min_per_process
         self._executor: ProcessPoolExecutor | None = None
+        self._started: list[Future[None]] = []
 
     def split(self, count: int) -> list[range]:
-        return split(count, self.processes, self.min_per_process)
+        """The runs a round of ``count`` updates is folded in: one while the workers are not up
+        yet (and their start is set off if the round could use them)."""
+        shards = split(count, self.processes, self.min_per_process)
+        if len(shards) > 1 and not self.start():
+            return [range(count)]
+        return shards
+
+    def start(self, wait: bool = False) -> bool:
+        """Start the workers if they are not (in the background unless ``wait``); True once
+        every worker is up."""
+        if self.processes == 1:
+            return False
+        if not self._started:
+            log.info("starting %d merge workers", self.processes - 1)
+            executor = self._workers()
+            self._started = [executor.submit(_ready) for _ in range(self.processes - 1)]
+        if wait:
+            for future in self._started:
+                future.exception()  # waits; a worker that failed to start shows in submit
+        return all(future.done() for future in self._started)
 
     def submit(self, jobs: Sequence[ShardJob]) -> list[Future[dict[str, object]]]:
         """Start folding ``jobs`` in the workers; their results come in ``fold_shard``'s form.
@@ -112,10 +142,17 @@ class MergePool:
         self.close(wait=False)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the workers (if any were started); a later ``submit`` starts new ones."""
+        """Stop the workers (if any were started); a later round starts new ones."""
         if self._executor is not None:
             self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
+        self._started = []
+
+
+def _ready() -> None:
+    """A worker's first job: be up, with what ``fold_shard`` imports imported."""
+    import cloud.aggregation
+    import cloud.strategies  # noqa: F401
 
 
 def _init_worker() -> None:

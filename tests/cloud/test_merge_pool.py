@@ -57,8 +57,31 @@ def sharded(blobs: BlobStore) -> Iterator[Aggregator]:
     """Three processes (two spawned workers), sharding from 10 updates a process."""
     aggregator = Aggregator(blobs, merge_processes=3)
     aggregator.pool = MergePool(3, min_per_process=10)
+    assert aggregator.pool.start(wait=True)
     yield aggregator
     aggregator.close()
+
+
+def _started_pool(processes: int = 2) -> MergePool:
+    pool = MergePool(processes, min_per_process=10)
+    assert pool.start(wait=True)
+    return pool
+
+
+def test_the_first_large_round_is_folded_alone_while_the_workers_start(
+        blobs: BlobStore) -> None:
+    aggregator = Aggregator(blobs, merge_processes=2)
+    aggregator.pool = MergePool(2, min_per_process=10)
+    try:
+        assert aggregator.pool.split(5) == [range(0, 5)]  # too small: nothing starts
+        assert aggregator.pool._executor is None
+        assert aggregator.pool.split(COUNT) == [range(0, COUNT)]  # starts them, folds alone
+        assert aggregator.pool._executor is not None
+        assert aggregator.pool.start(wait=True)
+        assert aggregator.pool.split(COUNT) == [range(0, 30), range(30, 60)]
+    finally:
+        aggregator.close()
+    assert not MergePool(1).start(wait=True)  # one process: no workers, ever
 
 
 def test_split_gives_contiguous_even_runs_with_a_minimum_each() -> None:
@@ -140,7 +163,7 @@ def test_clipped_round_is_sharded_with_each_shards_norms(blobs: BlobStore,
 
 def test_a_median_is_not_sharded(blobs: BlobStore, tmp_path: Path) -> None:
     aggregator = Aggregator(blobs, merge_processes=2)
-    aggregator.pool = MergePool(2, min_per_process=10)
+    aggregator.pool = MergePool(2, min_per_process=10)  # not started: a median never starts it
     merged = aggregator._merge(ROUND, make_strategy("fedmedian"), GLOBAL,  # type: ignore[arg-type]
                                _rows(blobs))
     assert aggregator.pool._executor is None  # no worker was started
@@ -178,7 +201,7 @@ def _kill_workers(aggregator: Aggregator) -> None:
 
 def test_a_worker_dead_between_rounds_is_replaced(blobs: BlobStore) -> None:
     aggregator = Aggregator(blobs, merge_processes=2)
-    aggregator.pool = MergePool(2, min_per_process=10)
+    aggregator.pool = _started_pool()
     rows, strategy = _rows(blobs), make_strategy("fisher-norm")
     try:
         before = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
@@ -194,7 +217,7 @@ def test_a_worker_dead_between_rounds_is_replaced(blobs: BlobStore) -> None:
 def test_a_worker_dying_mid_round_costs_its_shard_a_fold_here_not_the_round(
         blobs: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     aggregator = Aggregator(blobs, merge_processes=2)
-    aggregator.pool = MergePool(2, min_per_process=10)
+    aggregator.pool = _started_pool()
     rows, strategy = _rows(blobs), make_strategy("fisher-norm")
     fold = aggregator._fold
 
@@ -210,6 +233,7 @@ def test_a_worker_dying_mid_round_costs_its_shard_a_fold_here_not_the_round(
         assert all(torch.equal(after[k], before[k]) for k in GLOBAL), "folded as a run: same bits"
         assert aggregator.pool._executor is None  # the broken pool was dropped
         monkeypatch.setattr(aggregator, "_fold", fold)
+        assert aggregator.pool.start(wait=True)  # new workers
         again = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
         assert all(torch.equal(again[k], before[k]) for k in GLOBAL), "a new pool shards again"
     finally:
