@@ -91,6 +91,7 @@ class MergePool:
         self.min_per_process = min_per_process
         self._executor: ProcessPoolExecutor | None = None
         self._started: list[Future[None]] = []
+        self.disabled = False  # workers failed to start once: not tried again
 
     def split(self, count: int) -> list[range]:
         """The runs a round of ``count`` updates is folded in: one while the workers are not up
@@ -103,7 +104,7 @@ class MergePool:
     def start(self, wait: bool = False) -> bool:
         """Start the workers if they are not (in the background unless ``wait``); True once
         every worker is up."""
-        if self.processes == 1:
+        if self.processes == 1 or self.disabled:
             return False
         if not self._started:
             log.info("starting %d merge workers", self.processes - 1)
@@ -111,8 +112,17 @@ class MergePool:
             self._started = [executor.submit(_ready) for _ in range(self.processes - 1)]
         if wait:
             for future in self._started:
-                future.exception()  # waits; a worker that failed to start shows in submit
-        return all(future.done() for future in self._started)
+                future.exception()  # waits
+        if not all(future.done() for future in self._started):
+            return False
+        failed = next((f.exception() for f in self._started if f.exception() is not None), None)
+        if failed is not None:  # e.g. a main module that starts the service when imported
+            log.warning("merge workers could not start (%s: %s); this process merges alone",
+                        type(failed).__name__, failed)
+            self.kill()
+            self.disabled = True
+            return False
+        return True
 
     def submit(self, jobs: Sequence[ShardJob]) -> list[Future[dict[str, object]]]:
         """Start folding ``jobs`` in the workers; their results come in ``fold_shard``'s form.

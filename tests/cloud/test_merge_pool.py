@@ -136,6 +136,7 @@ def test_a_refusal_in_the_first_run_wins_and_stops_the_workers_runs(
     merged = sharded._merge(ROUND, make_strategy("fedavg"), GLOBAL,  # type: ignore[arg-type]
                             _rows(blobs))
     assert set(merged) == set(GLOBAL)  # the next round is merged, by new workers if need be
+    assert sharded.pool.start(wait=True)  # up again for the tests after this one
 
 
 def test_the_default_process_count_follows_the_cpu_quota(tmp_path: Path) -> None:
@@ -189,6 +190,7 @@ def test_a_corrupt_blob_in_a_workers_shard_propagates_as_in_one_process(
         Aggregator(blobs)._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
     with pytest.raises(ChecksumMismatch):
         sharded._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
+    assert sharded.pool.start(wait=True)  # up again for the tests after this one
 
 
 def _kill_workers(aggregator: Aggregator) -> None:
@@ -207,9 +209,14 @@ def test_a_worker_dead_between_rounds_is_replaced(blobs: BlobStore) -> None:
         before = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
         broken = aggregator.pool._executor
         _kill_workers(aggregator)
+        # replaced at once if the death was seen before the jobs went out, else the dead
+        # worker's run is folded here: the same bits either way
         after = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
-        assert aggregator.pool._executor not in (None, broken)  # a new pool sharded it
         assert all(torch.equal(after[k], before[k]) for k in GLOBAL)
+        assert aggregator.pool.start(wait=True)
+        assert aggregator.pool._executor not in (None, broken)  # new workers
+        again = aggregator._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
+        assert all(torch.equal(again[k], before[k]) for k in GLOBAL)
     finally:
         aggregator.close()
 
@@ -298,3 +305,29 @@ def test_a_median_cannot_be_sharded() -> None:
     assert merge is not None and not merge.shardable
     with pytest.raises(ValueError, match="cannot be sharded"):
         merge.shard(1)
+
+
+def test_workers_that_cannot_start_leave_the_merge_to_this_process(
+        blobs: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud.merge_pool as merge_pool
+
+    monkeypatch.setattr(merge_pool, "_ready", _no_start)  # a worker that fails at once
+    aggregator = Aggregator(blobs, merge_processes=2)
+    aggregator.pool = MergePool(2, min_per_process=10)
+    rows = _rows(blobs)
+    try:
+        assert not aggregator.pool.start(wait=True)
+        assert aggregator.pool.disabled and aggregator.pool._executor is None
+        assert aggregator.pool.split(COUNT) == [range(0, COUNT)]
+        merged = aggregator._merge(ROUND, make_strategy("fedavg"), GLOBAL,  # type: ignore[arg-type]
+                                   rows)
+        assert aggregator.pool._executor is None  # not tried again
+        alone = Aggregator(blobs)._merge(ROUND, make_strategy("fedavg"),  # type: ignore[arg-type]
+                                         GLOBAL, rows)
+        assert all(torch.equal(merged[k], alone[k]) for k in GLOBAL)
+    finally:
+        aggregator.close()
+
+
+def _no_start() -> None:
+    raise RuntimeError("cannot start")
