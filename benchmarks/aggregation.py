@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from cloud.db.models import Update
+from cloud.merge_pool import StoredUpdate
 from cloud.strategies import Strategy, make_strategy
 from shared import codec, protocol
 from shared.adapters import AdapterConfig, AdapterState, NanoAdapters
@@ -322,20 +324,26 @@ def service(args: argparse.Namespace, global_state: AdapterState) -> None:
           f"{os.getloadavg()[0]:.1f}")
 
 
+def stored_rows(stored: list[tuple[str, int]],
+                count: int) -> list[tuple[Update | StoredUpdate, int]]:
+    """``count`` update rows (with the sample count each merges with) over the pool of stored
+    envelopes ``stored`` (blob digest, sample count), as ``Aggregator._merge`` takes them."""
+    return [(StoredUpdate(f"u{i}", f"dev-{i}", *stored[i % POOL]), stored[i % POOL][1])
+            for i in range(count)]
+
+
 def processes(args: argparse.Namespace, global_state: AdapterState) -> None:
     """The aggregation service's merge (``Aggregator._merge``: blobs read from a real blob
     store, decoded, folded) by one process and by ``--processes`` processes (the service and its
     merge workers), alternated in this process with the workers kept warm between runs."""
     from cloud.aggregation import Aggregator
     from cloud.blobs import BlobStore
-    from cloud.db.models import Update
-    from cloud.merge_pool import StoredUpdate
 
     counts = sorted(set(args.processes))
     with tempfile.TemporaryDirectory() as root:
         blobs = BlobStore(Path(root))
-        pool = [(blobs.put(envelope).sha256, n)
-                for envelope, n in make_envelopes(POOL, global_state)]
+        stored = [(blobs.put(envelope).sha256, n)
+                  for envelope, n in make_envelopes(POOL, global_state)]
         aggregators = {p: Aggregator(blobs, merge_processes=p) for p in counts}
         for aggregator in aggregators.values():
             aggregator.pool.start(wait=True)  # workers up before the first timed round
@@ -346,9 +354,7 @@ def processes(args: argparse.Namespace, global_state: AdapterState) -> None:
         print("|---|---|---|---|---|---|---|")
         try:
             for count in args.counts:
-                rows: list[tuple[Update | StoredUpdate, int]] = [
-                    (StoredUpdate(f"u{i}", f"dev-{i}", *pool[i % POOL]), pool[i % POOL][1])
-                    for i in range(count)]
+                rows = stored_rows(stored, count)
                 for name in SERVICE_STRATEGIES:
                     strategy = make_strategy(name)
                     times: dict[int, list[float]] = {p: [] for p in counts}
@@ -379,21 +385,17 @@ def first_rounds(args: argparse.Namespace, global_state: AdapterState) -> None:
     background), the round right after, and a round once the workers are up."""
     from cloud.aggregation import Aggregator
     from cloud.blobs import BlobStore
-    from cloud.db.models import Update
-    from cloud.merge_pool import StoredUpdate
 
     with tempfile.TemporaryDirectory() as root:
         blobs = BlobStore(Path(root))
-        pool = [(blobs.put(envelope).sha256, n)
-                for envelope, n in make_envelopes(POOL, global_state)]
+        stored = [(blobs.put(envelope).sha256, n)
+                  for envelope, n in make_envelopes(POOL, global_state)]
         round_: Any = types.SimpleNamespace(id=1)
         strategy = make_strategy("fednano")
         print("| updates | processes | first round (s) | next round (s) | workers up (s) |")
         print("|---|---|---|---|---|")
         for count in args.counts:
-            rows: list[tuple[Update | StoredUpdate, int]] = [
-                (StoredUpdate(f"u{i}", f"dev-{i}", *pool[i % POOL]), pool[i % POOL][1])
-                for i in range(count)]
+            rows = stored_rows(stored, count)
             for _ in range(args.repeats):
                 for processes in (1, 2):
                     aggregator = Aggregator(blobs, merge_processes=processes)

@@ -105,6 +105,19 @@ def load_update(blobs: BlobStore, row: Update | StoredUpdate, global_state: Adap
                          metrics=dict(message.metrics))
 
 
+def merged_update(blobs: BlobStore, row: Update | StoredUpdate, n_samples: int,
+                  global_state: AdapterState, *, with_fisher: bool, norm: float | None = None,
+                  bound: float | None = None) -> AdapterUpdate:
+    """A stored update as a round's merge takes it (in the service and in a merge worker):
+    decoded, counted with the merge's ``n_samples`` (fewer for a stale buffered update), its
+    delta clipped to ``bound`` given its ``norm`` when the round clips."""
+    update = dataclasses.replace(load_update(blobs, row, global_state, with_fisher=with_fisher),
+                                 n_samples=n_samples)
+    if bound is not None and norm is not None:
+        update.delta = clip_delta(update.delta, norm, bound)
+    return update
+
+
 def load_delta(blobs: BlobStore, row: Update | StoredUpdate,
                global_state: AdapterState) -> AdapterState:
     """Only the Δθ of a stored update, decoded as ``load_update`` decodes it; its Fisher frame
@@ -295,12 +308,9 @@ class Aggregator:
         """Fold the updates of ``shard`` in this process, one at a time."""
         for index in shard:
             row, n_samples = rows[index]
-            update = dataclasses.replace(
-                load_update(self.blobs, row, global_state,
-                            with_fisher=strategy.requires_fisher),
-                n_samples=n_samples)
-            if bound is not None:
-                update.delta = clip_delta(update.delta, norms[index], bound)
+            update = merged_update(self.blobs, row, n_samples, global_state,
+                                   with_fisher=strategy.requires_fisher,
+                                   norm=norms[index] if bound is not None else None, bound=bound)
             try:
                 merge.add(update)
             except ValueError as err:

@@ -5,8 +5,9 @@ dequantizing its frames), and it is the same work for every update, so it splits
 round's updates are cut into contiguous runs ("shards"), the aggregation service folds the first
 itself while worker processes fold the others (each reads its updates from the blob store,
 decodes and folds them one at a time into running sums, memory flat), and the service joins the
-workers' sums in shard order (``RoundMerge.join``). Only blob digests go to a worker and only
-running sums (three float64 vectors of the adapter's size at most) come back.
+workers' sums in shard order (``RoundMerge.join``). A worker gets the global adapter, the
+round's sample counts and its run's blob digests, not the updates, and sends back only running
+sums (three float64 vectors of the adapter's size at most).
 
 The result is deterministic for a given number of shards; it can differ from a one-process fold
 in the last bits of its float64 sums (the additions are grouped per shard), which the float32
@@ -174,21 +175,20 @@ def fold_shard(job: ShardJob) -> dict[str, object]:
     """A worker's fold of one shard: ``{"shard": RoundMerge.sums()}``, or ``{"refused":
     message}`` when the strategy refuses an update (what the service reports as the strategy
     refusing the round). Errors decoding a blob propagate as they are."""
-    from cloud.aggregation import load_update
+    from cloud.aggregation import merged_update
     from cloud.blobs import BlobStore
     from cloud.strategies import make_strategy
     from cloud.strategies.base import RoundMerge
-    from shared.merge import clip_delta
 
     blobs = BlobStore(Path(job.blob_root))
     strategy = make_strategy(job.strategy, **job.config)
     global_state: AdapterState = {k: torch.from_numpy(v) for k, v in job.global_state.items()}
     merge = RoundMerge(strategy, global_state, job.n_samples, None, start=job.start)
     for offset, row in enumerate(job.rows):
-        update = load_update(blobs, row, global_state, with_fisher=job.with_fisher)
-        update.n_samples = job.n_samples[job.start + offset]
-        if job.bound is not None and job.norms is not None:
-            update.delta = clip_delta(update.delta, job.norms[offset], job.bound)
+        update = merged_update(blobs, row, job.n_samples[job.start + offset], global_state,
+                               with_fisher=job.with_fisher,
+                               norm=job.norms[offset] if job.norms is not None else None,
+                               bound=job.bound)
         try:
             merge.add(update)
         except ValueError as err:
