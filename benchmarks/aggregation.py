@@ -11,6 +11,7 @@ after reading the blobs). Median of ``--repeats`` runs.
     python benchmarks/aggregation.py --streaming [--counts 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --parts [--counts 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --decode-before REF [--counts 1000] [--repeats 5]
+    python benchmarks/aggregation.py --merge-before REF [--counts 1000] [--repeats 5]
     python benchmarks/aggregation.py --service [--counts 100 1000] [--repeats 5] [--threads 2]
     python benchmarks/aggregation.py --processes 1 2 [--counts 100 300 1000] [--repeats 7]
     python benchmarks/aggregation.py --first-rounds [--counts 1000] [--repeats 2]
@@ -34,6 +35,14 @@ the run, the largest over the repeats), and checks that both paths give identica
 ``--decode-before REF`` times the same streaming merge (flat accumulator) with the frame decoder
 of ``shared/codec.py`` as of git ``REF`` ("before") and as it is now ("after"), interleaved in
 one process, and checks that both give identical merged deltas.
+
+``--merge-before REF`` times one process's per-update work of a Fisher merge (both frames
+decoded, folded into the accumulator; the options of ``fisher-raw`` and ``fisher-norm``) with
+``shared/codec.py`` and ``shared/merge.py`` as of git ``REF`` ("before") and as they are now
+("after"), interleaved in one process. "after" decodes as the aggregation service does now,
+without the frames' checksums (the service has just checked the blob that holds them against
+its SHA-256; that read is the same code before and after, so it is left out of both). It
+reports the largest difference between the two merged deltas.
 """
 
 from __future__ import annotations
@@ -413,12 +422,55 @@ def first_rounds(args: argparse.Namespace, global_state: AdapterState) -> None:
 
 def codec_at(ref: str) -> types.ModuleType:
     """``shared/codec.py`` as of git ``ref``, imported as module ``codec_at_ref``."""
-    source = subprocess.run(["git", "show", f"{ref}:shared/codec.py"], check=True, text=True,
+    return module_at(ref, "shared/codec.py", "codec_at_ref")
+
+
+def module_at(ref: str, path: str, name: str) -> types.ModuleType:
+    """The module at ``path`` as of git ``ref``, imported as module ``name``."""
+    source = subprocess.run(["git", "show", f"{ref}:{path}"], check=True, text=True,
                             capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    module = types.ModuleType("codec_at_ref")
+    module = types.ModuleType(name)
     sys.modules[module.__name__] = module  # pydantic resolves the models' annotations there
-    exec(compile(source, f"{ref}:shared/codec.py", "exec"), module.__dict__)
+    exec(compile(source, f"{ref}:{path}", "exec"), module.__dict__)
     return module
+
+
+def merges(args: argparse.Namespace, global_state: AdapterState,
+           expected: dict[str, tuple[int, ...]]) -> None:
+    """The per-update decode + Fisher fold with the codec and merge of ``--merge-before`` and
+    today's, interleaved."""
+    frames = make_frames(POOL, global_state)
+    old_codec = codec_at(args.merge_before)
+    old_merge = module_at(args.merge_before, "shared/merge.py", "merge_at_ref")
+    paths = {f"before ({args.merge_before})": (old_merge.FisherAccumulator, old_codec.decode),
+             "after (working tree)": (FisherAccumulator, partial(codec.decode, verify=False))}
+    options = {"fisher-raw": {}, "fisher-norm": {"normalize": "l2", "floor": 0.1}}
+    print(f"delta {DELTA_SCHEME.label()}, Fisher {FISHER_SCHEME.label()}; frames "
+          f"{statistics.mean(len(d) + len(f) for d, f, _ in frames):,.0f} B per update\n")
+    print("| updates | options of | code | decode + fold, median (ms) | min (ms) "
+          "| per update (µs) |")
+    print("|---|---|---|---|---|---|")
+    for count in args.counts:
+        for label, kwargs in options.items():
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            results = {}
+            for repeat in range(args.repeats):
+                order = list(paths) if repeat % 2 == 0 else list(reversed(paths))
+                for name in order:
+                    accumulator, decode = paths[name]
+                    started = time.perf_counter()
+                    results[name] = stream_merge(partial(accumulator, **kwargs), global_state,
+                                                 frames, count, expected, decode)
+                    times[name].append(time.perf_counter() - started)
+            first, second = results.values()
+            diff = max(float((first[k] - second[k]).abs().max()) for k in first)
+            for name, t in times.items():
+                ms = statistics.median(t) * 1e3
+                print(f"| {count:,} | {label} | {name} | {ms:.1f} | {min(t) * 1e3:.1f} | "
+                      f"{ms / count * 1e3:.0f} |", flush=True)
+            print(f"| {count:,} | {label} | max abs difference of the merged deltas | "
+                  f"{diff:.1e} | | |")
+    print(f"\nload average {os.getloadavg()[0]:.1f}")
 
 
 def decoders(args: argparse.Namespace, global_state: AdapterState,
@@ -460,6 +512,9 @@ def main() -> None:
                         help="decode alone and the fold alone (before/after), interleaved")
     parser.add_argument("--decode-before", metavar="REF",
                         help="streaming merge with shared/codec.py of git REF vs today's")
+    parser.add_argument("--merge-before", metavar="REF",
+                        help="decode + Fisher fold with shared/codec.py and shared/merge.py "
+                             "of git REF vs today's")
     parser.add_argument("--service", action="store_true",
                         help="the service's list and streaming aggregation, time and memory")
     parser.add_argument("--processes", type=int, nargs="+", metavar="N",
@@ -491,6 +546,9 @@ def main() -> None:
         return
     if args.decode_before:
         decoders(args, global_state, expected)
+        return
+    if args.merge_before:
+        merges(args, global_state, expected)
         return
     if args.streaming or args.parts:
         (streaming if args.streaming else parts)(args, global_state, expected)

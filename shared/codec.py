@@ -327,14 +327,17 @@ def decode(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     expected: Mapping[str, tuple[int, ...]] | None = None,
+    verify: bool = True,
 ) -> AdapterState:
     """Unpack a frame into ``{name: tensor}`` (original dtypes), checking everything first.
 
     Raises a ``CodecError`` subclass: ``FrameTooLarge`` (frame or decompressed payload over
     ``max_bytes``, dense tensors over ``max_decoded_bytes``), ``ChecksumMismatch``,
     ``MalformedFrame``, ``NonFiniteValues``, or ``ShapeMismatch`` against ``expected``.
+    ``verify=False`` skips only the checksum, for bytes already checked by a digest that
+    covers them (a content-addressed blob read back); every other check still runs.
     """
-    header, payload = _open(frame, max_bytes, verify=True)
+    header, payload = _open(frame, max_bytes, verify=verify)
     if expected is not None:
         _check_expected(header, expected)
     _check_decoded_size(header, max_decoded_bytes)

@@ -168,23 +168,25 @@ class FisherAccumulator:
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{name}: weight must be finite and >= 0, got {weight!r}")
         d = self._layout.flatten(delta, f"{name} delta")  # (P,) float64
-        f = self._layout.flatten(fisher, f"{name} fisher", nonnegative=True)  # (P,) float64
-        scaled = self._scaled(f)
-        self._num.addcmul_(scaled, d, value=weight)
-        self._mass.add_(scaled, alpha=weight)
+        f, total = self._layout.flatten_fisher(fisher, f"{name} fisher")  # own copy, Σ F
+        self._scale(f, total)
+        self._num.addcmul_(f, d, value=weight)
+        self._mass.add_(f, alpha=weight)
         self._plain.add_(d, alpha=weight)
         self.total_weight += weight
         self.count += 1
 
-    def _scaled(self, fisher: torch.Tensor) -> torch.Tensor:  # (P,) -> (P,)
-        """``_floored(_normalize_fisher(...))`` on the flat buffer: the scales come from the
-        same per-key reductions, the elementwise maths is the same."""
+    def _scale(self, fisher: torch.Tensor, total: float) -> None:  # (P,), in place
+        """F̃: the client's Fisher divided by its own ``normalize`` norm, then raised to
+        ``floor`` times its own mean. ``total`` is the Fisher's sum, so the mean and the
+        ``"mean"`` norm cost no pass of their own; the L2 norm is one dot product."""
         if self.normalize is not None:
-            scale = _fisher_scale(self._layout.slices(fisher), self.normalize)
-            fisher = fisher if scale == 0.0 else fisher / scale
-        if self.floor != 0.0:
-            fisher = fisher.clamp(min=self.floor * _mean_over_keys(self._layout.slices(fisher)))
-        return fisher
+            scale = _fisher_scale(fisher, total, self.normalize)
+            if scale != 0.0:  # an all-zero Fisher stays all zeros
+                fisher.div_(scale)
+                total /= scale
+        if self.floor != 0.0 and self._layout.numel:
+            fisher.clamp_(min=self.floor * total / self._layout.numel)
 
     def sums(self) -> dict[str, object]:
         """The running sums, total weight and count as plain values (numpy, float, int), to
@@ -265,20 +267,39 @@ class _FlatLayout:
             start += size
         return views
 
-    def flatten(self, state: AdapterState, what: str, nonnegative: bool = False) -> torch.Tensor:
+    def flatten(self, state: AdapterState, what: str) -> torch.Tensor:
         """The state as one float64 (P,) vector, checked like ``_check_states`` (same errors).
 
-        Fast path: the keys and shapes are compared in Python and the values with two
-        reductions (a finite sum means every value is finite; a min >= 0 that nothing is
-        negative); anything odd goes through ``_check_states`` for the precise error.
+        Fast path: the keys and shapes are compared in Python and the values with one
+        reduction (a finite sum means every value is finite); anything odd goes through
+        ``_check_states`` for the precise error.
         """
         if self._fits(state):
             base = self._laid_out(state)  # the decoder's own flat vector, when it is one
             flat = (base if base is not None else
                     torch.cat([state[key].reshape(-1) for key in self.shapes])).double()
-            if _all_finite(flat) and (not nonnegative or bool(flat.min() >= 0)):
+            if _all_finite(flat):
                 return flat
-        _check_states([state], self.reference, what, nonnegative=nonnegative)
+        _check_states([state], self.reference, what)
+        return self._concatenated(state)
+
+    def flatten_fisher(self, state: AdapterState, what: str) -> tuple[torch.Tensor, float]:
+        """A Fisher as one float64 (P,) vector of its own (the caller may scale it in place)
+        and its sum, checked like ``_check_states(nonnegative=True)``: the sum, finite, says
+        every value is finite and is the one the merge needs; a min >= 0 that nothing is
+        negative."""
+        if self._fits(state):
+            base = self._laid_out(state)
+            flat = (base.to(torch.float64, copy=True) if base is not None else
+                    torch.cat([state[key].reshape(-1) for key in self.shapes]).double())
+            total = float(flat.sum())
+            if math.isfinite(total) and bool(flat.min() >= 0):
+                return flat, total
+        _check_states([state], self.reference, what, nonnegative=True)
+        flat = self._concatenated(state)
+        return flat, float(flat.sum())
+
+    def _concatenated(self, state: AdapterState) -> torch.Tensor:  # (P,), a new tensor
         if not self.shapes:
             return self.zeros()
         return torch.cat([state[key].reshape(-1).double() for key in self.shapes])
@@ -432,13 +453,14 @@ def _mean_over_keys(state: AdapterState) -> float:
     return float(sum(float(t.sum()) for t in state.values()) / numel) if numel else 0.0
 
 
-def _fisher_scale(fisher: AdapterState, normalize: str) -> float:
-    """One client's mean, L2 norm or max of its (float64) Fisher over all keys."""
+def _fisher_scale(fisher: torch.Tensor, total: float, normalize: str) -> float:
+    """One client's mean, L2 norm or max of its flat (P,) float64 Fisher whose sum is
+    ``total``."""
     if normalize == "mean":
-        return _mean_over_keys(fisher)
+        return total / fisher.numel() if fisher.numel() else 0.0
     if normalize == "l2":
-        return math.sqrt(sum(float(v.square().sum()) for v in fisher.values()))
-    return max((float(v.max()) for v in fisher.values() if v.numel()), default=0.0)
+        return math.sqrt(float(torch.dot(fisher, fisher)))
+    return float(fisher.max()) if fisher.numel() else 0.0
 
 
 def normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from cloud.aggregation import AggregationError, Aggregator
-from cloud.blobs import BlobStore
+from cloud.blobs import BlobIntegrityError, BlobStore
 from cloud.merge_pool import MergePool, StoredUpdate, split
 from cloud.strategies import make_strategy
 from shared import protocol
 from shared.adapters import AdapterState
-from shared.codec import ChecksumMismatch
 from shared.messages import UpdateCodec, UpdateMessage
 from shared.update import AdapterUpdate
 
@@ -181,14 +180,15 @@ def test_an_update_a_worker_refuses_fails_the_round_naming_it(blobs: BlobStore,
 def test_a_corrupt_blob_in_a_workers_shard_propagates_as_in_one_process(
         blobs: BlobStore, sharded: Aggregator) -> None:
     rows = _rows(blobs)
-    envelope = bytearray(_envelope(999))
-    envelope[-3] ^= 0xFF  # inside the last frame's payload: its checksum fails
-    bad = blobs.put(bytes(envelope))
+    bad = blobs.put(_envelope(999))
+    stored = bytearray(bad.path.read_bytes())
+    stored[-3] ^= 0xFF  # rotted on disk, inside the last frame's payload
+    bad.path.write_bytes(bytes(stored))
     rows[30] = (StoredUpdate("u30", "dev-30", bad.sha256, 46), 46)
     strategy = make_strategy("fisher-norm")  # decodes both frames
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(BlobIntegrityError, match="does not match its sha256"):
         Aggregator(blobs)._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(BlobIntegrityError, match="does not match its sha256"):
         sharded._merge(ROUND, strategy, GLOBAL, rows)  # type: ignore[arg-type]
     assert sharded.pool.start(wait=True)  # up again for the tests after this one
 

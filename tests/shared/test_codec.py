@@ -281,6 +281,24 @@ def test_decode_rejects_corruption() -> None:
     assert frame_info(bytes(frame), verify=False)["frame_bytes"] == len(frame)
 
 
+def test_decode_without_the_checksum_still_checks_everything_else() -> None:
+    # verify=False is for bytes a digest already vouched for (a blob read back): the checksum
+    # alone is skipped
+    frame = bytearray(frame_and_parts()[0])
+    frame[-5] ^= 0x01  # a payload byte: the checksum no longer matches
+    with pytest.raises(ChecksumMismatch):
+        decode(bytes(frame))
+    good = frame_and_parts()[0]
+    assert all(torch.equal(a, b) for a, b in zip(decode(good, verify=False).values(),
+                                                 decode(good).values(), strict=True))
+    header, values = split_frame(encode(adapter_like(), Scheme(kind="fp32")))
+    nan = seal_frame(header, struct.pack("<f", float("nan")) + values[4:])
+    with pytest.raises(NonFiniteValues):
+        decode(nan, verify=False)
+    with pytest.raises(ShapeMismatch):
+        decode(good, verify=False, expected={"other": (1,)})
+
+
 def test_split_and_seal_follow_the_documented_layout() -> None:
     frame, header, payload = frame_and_parts(Scheme(kind="int8", zstd=True))
     raw_header, stored = split_frame(frame)

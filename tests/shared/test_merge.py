@@ -116,6 +116,25 @@ def test_merge_keeps_dtype_and_does_not_mutate_inputs() -> None:
     close(GLOBAL, 1.0, 2.0, 3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("laid_out", [True, False])
+def test_scaling_a_fisher_in_place_leaves_the_callers_fisher_alone(dtype: torch.dtype,
+                                                                   laid_out: bool) -> None:
+    # the accumulator normalises and floors its own copy in place: a float64 Fisher (whose
+    # .double() is itself) and the decoder's flat vector (whose views the caller holds) too
+    flat = torch.tensor([4.0, 0.0, 1.0, 2.0, 0.5, 3.0], dtype=dtype)
+    fisher = ({"a": flat[:2].view(1, 2), "b": flat[2:].view(2, 2)} if laid_out
+              else {"a": flat[:2].view(1, 2).clone(), "b": flat[2:].view(2, 2).clone()})
+    reference = {"a": torch.zeros(1, 2), "b": torch.zeros(2, 2)}
+    delta = {"a": torch.ones(1, 2), "b": torch.ones(2, 2)}
+    kept = {k: v.clone() for k, v in fisher.items()}
+    for normalize in (None, "mean", "l2", "max"):
+        merger = FisherAccumulator(reference, normalize=normalize, floor=0.5)
+        merger.add(delta, fisher, 1.0)
+        assert all(torch.equal(fisher[k], kept[k]) for k in kept), normalize
+    assert merger.mass["a"][0, 1] > 0  # the floor lifted the zero, in the accumulator only
+
+
 def test_merge_over_the_protocol_keys() -> None:
     gen = torch.Generator().manual_seed(0)
     glob = {k: torch.randn(2, 3, generator=gen) for k in ADAPTER_KEYS}
