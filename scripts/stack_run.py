@@ -252,10 +252,10 @@ def devices_online(run: Run) -> int:
     return sum(1 for d in page["items"] if d["online"])
 
 
-def start_round(run: Run) -> int:
+def start_round(run: Run, steps: int | None = None) -> int:
     overrides = {"min_participants": run.args.devices, "quorum_fraction": 1.0,
                  "deadline_s": run.args.round_timeout,
-                 "hparams": {"steps": run.args.steps, "batch_size": run.args.batch_size,
+                 "hparams": {"steps": steps or run.args.steps, "batch_size": run.args.batch_size,
                              "fisher_samples": run.args.fisher_samples}}
     created = http_json(f"{run.api}/api/v1/rounds", token=run.token, method="POST",
                         body={"overrides": overrides})
@@ -333,8 +333,12 @@ def device_done_tasks(run: Run) -> dict[str, list[str]]:
 
 
 def round_with_kills(run: Run) -> int:
-    """Kill an LLM worker, then the coordinator while updates arrive; restart it; wait."""
-    round_id = start_round(run)
+    """Kill an LLM worker, then the coordinator while updates arrive; restart it; wait.
+
+    The round trains ``--kill-round-steps`` local steps, so that the devices are still
+    training when the coordinator goes down; a round whose every update was in before the kill
+    tested no outage, and fails the run rather than pass it."""
+    round_id = start_round(run, run.args.kill_round_steps)
     wait_for(f"round {round_id} collecting",
              lambda: round_detail(run, round_id)["state"] == "collecting", 120, every=1)
     workers = container_ids(run, "llm-worker")
@@ -352,6 +356,10 @@ def round_with_kills(run: Run) -> int:
 
     count = f"SELECT count(*) FROM updates WHERE round_id = {round_id}"
     sent_before, rows_before = sent(device_done_tasks(run)), sql(run, count)
+    if int(rows_before or 0) >= run.args.devices:  # the dead coordinator stores no more
+        raise CheckFailed(f"round {round_id}: all {rows_before} updates were stored before the "
+                          "coordinator was killed, so none met the outage; raise "
+                          "--kill-round-steps (or lower --kill-gap)")
     wait_for("every device to send its update of the round (coordinator down)",
              lambda: sent(device_done_tasks(run)) == run.args.devices,
              run.args.round_timeout, every=2)
@@ -672,6 +680,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--llm-timeout", type=float, default=120.0,
                         help="seconds a simulated device waits for the LLM per attempt (120)")
     parser.add_argument("--round-timeout", type=float, default=1200.0)
+    parser.add_argument("--kill-round-steps", type=int, default=20,
+                        help="local steps of the round with the kills (20): long enough that "
+                             "the devices still train when the coordinator goes down")
     parser.add_argument("--kill-gap", type=float, default=5.0,
                         help="seconds between killing the worker and the coordinator")
     parser.add_argument("--docker-cpu-shares", type=int, default=0, metavar="N",
