@@ -255,7 +255,8 @@ def devices_online(run: Run) -> int:
 def start_round(run: Run, steps: int | None = None) -> int:
     overrides = {"min_participants": run.args.devices, "quorum_fraction": 1.0,
                  "deadline_s": run.args.round_timeout,
-                 "hparams": {"steps": steps or run.args.steps, "batch_size": run.args.batch_size,
+                 "hparams": {"steps": run.args.steps if steps is None else steps,
+                             "batch_size": run.args.batch_size,
                              "fisher_samples": run.args.fisher_samples}}
     created = http_json(f"{run.api}/api/v1/rounds", token=run.token, method="POST",
                         body={"overrides": overrides})
@@ -355,8 +356,9 @@ def round_with_kills(run: Run) -> int:
         return sum(any(t.startswith(task) for t in tasks) for tasks in done.values())
 
     count = f"SELECT count(*) FROM updates WHERE round_id = {round_id}"
-    sent_before, rows_before = sent(device_done_tasks(run)), sql(run, count)
-    if int(rows_before or 0) >= run.args.devices:  # the dead coordinator stores no more
+    rows_before = sql(run, count)  # first: the dead coordinator stores no more, devices send
+    sent_before = sent(device_done_tasks(run))
+    if int(rows_before or 0) >= run.args.devices:
         raise CheckFailed(f"round {round_id}: all {rows_before} updates were stored before the "
                           "coordinator was killed, so none met the outage; raise "
                           "--kill-round-steps (or lower --kill-gap)")
@@ -707,6 +709,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.devices < 1 or args.workers < 2 or args.rounds < 0:
         parser.error("need --devices >= 1 and --workers >= 2 (one is killed)")
+    if args.steps < 1 or args.kill_round_steps < 1:
+        parser.error("need --steps >= 1 and --kill-round-steps >= 1")
     return args
 
 

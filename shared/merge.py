@@ -168,8 +168,10 @@ class FisherAccumulator:
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{name}: weight must be finite and >= 0, got {weight!r}")
         d = self._layout.flatten(delta, f"{name} delta")  # (P,) float64
-        f, total = self._layout.flatten_fisher(fisher, f"{name} fisher")  # own copy, Σ F
-        self._scale(f, total)
+        scales = self.normalize is not None or self.floor != 0.0
+        f, total = self._layout.flatten_fisher(fisher, f"{name} fisher", own=scales)  # and Σ F
+        if scales:
+            self._scale(f, total)
         self._num.addcmul_(f, d, value=weight)
         self._mass.add_(f, alpha=weight)
         self._plain.add_(d, alpha=weight)
@@ -179,14 +181,14 @@ class FisherAccumulator:
     def _scale(self, fisher: torch.Tensor, total: float) -> None:  # (P,), in place
         """F̃: the client's Fisher divided by its own ``normalize`` norm, then raised to
         ``floor`` times its own mean. ``total`` is the Fisher's sum, so the mean and the
-        ``"mean"`` norm cost no pass of their own; the L2 norm is one dot product."""
+        ``"mean"`` norm cost no pass of their own; the L2 norm is one pass."""
         if self.normalize is not None:
             scale = _fisher_scale(fisher, total, self.normalize)
             if scale != 0.0:  # an all-zero Fisher stays all zeros
                 fisher.div_(scale)
                 total /= scale
         if self.floor != 0.0 and self._layout.numel:
-            fisher.clamp_(min=self.floor * total / self._layout.numel)
+            fisher.clamp_(min=self.floor * (total / self._layout.numel))
 
     def sums(self) -> dict[str, object]:
         """The running sums, total weight and count as plain values (numpy, float, int), to
@@ -246,14 +248,6 @@ class _FlatLayout:
         for key, shape in self.shapes.items():
             self.offsets[key] = start
             start += math.prod(shape)
-        self.bounds = [(offset, offset + math.prod(self.shapes[key]))
-                       for key, offset in self.offsets.items()]
-
-    def slices(self, flat: torch.Tensor) -> AdapterState:
-        """Per-key 1-D slices of a flat (P,) vector (for reductions: a contiguous tensor
-        reduces to the same bits whatever its shape)."""
-        return {key: flat[start:stop] for key, (start, stop) in zip(self.shapes, self.bounds,
-                                                                    strict=True)}
 
     def zeros(self) -> torch.Tensor:  # (P,)
         return torch.zeros(self.numel, dtype=torch.float64, device=self.device)
@@ -283,21 +277,31 @@ class _FlatLayout:
         _check_states([state], self.reference, what)
         return self._concatenated(state)
 
-    def flatten_fisher(self, state: AdapterState, what: str) -> tuple[torch.Tensor, float]:
-        """A Fisher as one float64 (P,) vector of its own (the caller may scale it in place)
-        and its sum, checked like ``_check_states(nonnegative=True)``: the sum, finite, says
-        every value is finite and is the one the merge needs; a min >= 0 that nothing is
-        negative."""
+    def flatten_fisher(self, state: AdapterState, what: str,
+                       own: bool = True) -> tuple[torch.Tensor, float]:
+        """A Fisher as one float64 (P,) vector and its sum, checked like
+        ``_check_states(nonnegative=True)``: the sum, finite, says every value is finite and is
+        the one the merge needs; a min >= 0 that nothing is negative. With ``own`` the vector
+        is a copy of the caller's to scale in place. The sum is numpy's (pairwise, on one
+        thread), so it has the same bits in any process whatever its thread count."""
         if self._fits(state):
             base = self._laid_out(state)
-            flat = (base.to(torch.float64, copy=True) if base is not None else
-                    torch.cat([state[key].reshape(-1) for key in self.shapes]).double())
-            total = float(flat.sum())
-            if math.isfinite(total) and bool(flat.min() >= 0):
+            if base is None:
+                flat = torch.cat([state[key].reshape(-1) for key in self.shapes]).double()
+            else:
+                flat = base.to(torch.float64, copy=True) if own else base.double()
+            values = flat.numpy()
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf: the slow path says
+                total = float(values.sum())
+            if math.isfinite(total) and values.min() >= 0:
                 return flat, total
         _check_states([state], self.reference, what, nonnegative=True)
         flat = self._concatenated(state)
-        return flat, float(flat.sum())
+        with np.errstate(over="ignore"):
+            total = float(flat.numpy().sum())
+        if not math.isfinite(total):  # finite values whose sum overflows float64
+            raise ValueError(f"{what}: the Fisher's values sum beyond float64's range")
+        return flat, total
 
     def _concatenated(self, state: AdapterState) -> torch.Tensor:  # (P,), a new tensor
         if not self.shapes:
@@ -455,12 +459,16 @@ def _mean_over_keys(state: AdapterState) -> float:
 
 def _fisher_scale(fisher: torch.Tensor, total: float, normalize: str) -> float:
     """One client's mean, L2 norm or max of its flat (P,) float64 Fisher whose sum is
-    ``total``."""
+    ``total``; numpy's reductions on one thread (not BLAS, whose dot product changes in the
+    last bits with the number of threads), so every process gets the same bits."""
+    if not fisher.numel():
+        return 0.0
+    values = fisher.numpy()
     if normalize == "mean":
-        return total / fisher.numel() if fisher.numel() else 0.0
+        return total / values.size
     if normalize == "l2":
-        return math.sqrt(float(torch.dot(fisher, fisher)))
-    return float(fisher.max()) if fisher.numel() else 0.0
+        return math.sqrt(float(np.einsum("i,i->", values, values)))
+    return float(values.max())
 
 
 def normalized_weights(weights: Sequence[float], count: int) -> torch.Tensor:

@@ -284,17 +284,22 @@ def test_decode_rejects_corruption() -> None:
 def test_decode_without_the_checksum_still_checks_everything_else() -> None:
     # verify=False is for bytes a digest already vouched for (a blob read back): the checksum
     # alone is skipped
-    frame = bytearray(frame_and_parts()[0])
-    frame[-5] ^= 0x01  # a payload byte: the checksum no longer matches
+    header, values = split_frame(encode(adapter_like(), Scheme(kind="fp32")))
+    frame = bytearray(seal_frame(header, values))
+    frame[-5] ^= 0x01  # a payload byte: the checksum no longer matches, the values still decode
     with pytest.raises(ChecksumMismatch):
         decode(bytes(frame))
+    changed = decode(bytes(frame), verify=False)
+    assert any(not torch.equal(a, b) for a, b in zip(changed.values(),
+                                                     decode(seal_frame(header, values)).values(),
+                                                     strict=True))
+    nan = bytearray(seal_frame(header, struct.pack("<f", float("nan")) + values[4:]))
+    nan[-5] ^= 0x01  # and a checksum that fails: the NaN is still found
+    with pytest.raises(NonFiniteValues):
+        decode(bytes(nan), verify=False)
     good = frame_and_parts()[0]
     assert all(torch.equal(a, b) for a, b in zip(decode(good, verify=False).values(),
                                                  decode(good).values(), strict=True))
-    header, values = split_frame(encode(adapter_like(), Scheme(kind="fp32")))
-    nan = seal_frame(header, struct.pack("<f", float("nan")) + values[4:])
-    with pytest.raises(NonFiniteValues):
-        decode(nan, verify=False)
     with pytest.raises(ShapeMismatch):
         decode(good, verify=False, expected={"other": (1,)})
 

@@ -135,6 +135,32 @@ def test_scaling_a_fisher_in_place_leaves_the_callers_fisher_alone(dtype: torch.
     assert merger.mass["a"][0, 1] > 0  # the floor lifted the zero, in the accumulator only
 
 
+@pytest.mark.parametrize("normalize", ["mean", "l2", "max"])
+def test_an_update_folds_to_the_same_bits_at_any_thread_count(normalize: str) -> None:
+    # a merge worker folds with one thread and the coordinator with several: an update must
+    # add the same float64 values in both (BLAS's dot product, for one, would not: its last
+    # bits change with the number of threads past torch's 32K-element grain)
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"a": (8, 576), "b": (300, 200)}  # 64,608 values
+    ref = {k: torch.zeros(s) for k, s in shapes.items()}
+    updates = [({k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()},
+                {k: torch.rand(s, generator=gen) ** 4 for k, s in shapes.items()})
+               for _ in range(5)]
+    sums = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            merger = FisherAccumulator(ref, normalize=normalize, floor=0.1)
+            for delta, fisher in updates:
+                merger.add(delta, fisher, 0.2)
+            sums.append(merger.sums())
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("num", "mass", "plain"):
+        assert sums[0][key].tobytes() == sums[1][key].tobytes(), key
+
+
 def test_merge_over_the_protocol_keys() -> None:
     gen = torch.Generator().manual_seed(0)
     glob = {k: torch.randn(2, 3, generator=gen) for k in ADAPTER_KEYS}
@@ -294,7 +320,10 @@ def _per_key_merge(ref: dict, deltas: list, fishers: list, weights: list, normal
 
 @pytest.mark.parametrize("normalize", [None, "mean", "l2", "max"])
 @pytest.mark.parametrize("floor", [0.0, 0.2])
-def test_flat_accumulator_gives_the_per_key_bits(normalize: str | None, floor: float) -> None:
+def test_flat_accumulator_gives_the_per_key_float32_results(normalize: str | None,
+                                                            floor: float) -> None:
+    # float32 outputs (the service's) match the per-key maths bit for bit; the float64 sums
+    # may differ in their last bits (one flat sum per update instead of per-key sums)
     gen = torch.Generator().manual_seed(1)
     shapes = {"a": (8, 5), "b": (5, 8), "c": (3,)}
     ref = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
