@@ -164,3 +164,22 @@ def test_stack_run_refuses_taken_host_ports_before_starting() -> None:
                             ["docker-compose"])
         with pytest.raises(stack_run.CheckFailed, match=f"{port} \\(--mqtts-x509-port"):
             stack_run.check_ports_free(run)
+
+
+def test_stack_run_kill_round_trains_long_enough_to_meet_the_outage(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a round whose devices finish before the coordinator dies tests no outage: the kill
+    # round asks for --kill-round-steps local steps, and 0 is refused rather than read as 2
+    stack_run = stack_run_module()
+    asked: list[dict] = []
+    monkeypatch.setattr(stack_run, "http_json",
+                        lambda url, token="", method="GET", body=None: (asked.append(body),
+                                                                          {"id": 7})[1])
+    run = stack_run.Run(stack_run.parse_args(["--kill-round-steps", "30"]), ["docker-compose"])
+    run.token = "t"
+    assert stack_run.start_round(run) == 7
+    assert stack_run.start_round(run, run.args.kill_round_steps) == 7
+    assert [b["overrides"]["hparams"]["steps"] for b in asked] == [2, 30]
+    assert stack_run.parse_args([]).kill_round_steps == 20
+    with pytest.raises(SystemExit):
+        stack_run.parse_args(["--kill-round-steps", "0"])
