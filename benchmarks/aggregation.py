@@ -435,6 +435,20 @@ def module_at(ref: str, path: str, name: str) -> types.ModuleType:
     return module
 
 
+def alternated(jobs: dict[str, Callable[[], AdapterState]], repeats: int,
+               ) -> tuple[dict[str, list[float]], dict[str, AdapterState]]:
+    """Each job's times over ``repeats`` runs and its last result, the jobs run in turn and
+    their order reversed every other repeat (a noisy machine hits each alike)."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    results: dict[str, AdapterState] = {}
+    for repeat in range(repeats):
+        for name in (list(jobs) if repeat % 2 == 0 else list(reversed(jobs))):
+            started = time.perf_counter()
+            results[name] = jobs[name]()
+            times[name].append(time.perf_counter() - started)
+    return times, results
+
+
 def merges(args: argparse.Namespace, global_state: AdapterState,
            expected: dict[str, tuple[int, ...]]) -> None:
     """The per-update decode + Fisher fold with the codec and merge of ``--merge-before`` and
@@ -452,16 +466,10 @@ def merges(args: argparse.Namespace, global_state: AdapterState,
     print("|---|---|---|---|---|---|")
     for count in args.counts:
         for label, kwargs in options.items():
-            times: dict[str, list[float]] = {name: [] for name in paths}
-            results = {}
-            for repeat in range(args.repeats):
-                order = list(paths) if repeat % 2 == 0 else list(reversed(paths))
-                for name in order:
-                    accumulator, decode = paths[name]
-                    started = time.perf_counter()
-                    results[name] = stream_merge(partial(accumulator, **kwargs), global_state,
-                                                 frames, count, expected, decode)
-                    times[name].append(time.perf_counter() - started)
+            times, results = alternated(
+                {name: partial(stream_merge, partial(accumulator, **kwargs), global_state,
+                               frames, count, expected, decode)
+                 for name, (accumulator, decode) in paths.items()}, args.repeats)
             first, second = results.values()
             diff = max(float((first[k] - second[k]).abs().max()) for k in first)
             for name, t in times.items():
@@ -484,15 +492,9 @@ def decoders(args: argparse.Namespace, global_state: AdapterState,
     print("| updates | decoder | decode + merge, median (ms) | min (ms) | per update (ms) |")
     print("|---|---|---|---|---|")
     for count in args.counts:
-        times: dict[str, list[float]] = {name: [] for name in decode}
-        results = {}
-        for repeat in range(args.repeats):
-            order = list(decode) if repeat % 2 == 0 else list(reversed(decode))
-            for name in order:
-                started = time.perf_counter()
-                results[name] = stream_merge(FisherAccumulator, global_state, frames, count,
-                                             expected, decode[name])
-                times[name].append(time.perf_counter() - started)
+        times, results = alternated(
+            {name: partial(stream_merge, FisherAccumulator, global_state, frames, count,
+                           expected, decoder) for name, decoder in decode.items()}, args.repeats)
         first, second = results.values()
         assert all(torch.equal(first[k], second[k]) for k in first), "results differ"
         for name, t in times.items():

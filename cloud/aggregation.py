@@ -92,17 +92,10 @@ def ensure_initial_version(session: Session, blobs: BlobStore,
 def load_update(blobs: BlobStore, row: Update | StoredUpdate, global_state: AdapterState, *,
                 with_fisher: bool = True) -> AdapterUpdate:
     """Decode a stored (already validated) update envelope into an ``AdapterUpdate``, with
-    the decoder the validation gate used on it (``shared.protocol.decode_update``). The
-    frames' own checksums are not checked again: ``BlobStore.get`` has just checked the whole
-    envelope against the SHA-256 it is stored under, the digest taken when the gate accepted it;
-    every other check of the decoder still runs. With
-    ``with_fisher`` False its Fisher frame is left undecoded (``fisher`` None): a strategy that does
-    not read it does not pay for it (half the decoding of an update that carries one)."""
-    message, parts = _unpack_update(blobs, row)
-    if not with_fisher:
-        parts.pop(protocol.FISHER_PART, None)
-    delta, fisher = protocol.decode_update(parts, expected=_shapes(global_state),
-                                           max_bytes=MAX_BLOB_BYTES, verify=False)
+    the decoder the validation gate used on it (``_decode_stored``). With ``with_fisher``
+    False its Fisher frame is left undecoded (``fisher`` None): a strategy that does not read
+    it does not pay for it (half the decoding of an update that carries one)."""
+    message, delta, fisher = _decode_stored(blobs, row, global_state, with_fisher=with_fisher)
     return AdapterUpdate(client_id=row.device_id, delta=delta, n_samples=row.n_samples,
                          fisher=fisher, base_version=message.global_version,
                          metrics=dict(message.metrics))
@@ -125,11 +118,22 @@ def load_delta(blobs: BlobStore, row: Update | StoredUpdate,
                global_state: AdapterState) -> AdapterState:
     """Only the Δθ of a stored update, decoded as ``load_update`` decodes it; its Fisher frame
     is not decoded (a pass that only needs each delta's norm reads this)."""
-    _, parts = _unpack_update(blobs, row)
-    parts.pop(protocol.FISHER_PART, None)
-    delta, _ = protocol.decode_update(parts, expected=_shapes(global_state),
-                                      max_bytes=MAX_BLOB_BYTES, verify=False)
-    return delta
+    return _decode_stored(blobs, row, global_state, with_fisher=False)[1]
+
+
+def _decode_stored(blobs: BlobStore, row: Update | StoredUpdate, global_state: AdapterState, *,
+                   with_fisher: bool) -> tuple[UpdateMessage, AdapterState, AdapterState | None]:
+    """A stored update's message, Δθ and Fisher (None without ``with_fisher`` or when it has
+    none), decoded with ``shared.protocol.decode_update``. The frames' own checksums are not
+    checked again: ``BlobStore.get`` has just checked the whole envelope against the SHA-256
+    it is stored under, the digest taken when the gate accepted it; every other check of the
+    decoder still runs."""
+    message, parts = _unpack_update(blobs, row)
+    if not with_fisher:
+        parts.pop(protocol.FISHER_PART, None)
+    delta, fisher = protocol.decode_update(parts, expected=_shapes(global_state),
+                                           max_bytes=MAX_BLOB_BYTES, verify=False)
+    return message, delta, fisher
 
 
 def has_fisher(blobs: BlobStore, row: Update) -> bool:

@@ -268,12 +268,9 @@ class _FlatLayout:
         reduction (a finite sum means every value is finite); anything odd goes through
         ``_check_states`` for the precise error.
         """
-        if self._fits(state):
-            base = self._laid_out(state)  # the decoder's own flat vector, when it is one
-            flat = (base if base is not None else
-                    torch.cat([state[key].reshape(-1) for key in self.shapes])).double()
-            if _all_finite(flat):
-                return flat
+        flat = self._gathered(state, own=False)
+        if flat is not None and _all_finite(flat):
+            return flat
         _check_states([state], self.reference, what)
         return self._concatenated(state)
 
@@ -284,12 +281,8 @@ class _FlatLayout:
         the one the merge needs; a min >= 0 that nothing is negative. With ``own`` the vector
         is a copy of the caller's to scale in place. The sum is numpy's (pairwise, on one
         thread), so it has the same bits in any process whatever its thread count."""
-        if self._fits(state):
-            base = self._laid_out(state)
-            if base is None:
-                flat = torch.cat([state[key].reshape(-1) for key in self.shapes]).double()
-            else:
-                flat = base.to(torch.float64, copy=True) if own else base.double()
+        flat = self._gathered(state, own=own)
+        if flat is not None:
             values = flat.numpy()
             with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf: the slow path says
                 total = float(values.sum())
@@ -302,6 +295,17 @@ class _FlatLayout:
         if not math.isfinite(total):  # finite values whose sum overflows float64
             raise ValueError(f"{what}: the Fisher's values sum beyond float64's range")
         return flat, total
+
+    def _gathered(self, state: AdapterState, own: bool) -> torch.Tensor | None:
+        """The state's values as one float64 (P,) vector when its keys and shapes fit the
+        layout (None otherwise; the values are not checked): the decoder's own flat vector
+        when it is one (a copy of it with ``own``), else the keys concatenated."""
+        if not self._fits(state):
+            return None
+        base = self._laid_out(state)
+        if base is None:
+            return torch.cat([state[key].reshape(-1) for key in self.shapes]).double()
+        return base.to(torch.float64, copy=True) if own else base.double()
 
     def _concatenated(self, state: AdapterState) -> torch.Tensor:  # (P,), a new tensor
         if not self.shapes:
