@@ -113,10 +113,19 @@ def margin_for(method: str, margin: float = DEFAULT_MARGIN) -> float:
     return min(margin, TRANSPORT_MARGIN) if "[activations " in method else margin
 
 
+# Not merges but the bounds a merge sits between: each device alone, and one learner on the
+# pooled data. They are not judged against FedAvg; the default is judged against centralized.
+BOUNDS = ("local", "centralized")
+# "Within 2 points of centralized": the default's gap to the pooled-data learner is judged as a
+# non-inferiority test against it at this margin.
+CENTRALIZED_MARGIN = 0.02
+
+
 def paired_tests(reports: list[Report], reference: str = "fedavg",
-                 margin: float = DEFAULT_MARGIN) -> dict[str, dict[Cell, PairedTest]]:
+                 margin: float = DEFAULT_MARGIN,
+                 methods: Sequence[str] | None = None) -> dict[str, dict[Cell, PairedTest]]:
     """``{method: {cell: test}}`` against ``reference``, Holm-corrected per method over cells,
-    each method at its own ``margin_for``."""
+    each method at its own ``margin_for``; only ``methods`` when given."""
     table = by_cell_method(reports)
     tests: dict[str, dict[Cell, PairedTest]] = defaultdict(dict)
     for cell, row in table.items():
@@ -124,6 +133,8 @@ def paired_tests(reports: list[Report], reference: str = "fedavg",
             continue
         for method, runs in row.items():
             if method == reference or not set(runs) & set(row[reference]):
+                continue
+            if methods is not None and method not in methods:
                 continue
             tests[method][cell] = paired_test(_accuracy(runs), _accuracy(row[reference]),
                                               margin_for(method, margin))
@@ -133,9 +144,13 @@ def paired_tests(reports: list[Report], reference: str = "fedavg",
 
 
 def verdict_markdown(reports: list[Report], reference: str = "fedavg",
-                     margin: float = DEFAULT_MARGIN) -> str:
-    """One row per (method, cell): accuracies, paired difference with CI, tests, verdict."""
-    tests = paired_tests(reports, reference, margin)
+                     margin: float = DEFAULT_MARGIN, methods: Sequence[str] | None = None) -> str:
+    """One row per (method, cell): accuracies, paired difference with CI, tests, verdict.
+
+    ``methods``: only those; by default every method but the ``BOUNDS``."""
+    if methods is None:
+        methods = sorted({method_label(r["config"]) for r in reports} - set(BOUNDS))
+    tests = paired_tests(reports, reference, margin, methods)
     if not tests:
         raise ValueError(f"no method shares a seed with the reference {reference!r}")
     table = by_cell_method(reports)
@@ -150,6 +165,12 @@ def verdict_markdown(reports: list[Report], reference: str = "fedavg",
                          f"{statistics.fmean(mine):.3f} | {statistics.fmean(ref):.3f} | "
                          f"{describe(test)} | {100 * test.margin:g} pt | **{test.verdict}** |")
     return "\n".join(lines)
+
+
+def centralized_markdown(reports: list[Report], default: str = "fedavg") -> str:
+    """The ``default`` merge against one learner on the pooled data, per cell where both ran on
+    shared seeds, at the ``CENTRALIZED_MARGIN`` (non-inferior = within that of centralized)."""
+    return verdict_markdown(reports, "centralized", CENTRALIZED_MARGIN, [default])
 
 
 def bytes_markdown(reports: list[Report]) -> str:
@@ -192,7 +213,7 @@ def per_type_markdown(reports: list[Report], alpha: float | None = 0.1) -> str:
 
 
 SECTIONS = {"accuracy": pivot_markdown, "verdicts": verdict_markdown, "bytes": bytes_markdown,
-            "per-type": per_type_markdown}
+            "per-type": per_type_markdown, "centralized": centralized_markdown}
 _MARKER = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n).*?(<!-- end generated -->)",
                      re.DOTALL)
 

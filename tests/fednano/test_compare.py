@@ -89,3 +89,18 @@ def test_compressed_activations_are_judged_at_the_tighter_transport_margin() -> 
     assert [t.verdict for t in tests["fedavg [activations int8+zstd]"].values()] == ["worse"]
     table = verdict_markdown(reports)
     assert "| 0.5 pt | **worse** |" in table and "| 1 pt | **non-inferior** |" in table
+
+
+def test_the_default_is_judged_against_centralized_at_two_points() -> None:
+    from fednano.compare import centralized_markdown
+
+    base = [0.60, 0.52, 0.71, 0.66, 0.58, 0.63, 0.55, 0.69]
+    fedavg = [report("fedavg", s, a) for s, a in enumerate(base)]
+    near = [report("centralized", s, a + 0.012 + 0.002 * (s % 2)) for s, a in enumerate(base)]
+    far = [report("centralized", s, a + 0.035 + 0.004 * (s % 2)) for s, a in enumerate(base)]
+    assert "| fedavg | easyvqa K=5 α=0.1 3×8 | 8 |" in centralized_markdown(fedavg + near)
+    assert "| 2 pt | **non-inferior** |" in centralized_markdown(fedavg + near)
+    assert "| 2 pt | **worse** |" in centralized_markdown(fedavg + far)
+    # A bound is not a merge: it has no row in the table against FedAvg.
+    rows = verdict_markdown(fedavg + near + runs([0.01] * 8)[8:]).split("\n")[2:]
+    assert rows and not any("centralized" in row for row in rows)
