@@ -1,7 +1,7 @@
 """int8 vs fp32 encoder + connector on the real base: latency, size, cosine; bundle vs full MLLM.
 
     python benchmarks/encoder_int8.py [--bundle DIR] [--repeats 50] [--threads 1]
-                                      [--candidates] [--out F]
+                                      [--candidates] [--openvino] [--out F]
 
 Models, all pixels (1, 3, 224, 224) -> visual tokens (1, 4, 576): fp32 torch (eager), fp32
 onnxruntime and the bundle's two int8 static-QDQ graphs (exported here with 64 calibration
@@ -11,7 +11,9 @@ the TensorRT graph (zero points of 0), both run here on onnxruntime's CPU provid
 timed at batch 1, interleaved in one loop so a noisy shared machine hits every model alike;
 one thread by default (two threads on two busy cores stall in spin-waits). Cosine is per
 visual token vs fp32 torch on the held-out alignment images + sklearn photos and on easy-VQA
-test images (device-style data).
+test images (device-style data). With ``--openvino`` (``pip install openvino``) the fp32 graph
+and the bundle's CPU graph also run on OpenVINO's CPU runtime, which reads the same QDQ ONNX
+files; the ratios stay against fp32 onnxruntime.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from cloud.base.build import LoadedBase, default_home, load_base
 from cloud.bundle import (
+    INPUT_NAME,
     RECIPES,
     EncoderConnector,
     ExportOptions,
@@ -76,6 +79,10 @@ def main() -> None:
             files[name] = _quantize(files["fp32 onnx"], work, calibration, recipe)
     runners = {"fp32 torch": _torch_runner(graph), **{
         name: _ort_runner(path, args.threads) for name, path in files.items()}}
+    if args.openvino:
+        cpu_graph = next(name for name in files if name.startswith("bundle cpu graph"))
+        for name in ("fp32 onnx", cpu_graph):
+            runners[f"{name} on OpenVINO"] = _openvino_runner(files[name], args.threads)
     report = {
         "threads": args.threads, "repeats": args.repeats, "bundle": str(bundle),
         "recipes": {target: str(recipe) for target, recipe in RECIPES.items()},
@@ -97,6 +104,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="images per timed inference")
     parser.add_argument("--candidates", action="store_true",
                         help="also quantize and time the other recipes in CANDIDATES")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also run the fp32 and the bundle's CPU graph on OpenVINO's CPU "
+                             "runtime (pip install openvino)")
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     args = parser.parse_args()
@@ -139,6 +149,18 @@ def _ort_runner(path: Path, threads: int) -> Runner:
     session = onnxruntime.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
     return lambda pixels: run_session(session, pixels)
+
+
+def _openvino_runner(path: Path, threads: int) -> Runner:
+    try:
+        import openvino
+    except ImportError as err:
+        raise SystemExit("--openvino needs the openvino package: pip install openvino") from err
+    model = openvino.Core().read_model(str(path))
+    model.reshape({INPUT_NAME: [-1, 3, 224, 224]})  # any batch, like the onnxruntime sessions
+    compiled = openvino.Core().compile_model(model, "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+    return lambda pixels: torch.from_numpy(compiled(pixels.numpy())[0].copy())
 
 
 def _latency(runners: dict[str, Runner], repeats: int,

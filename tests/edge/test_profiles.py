@@ -216,7 +216,8 @@ def test_bad_providers_fail(tmp_path: Path, providers: list[str], expected: str)
 
 
 def test_sim_cpu_runs_cpu_only(tmp_path: Path) -> None:
-    data = _changed("sim-cpu", runtime__providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    data = _changed("sim-cpu", runtime__providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                    runtime__engine="onnxruntime")
     assert "do not run on sim-cpu" in _errors(tmp_path, data)
 
 
@@ -228,8 +229,15 @@ def test_tensorrt_settings_go_with_the_tensorrt_provider(tmp_path: Path) -> None
 
 
 def test_fp16_needs_a_gpu_provider(tmp_path: Path) -> None:
-    data = _changed("sim-cpu", runtime__precision="fp16")
+    data = _changed("sim-cpu", runtime__precision="fp16", runtime__engine="onnxruntime")
     assert "precision fp16 needs" in _errors(tmp_path, data)
+
+
+def test_openvino_takes_only_the_int8_cpu_graph_on_the_cpu(tmp_path: Path) -> None:
+    assert load_profile("sim-cpu").runtime.engine == "openvino"
+    for change in ({"runtime__precision": "fp16"}, {"runtime__encoder": "tensorrt"}):
+        assert "engine openvino runs the int8 cpu graph" in _errors(
+            tmp_path, _changed("sim-cpu", **change))
 
 
 def test_ort_provider_options_resolve_the_engine_cache(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from edge.cli import app
 from edge.profiles import RuntimeSettings
 from edge.runtime import (
     CPU_PROVIDER,
+    OPENVINO_CPU,
     OnnxEncoder,
     SelfTestError,
     choose_providers,
@@ -181,6 +183,38 @@ def test_load_with_profile_settings(bundle: Path, tmp_path: Path) -> None:
     forced = RuntimeSettings(providers=("CPUExecutionProvider",), encoder="tensorrt")
     runtime = load_bundle_for_profile(bundle, forced, tmp_path / "state")
     assert runtime.target == "tensorrt" and runtime.self_test().min_cosine >= 0.97
+
+
+def test_openvino_runs_the_cpu_graph_like_onnxruntime(bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    settings = RuntimeSettings(providers=(CPU_PROVIDER,), engine="openvino", batch_size=2,
+                               intra_op_threads=1)
+    runtime = load_bundle_for_profile(bundle, settings, tmp_path / "state")  # self-tested
+    assert runtime.providers == [OPENVINO_CPU] and runtime.target == "cpu"
+    onnx_runtime = load_bundle(bundle, self_test=False)
+    pixels = runtime.pixels(_images(5, 7))  # (5, 3, S, S): runs of 2, 2 and 1
+    tokens = runtime.encoder(pixels)  # (5, V, d)
+    assert tokens.shape == (5, 4, WIDTH)
+    cosine = torch.cosine_similarity(tokens, onnx_runtime.encoder(pixels), dim=-1)
+    assert float(cosine.min()) > 0.99
+    session, feed = runtime.encoder.session, {"pixels": pixels[:2].numpy()}
+    (held,) = session.run(["visual_tokens"], feed)
+    first = held.copy()
+    session.run(["visual_tokens"], {"pixels": pixels[2:4].numpy()})
+    assert np.array_equal(held, first)  # the next run did not write into returned tokens
+
+
+def test_openvino_falls_back_to_onnxruntime_when_missing(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with caplog.at_level(logging.WARNING, logger="edge.runtime"):
+        runtime = load_bundle(bundle, engine="openvino")
+    assert runtime.providers == [CPU_PROVIDER]
+    assert "openvino package is not installed" in caplog.text
+    with pytest.raises(BundleError, match="OpenVINO runs the cpu graph"):
+        load_bundle(bundle, engine="openvino", target="tensorrt")
+    with pytest.raises(ValueError, match="engine openvino"):
+        RuntimeSettings(providers=("CUDAExecutionProvider", CPU_PROVIDER), engine="openvino")
 
 
 def _zero_points(model: Path) -> list[np.ndarray]:
