@@ -289,7 +289,13 @@ def compare(
     centralized) are left out of that table; where centralized ran, FedAvg is judged against it
     at a 2-point margin ("within 2 points of centralized").
     """
-    from fednano.compare import load_reports, pivot_markdown, update_document, verdict_markdown
+    from fednano.compare import (
+        centralized_markdown,
+        load_reports,
+        pivot_markdown,
+        update_document,
+        verdict_markdown,
+    )
 
     try:
         reports = load_reports(runs)
@@ -298,10 +304,12 @@ def compare(
             console.print(f"updated {update}")
             return
         print(pivot_markdown(reports), "", sep="\n")
-        try:
-            print(verdict_markdown(reports, reference, margin))
-        except ValueError as err:  # nothing paired with the reference: the table alone
-            print(f"({err})")
+        for table in (lambda: verdict_markdown(reports, reference, margin),
+                      lambda: centralized_markdown(reports)):
+            try:
+                print(table(), "", sep="\n")
+            except ValueError as err:  # nothing paired with the reference: the pivot alone
+                print(f"({err})", "", sep="\n")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 

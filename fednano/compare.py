@@ -14,11 +14,11 @@ import math
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fednano.stats import DEFAULT_MARGIN, PairedTest, describe, judge, paired_test
+from fednano.stats import DEFAULT_MARGIN, PairedTest, describe, gap_verdict, judge, paired_test
 
 CELL = ("task", "clients", "alpha", "partition", "rounds")
 TRAIN = ("steps", "batch_size", "lr")
@@ -114,7 +114,8 @@ def margin_for(method: str, margin: float = DEFAULT_MARGIN) -> float:
 
 
 # Not merges but the bounds a merge sits between: each device alone, and one learner on the
-# pooled data. They are not judged against FedAvg; the default is judged against centralized.
+# pooled data (strategies, whatever their options or encodings). They are not judged against
+# FedAvg; the default is judged against centralized.
 BOUNDS = ("local", "centralized")
 # "Within 2 points of centralized": the default's gap to the pooled-data learner is judged as a
 # non-inferiority test against it at this margin.
@@ -143,16 +144,40 @@ def paired_tests(reports: list[Report], reference: str = "fedavg",
     return dict(tests)
 
 
+def is_bound(method: str) -> bool:
+    """Whether ``method`` (a label, options and encodings included) is one of the ``BOUNDS``."""
+    return re.split(r"[ :\[]", method)[0] in BOUNDS
+
+
 def verdict_markdown(reports: list[Report], reference: str = "fedavg",
                      margin: float = DEFAULT_MARGIN, methods: Sequence[str] | None = None) -> str:
     """One row per (method, cell): accuracies, paired difference with CI, tests, verdict.
 
     ``methods``: only those; by default every method but the ``BOUNDS``."""
     if methods is None:
-        methods = sorted({method_label(r["config"]) for r in reports} - set(BOUNDS))
+        methods = sorted(m for m in {method_label(r["config"]) for r in reports}
+                         if not is_bound(m))
     tests = paired_tests(reports, reference, margin, methods)
     if not tests:
         raise ValueError(f"no method shares a seed with the reference {reference!r}")
+    return _test_table(reports, tests, reference, lambda test: f"**{test.verdict}**")
+
+
+def centralized_markdown(reports: list[Report], default: str = "fedavg") -> str:
+    """The ``default`` merge against one learner on the pooled data, per cell where both ran on
+    shared seeds: within ``CENTRALIZED_MARGIN`` of it, beyond it, or inconclusive (Holm-corrected
+    over the cells; ``fednano.stats.gap_verdict``)."""
+    tests = paired_tests(reports, "centralized", CENTRALIZED_MARGIN, [default])
+    if not tests:
+        raise ValueError(f"no {default!r} run shares a seed with a 'centralized' run")
+    words = {"within": f"**within {100 * CENTRALIZED_MARGIN:g} pt**",
+             "beyond": f"**more than {100 * CENTRALIZED_MARGIN:g} pt behind**",
+             "inconclusive": "**inconclusive**"}
+    return _test_table(reports, tests, "centralized", lambda test: words[gap_verdict(test)])
+
+
+def _test_table(reports: list[Report], tests: dict[str, dict[Cell, PairedTest]], reference: str,
+                verdict: Callable[[PairedTest], str]) -> str:
     table = by_cell_method(reports)
     lines = [f"| method | setting | n | accuracy | {reference} | difference [95 % CI], wins/losses,"
              " Holm p (t / Wilcoxon) | margin | verdict |", "|---|---|---|---|---|---|---|---|"]
@@ -163,14 +188,8 @@ def verdict_markdown(reports: list[Report], reference: str = "fedavg",
             ref = [_accuracy(table[cell][reference])[s] for s in seeds]
             lines.append(f"| {method} | {cell_label(cell)} | {test.n} | "
                          f"{statistics.fmean(mine):.3f} | {statistics.fmean(ref):.3f} | "
-                         f"{describe(test)} | {100 * test.margin:g} pt | **{test.verdict}** |")
+                         f"{describe(test)} | {100 * test.margin:g} pt | {verdict(test)} |")
     return "\n".join(lines)
-
-
-def centralized_markdown(reports: list[Report], default: str = "fedavg") -> str:
-    """The ``default`` merge against one learner on the pooled data, per cell where both ran on
-    shared seeds, at the ``CENTRALIZED_MARGIN`` (non-inferior = within that of centralized)."""
-    return verdict_markdown(reports, "centralized", CENTRALIZED_MARGIN, [default])
 
 
 def bytes_markdown(reports: list[Report]) -> str:

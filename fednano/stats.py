@@ -52,6 +52,7 @@ class PairedTest:
     p_superior: float  # one-sided paired t-test, H1: mean d > 0
     p_noninferior: float  # one-sided paired t-test, H1: mean d > -margin
     p_inferior: float  # one-sided paired t-test, H1: mean d < 0
+    p_beyond_margin: float  # one-sided paired t-test, H1: mean d < -margin
     p_wilcoxon: float  # one-sided Wilcoxon signed-rank, H1: d tends to be > 0
     margin: float
     adjusted: dict[str, float] = field(default_factory=dict)  # Holm-adjusted p-values
@@ -79,6 +80,7 @@ def paired_test(
         p_superior=_t_p_greater(mean, sd, n, 0.0),
         p_noninferior=_t_p_greater(mean, sd, n, -margin),
         p_inferior=_t_p_greater(-mean, sd, n, 0.0),
+        p_beyond_margin=_t_p_greater(-mean, sd, n, margin),
         p_wilcoxon=_wilcoxon_p_greater(diffs), margin=margin,
     )
 
@@ -120,7 +122,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def judge(tests: Sequence[PairedTest]) -> None:
     """Holm-correct each family of p-values across ``tests`` (one per cell) and set verdicts."""
-    families = ("p_superior", "p_noninferior", "p_inferior", "p_wilcoxon")
+    families = ("p_superior", "p_noninferior", "p_inferior", "p_beyond_margin", "p_wilcoxon")
     for name in families:
         for test, p in zip(tests, holm([getattr(t, name) for t in tests]), strict=True):
             test.adjusted[name] = p
@@ -136,6 +138,17 @@ def _verdict(test: PairedTest) -> str:
         return "non-inferior"
     if adj["p_inferior"] < ONE_SIDED:
         return "worse"
+    return "inconclusive"
+
+
+def gap_verdict(test: PairedTest) -> str:
+    """Whether a method is within ``margin`` of a reference it is not expected to beat (an
+    upper bound such as a centralized learner), after Holm: ``within`` when the lower bound
+    clears -margin, ``beyond`` when the upper bound is below -margin, ``inconclusive`` else."""
+    if test.adjusted["p_noninferior"] < ONE_SIDED:
+        return "within"
+    if test.adjusted["p_beyond_margin"] < ONE_SIDED:
+        return "beyond"
     return "inconclusive"
 
 
