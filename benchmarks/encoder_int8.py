@@ -34,6 +34,7 @@ from torch import nn
 from cloud.base.build import LoadedBase, default_home, load_base
 from cloud.bundle import (
     INPUT_NAME,
+    OUTPUT_NAME,
     RECIPES,
     EncoderConnector,
     ExportOptions,
@@ -152,15 +153,14 @@ def _ort_runner(path: Path, threads: int) -> Runner:
 
 
 def _openvino_runner(path: Path, threads: int) -> Runner:
-    try:
-        import openvino
-    except ImportError as err:
-        raise SystemExit("--openvino needs the openvino package: pip install openvino") from err
-    model = openvino.Core().read_model(str(path))
-    model.reshape({INPUT_NAME: [-1, 3, 224, 224]})  # any batch, like the onnxruntime sessions
-    compiled = openvino.Core().compile_model(model, "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
-    return lambda pixels: torch.from_numpy(compiled(pixels.numpy())[0].copy())
+    """The graph on OpenVINO as a device runs it (``edge.runtime.open_openvino_session``)."""
+    from edge.runtime import open_openvino_session
+
+    session = open_openvino_session(path, threads=threads)
+    if session is None:
+        raise SystemExit("--openvino needs the openvino package: pip install openvino")
+    return lambda pixels: torch.from_numpy(
+        session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
 
 
 def _latency(runners: dict[str, Runner], repeats: int,

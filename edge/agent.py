@@ -48,6 +48,7 @@ from edge.remote_llm import RemoteLLMError, RemoteLLMStopped
 from edge.state import DeviceState, GlobalAdapter, PendingUpdate, update_id_for
 from shared import topics
 from shared.backend import LLMBackend
+from shared.bundle import EncoderError
 from shared.data.base import VQASample
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -410,6 +411,9 @@ class EdgeAgent:
             self._retry_later(task, err)
             return
         except RemoteLLMError as err:  # the LLM worker refused the requests: not worth a retry
+            self._refuse(task, TaskRefused("failed", f"task {task.task_id}: {err}"))
+            return
+        except EncoderError as err:  # the encoder graph failed on a local image: refuse, go on
             self._refuse(task, TaskRefused("failed", f"task {task.task_id}: {err}"))
             return
         pending = self.state.save_pending(encoded.payload, encoded.residual)  # commit

@@ -1,6 +1,7 @@
 """What ``fednano-edge run`` assembles before the agent starts: the device's model and data.
 
-NanoEdge bundle (onnxruntime with the profile's providers, self-tested) -> feature cache of the
+NanoEdge bundle (onnxruntime with the profile's providers, or OpenVINO where the profile's
+engine says so; self-tested) -> feature cache of the
 local images' visual tokens (computed once per bundle version, then read every step) -> a
 ``DeviceModel``; the local samples come from a ``DataSpec`` (a simulated device's shard). The
 LLM is reached through ``RemoteLLM`` on the agent's own broker connection.

@@ -104,7 +104,7 @@ def validate(
 def profiles(profiles_dir: ProfilesDir = None) -> None:
     """List the shipped firmware profiles (exit 1 if any fails validation)."""
     folder = profiles_dir or default_profiles_dir()
-    table = Table("profile", "JetPack", "power mode", "providers", "budget MiB",
+    table = Table("profile", "JetPack", "power mode", "providers", "engine", "budget MiB",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.columns[0].no_wrap = True
     broken: list[Issue] = []
@@ -117,7 +117,7 @@ def profiles(profiles_dir: ProfilesDir = None) -> None:
             continue
         providers = ">".join(_SHORT.get(x, x) for x in p.runtime.providers)
         table.add_row(*map(Text, (p.name, p.hardware.jetpack or "-", p.hardware.power_mode or "-",
-                                  providers, str(p.memory_budget_mib))))
+                                  providers, p.runtime.engine, str(p.memory_budget_mib))))
     _console().print(table)
     if broken:
         _fail(ConfigError(broken))

@@ -91,10 +91,12 @@ class RuntimeSettings(StrictModel):
         "graph when TensorRT is the first provider onnxruntime has here, the CPU graph otherwise")
     engine: Literal["onnxruntime", "openvino"] = Field(
         "onnxruntime", description="what runs the encoder graph; openvino: OpenVINO's CPU "
-        "runtime runs the cpu graph (x86, faster than onnxruntime at batches of 16: "
-        "docs/bundle.md), onnxruntime when the openvino package is not installed")
+        "runtime runs the cpu graph (faster than onnxruntime at batches of 8-16 on the x86 CPU "
+        "measured, slower at 1: docs/bundle.md), onnxruntime when the openvino package is not "
+        "installed or cannot compile the graph")
     batch_size: int = Field(8, ge=1, le=1024, description="encoder inference batch")
-    intra_op_threads: int = Field(0, ge=0, le=256, description="0: onnxruntime's default")
+    intra_op_threads: int = Field(0, ge=0, le=256,
+                                  description="the encoder's CPU threads; 0: the engine's default")
     tensorrt: TensorRTSettings | None = Field(
         None, description="required when TensorrtExecutionProvider is listed")
 

@@ -1,4 +1,4 @@
-"""The device side of the NanoEdge bundle: verify it, open it with onnxruntime, self-test it.
+"""The device side of the NanoEdge bundle: verify it, open it (onnxruntime or OpenVINO), test it.
 
 ``load_bundle(path, providers)`` checks every file against ``manifest.json`` (size + sha256, and
 the bundle version against the manifest's content), picks the encoder graph made for the
@@ -6,8 +6,8 @@ provider that will really run it (the TensorRT graph when TensorRT is the first 
 provider, the CPU graph otherwise, or the profile's ``runtime.encoder``), opens it with the
 first available providers of the device profile (TensorRT -> CUDA -> CPU, logging what was
 chosen), loads the tokenizer with ``tokenizers`` and the token embedder with safetensors, and
-assembles a ``NanoEdge`` whose "encoder" is the onnxruntime session (its connector is the
-identity: the session already includes it). ``NanoEdgeRuntime.self_test()`` runs a real
+assembles a ``NanoEdge`` whose "encoder" is that session (its connector is the identity: the
+graph already includes it). ``NanoEdgeRuntime.self_test()`` runs a real
 inference on the bundle's self-test image and compares it with the fp32 tokens shipped next to
 it: run it at start-up, before joining a round.
 
@@ -18,9 +18,11 @@ from ``cloud`` here: a device installs torch, onnxruntime, tokenizers and safete
 importable from here, so device code finds the whole bundle API in one module.
 
 A profile may name OpenVINO as its engine (``runtime.engine: openvino``): OpenVINO's CPU runtime
-then reads the same CPU graph (QDQ ONNX) instead of onnxruntime, faster on x86 CPUs at the
-batches a ``sim-cpu`` device encodes (docs/bundle.md). Without the ``openvino`` package the
-device logs it and runs onnxruntime, as it skips a provider its onnxruntime lacks.
+then reads the same CPU graph (QDQ ONNX) instead of onnxruntime, faster on the x86 CPU it was
+measured on at the batches a ``sim-cpu`` device encodes (docs/bundle.md). Without the
+``openvino`` package, or when OpenVINO cannot compile the graph, the device logs it and runs
+onnxruntime, as it skips a provider its onnxruntime lacks. Either engine's failures while
+running surface as ``EncoderError`` (one line, not a traceback).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from shared.bundle import (
     TOKENIZER_NAME,
     BundleError,
     BundleManifest,
+    EncoderError,
     EncoderTarget,
     EncoderVariant,
     load_embedder,
@@ -147,7 +150,10 @@ class OpenVinoSession:
 
     def run(self, output_names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
-            results = self._compiled(feed)  # share_outputs=False: arrays of their own
+            try:  # share_outputs=False: arrays of their own, not views the next run overwrites
+                results = self._compiled(feed, share_outputs=False)
+            except RuntimeError as err:
+                raise EncoderError(f"OpenVINO inference failed: {_last_line(err)}") from err
             return [results[self._compiled.output(name)] for name in output_names]
 
     def get_providers(self) -> list[str]:
@@ -161,20 +167,30 @@ def open_openvino_session(model: Path, *, threads: int = 0) -> OpenVinoSession |
         import openvino
     except ImportError:
         return None
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    # f32: the float parts of the graph are computed as onnxruntime does, whatever the CPU
+    # (OpenVINO's default is bf16 on CPUs that have it); measured no slower (docs/bundle.md).
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                              "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
         core = openvino.Core()
         compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
     except RuntimeError as err:
-        raise BundleError(f"OpenVINO cannot open {model.name}: {err}") from err
+        raise BundleError(f"OpenVINO cannot open {model.name}: {_last_line(err)}") from err
     log.info("encoder runs on OpenVINO %s (CPU)", openvino.__version__)
     return OpenVinoSession(compiled)
 
 
+def _last_line(err: Exception) -> str:
+    """OpenVINO's messages carry C++ source locations on their first lines; the cause is last."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 class OnnxEncoder(nn.Module):
-    """An onnxruntime session as a frozen module: pixels (B, 3, S, S) -> tokens (B, V, d)."""
+    """An encoder session (onnxruntime's, or ``OpenVinoSession``) as a frozen module:
+    pixels (B, 3, S, S) -> tokens (B, V, d); a failed run raises ``EncoderError``."""
 
     def __init__(self, session: InferenceSession | OpenVinoSession, input_name: str,
                  output_name: str, batch_size: int = 8) -> None:
@@ -198,7 +214,10 @@ class OnnxEncoder(nn.Module):
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: pixels.detach().float().contiguous().numpy()}
-        (tokens,) = self.session.run([self.output_name], feed)
+        try:
+            (tokens,) = self.session.run([self.output_name], feed)
+        except onnxruntime_errors() as err:
+            raise EncoderError(f"onnxruntime inference failed: {err}") from err
         return torch.from_numpy(np.asarray(tokens, dtype=np.float32))
 
 
@@ -252,7 +271,7 @@ class NanoEdgeRuntime:
         return preprocess(images, size=self.manifest.model.image_size)
 
     def visual_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:  # -> (B, V, d)
-        """Frozen encoder + connector through onnxruntime: what the feature cache stores."""
+        """Frozen encoder + connector (onnxruntime or OpenVINO): what the feature cache stores."""
         return self.edge.visual_tokens(self.pixels(images))
 
     def self_test(self) -> SelfTestReport:
@@ -277,13 +296,11 @@ class NanoEdgeRuntime:
         return report
 
     def _timed_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(1, 3, S, S) -> (1, V, d) and milliseconds; inference failures -> SelfTestError
-        (onnxruntime's own exception classes, OpenVINO's ``RuntimeError``)."""
-        failures: tuple[type[Exception], ...] = (*onnxruntime_errors(), RuntimeError)
+        """(1, 3, S, S) -> (1, V, d) and milliseconds; inference failures -> SelfTestError."""
         started = time.perf_counter()
         try:
             tokens = self.edge.visual_tokens(pixels)  # (1, V, d)
-        except failures as err:
+        except EncoderError as err:
             raise SelfTestError(f"self-test: inference failed on {self.providers}: {err}") from err
         return tokens, (time.perf_counter() - started) * 1e3
 
@@ -350,11 +367,15 @@ def _open_encoder(
         if target != "cpu" or [name for name, _ in providers] != [CPU_PROVIDER]:
             raise BundleError(f"OpenVINO runs the cpu graph on the CPU alone, not the {target} "
                               f"graph on {[name for name, _ in providers]}")
-        session = open_openvino_session(model, threads=threads)
-        if session is not None:
-            return session
-        log.warning("the profile's engine is openvino but the openvino package is not "
-                    "installed here: the encoder runs on onnxruntime (pip install openvino)")
+        try:
+            session = open_openvino_session(model, threads=threads)
+        except BundleError as err:
+            log.warning("%s: the encoder runs on onnxruntime instead", err)
+        else:
+            if session is not None:
+                return session
+            log.warning("the profile's engine is openvino but the openvino package is not "
+                        "installed here: the encoder runs on onnxruntime (pip install openvino)")
     return open_session(model, providers, intra_op_threads=threads)
 
 

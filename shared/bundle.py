@@ -91,6 +91,10 @@ class BundleIntegrityError(BundleError):
     """A bundle file is missing, extra, or differs from the manifest (tampered or truncated)."""
 
 
+class EncoderError(BundleError):
+    """The encoder graph failed to run (onnxruntime or OpenVINO raised)."""
+
+
 # ------------------------------------------------------------------------------- manifest
 
 

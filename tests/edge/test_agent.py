@@ -18,6 +18,7 @@ from edge.boot import LLMSettings, RemoteLLMFactory
 from edge.config import DeviceConfig
 from edge.state import PENDING_FILE, TASK_FILE, DeviceState, update_id_for
 from shared import codec, topics
+from shared.bundle import EncoderError
 from shared.messages import CancelTask, TaskHParams, pack
 from shared.mqtt import PublishError, SubscribeError
 from tests.edge.agent_support import (
@@ -321,6 +322,19 @@ def test_transient_llm_failure_is_retried(broker, tmp_path, model, tiny_llm):  #
     assert failed is not None and failed.code == "failed" and "did not answer" in failed.message
     message, _ = cloud.next_update()  # the retry, a moment later
     assert message.update_id == update_id_for("dev-a", task.task_id)
+    _stop(agent, thread)
+
+
+def test_an_encoder_failure_refuses_the_task_and_the_agent_stays_up(  # type: ignore[no-untyped-def]
+        broker, tmp_path, model, tiny_llm):
+    cloud = connect_cloud(broker)
+    agent = make_agent(broker, "dev-a", tmp_path, model,
+                       _Flaky(tiny_llm[1], EncoderError("OpenVINO inference failed: bad input")))
+    thread = _run(agent)
+    cloud.send("dev-a", make_task(model)[1])
+    failed = cloud.presence(lambda p: p.last_error is not None).last_error
+    assert failed is not None and failed.code == "failed" and "bad input" in failed.message
+    assert thread.is_alive() and retained_presence(broker, "dev-a").state == "online"
     _stop(agent, thread)
 
 

@@ -43,6 +43,7 @@ from shared.bundle import (
     MANIFEST_NAME,
     BundleError,
     BundleIntegrityError,
+    EncoderError,
     unpack_bundle,
     verify_bundle,
     write_archive,
@@ -202,6 +203,26 @@ def test_openvino_runs_the_cpu_graph_like_onnxruntime(bundle: Path, tmp_path: Pa
     first = held.copy()
     session.run(["visual_tokens"], {"pixels": pixels[2:4].numpy()})
     assert np.array_equal(held, first)  # the next run did not write into returned tokens
+
+
+def test_engine_failures_are_one_line_encoder_errors(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    runtime = load_bundle(bundle, self_test=False)
+    with pytest.raises(EncoderError, match="onnxruntime inference failed"):
+        runtime.encoder(torch.zeros(1, 3, SIZE + 1, SIZE))  # the graph takes S x S only
+    openvino = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    ov_runtime = load_bundle(bundle, engine="openvino", self_test=False)
+    with pytest.raises(EncoderError, match=r"^OpenVINO inference failed: [^\n]+$"):
+        ov_runtime.encoder(torch.zeros(1, 3, SIZE, SIZE + 2))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exception from src/core.cpp:84:\nunsupported opset")
+
+    monkeypatch.setattr(openvino.Core, "compile_model", refuse)
+    with caplog.at_level(logging.WARNING, logger="edge.runtime"):
+        fallback = load_bundle(bundle, engine="openvino")
+    assert fallback.providers == [CPU_PROVIDER]
+    assert "OpenVINO cannot open encoder_connector.cpu.onnx: unsupported opset" in caplog.text
 
 
 def test_openvino_falls_back_to_onnxruntime_when_missing(
