@@ -14,7 +14,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
   exit 0
 fi
-echo "installing FedNano into .venv (first time: about a minute, ~1.6 GB)"
+echo "installing FedNano into .venv (first time: a minute or two, ~2.1 GB)"
 pip install -q --disable-pip-version-check --upgrade pip
 # torch first and pinned: this machine kind has a local CPU wheel for it; a looser spec
 # (or letting another package pull torch) downloads several GB of CUDA packages.
