@@ -104,7 +104,7 @@ def validate(
 def profiles(profiles_dir: ProfilesDir = None) -> None:
     """List the shipped firmware profiles (exit 1 if any fails validation)."""
     folder = profiles_dir or default_profiles_dir()
-    table = Table("profile", "JetPack", "power mode", "providers", "engine", "budget MiB",
+    table = Table("profile", "JetPack", "power mode", "providers", "budget MiB",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.columns[0].no_wrap = True
     broken: list[Issue] = []
@@ -116,8 +116,10 @@ def profiles(profiles_dir: ProfilesDir = None) -> None:
             table.add_row(Text(name), Text("INVALID", style="red"))
             continue
         providers = ">".join(_SHORT.get(x, x) for x in p.runtime.providers)
+        if p.runtime.engine != "onnxruntime":  # another engine runs the CPU graph
+            providers = f"{providers} on {p.runtime.engine}"
         table.add_row(*map(Text, (p.name, p.hardware.jetpack or "-", p.hardware.power_mode or "-",
-                                  providers, p.runtime.engine, str(p.memory_budget_mib))))
+                                  providers, str(p.memory_budget_mib))))
     _console().print(table)
     if broken:
         _fail(ConfigError(broken))
