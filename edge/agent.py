@@ -410,10 +410,9 @@ class EdgeAgent:
         except TRANSIENT_ERRORS as err:
             self._retry_later(task, err)
             return
-        except RemoteLLMError as err:  # the LLM worker refused the requests: not worth a retry
-            self._refuse(task, TaskRefused("failed", f"task {task.task_id}: {err}"))
-            return
-        except EncoderError as err:  # the encoder graph failed on a local image: refuse, go on
+        # The LLM worker refused the requests, or the encoder graph failed on a local image:
+        # not worth a retry; refuse the task and go on.
+        except (RemoteLLMError, EncoderError) as err:
             self._refuse(task, TaskRefused("failed", f"task {task.task_id}: {err}"))
             return
         pending = self.state.save_pending(encoded.payload, encoded.residual)  # commit

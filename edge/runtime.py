@@ -364,9 +364,10 @@ def _open_encoder(
     target: EncoderTarget, threads: int,
 ) -> InferenceSession | OpenVinoSession:
     if engine == "openvino":
-        if target != "cpu" or [name for name, _ in providers] != [CPU_PROVIDER]:
+        names = [name for name, _ in providers]
+        if target != "cpu" or names != [CPU_PROVIDER]:
             raise BundleError(f"OpenVINO runs the cpu graph on the CPU alone, not the {target} "
-                              f"graph on {[name for name, _ in providers]}")
+                              f"graph on {names}")
         try:
             session = open_openvino_session(model, threads=threads)
         except BundleError as err:

@@ -144,9 +144,14 @@ def paired_tests(reports: list[Report], reference: str = "fedavg",
     return dict(tests)
 
 
+def _strategy_of(label: str) -> str:
+    """The strategy name a method label starts with (before its options and encodings)."""
+    return re.split(r"[ :\[]", label)[0]
+
+
 def is_bound(method: str) -> bool:
     """Whether ``method`` (a label, options and encodings included) is one of the ``BOUNDS``."""
-    return re.split(r"[ :\[]", method)[0] in BOUNDS
+    return _strategy_of(method) in BOUNDS
 
 
 def verdict_markdown(reports: list[Report], reference: str = "fedavg",
@@ -257,7 +262,7 @@ def update_document(text: str, reports: list[Report], reference: str = "fedavg",
 def _method_order(label: str) -> tuple[int, str]:
     order = ["fednano", "fedavg", "fedprox", "fisher-raw", "fisher-norm", "fisher-global",
              "fedmedian", "local", "centralized"]
-    head = re.split(r"[ :\[]", label)[0]
+    head = _strategy_of(label)
     return (order.index(head) if head in order else len(order), label)
 
 
